@@ -1,0 +1,19 @@
+# The two set-up commands of the README: `make demo` (install + the main job) and `make test` (install + tests).
+VENV ?= .venv
+HPEFT := $(VENV)/bin/hpeft
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: install demo test bench-quality
+
+install:
+	VENV=$(VENV) ./scripts/install.sh
+
+demo: install
+	$(HPEFT) train --backbone minilm --method unipelt --task rotten_tomatoes --train-size 1000 --out runs/rt-unipelt
+
+test: install
+	$(VENV)/bin/python -m pytest -q tests
+
+bench-quality: install
+	$(VENV)/bin/python bench/quality.py

@@ -1,0 +1,41 @@
+"""The `hpeft` command line. One module per command, imported only when that command runs."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = {
+    "train": "train an adapter on a task and save a checkpoint",
+    "search": "S4: try layer-group strategy assignments on a small budget and report a table",
+    "env": "print the versions of the libraries that matter",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hpeft", description="Hybrid PEFT adapters: train, export and serve many "
+                                "task adapters on one frozen backbone.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for name, help_ in COMMANDS.items():
+        sp = sub.add_parser(name, help=help_, description=help_)
+        sp.set_defaults(_module=name)
+        importlib.import_module(f"hpeft_serve.cli.{name}_cmd").add_arguments(sp)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 0
+    from ..errors import HpeftError
+    try:
+        return importlib.import_module(f"hpeft_serve.cli.{args._module}_cmd").run(args) or 0
+    except HpeftError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
