@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from .backbone import Backbone
 from .data import Dataset
-from .methods.presets import presets, resolve
+from .methods.presets import presets, resolve, spindle_groups
 from .model import HeadConfig
 from .training import TrainConfig, build_model, evaluate, train
 
@@ -68,7 +68,8 @@ def search(backbone: Backbone, data: Dataset, cfg: TrainConfig, trials: int, log
         return t
 
     best = attempt(best_groups)
-    for g in range(4):
+    layer_groups = spindle_groups(backbone.config.num_hidden_layers)
+    for g in (g for g in range(4) if layer_groups[g]):  # an empty group (few layers) has nothing to try
         for cand in CANDIDATES:
             groups = [list(x) for x in best_groups]
             groups[g] = list(cand)
@@ -83,5 +84,5 @@ def table(trials: list[Trial]) -> str:
     rows = ["| trial | G1 | G2 | G3 | G4 | adapter params | dev accuracy | train s |", "|---|---|---|---|---|---|---|---|"]
     for i, t in enumerate(trials, 1):
         mark = " **best**" if t is best else ""
-        rows.append(f"| {i} | " + " | ".join(t.label()) + f" | {t.params:,} | {t.dev_accuracy:.3f}{mark} | {t.seconds:.1f} |")
+        rows.append(f"| {i} | " + " | ".join(t.label()) + f" | {t.params:,} | {t.dev_accuracy:.3f}{mark} | {t.seconds:.2f} |")
     return "\n".join(rows)
