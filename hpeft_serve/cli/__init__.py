@@ -8,6 +8,7 @@ import sys
 
 COMMANDS = {
     "train": "train an adapter on a task and save a checkpoint",
+    "export": "export a checkpoint to ONNX or TorchScript",
     "search": "S4: try layer-group strategy assignments on a small budget and report a table",
     "env": "print the versions of the libraries that matter",
 }

@@ -35,7 +35,20 @@ class DenseProj(nn.Module):
         return self.weight if self.sparse_mask is None else self.weight * self.sparse_mask
 
     def forward(self, x: torch.Tensor, rule: torch.Tensor | None = None) -> torch.Tensor:
+        if self.sparse_mask is not None and torch.onnx.is_in_onnx_export() and hasattr(self, "sparse_values"):
+            # ONNX export: hpeft::SparseLinear with the non-zeros stored compactly (exporters/ops.py)
+            return torch.ops.hpeft.sparse_linear(x, self.sparse_values, self.sparse_indices, self.sparse_shape,
+                                                 self.bias)
         return Fn.linear(x, self.masked_weight(), self.bias)
+
+    @torch.no_grad()
+    def prepare_compact_export(self) -> None:
+        """Keep the masked weight as (values, flat indices, shape) for hpeft::SparseLinear (not saved)."""
+        w = self.masked_weight().flatten()
+        idx = self.sparse_mask.flatten().nonzero().squeeze(1)
+        self.register_buffer("sparse_values", w[idx].clone(), persistent=False)
+        self.register_buffer("sparse_indices", idx.to(torch.int64), persistent=False)
+        self.register_buffer("sparse_shape", torch.tensor(self.weight.shape, dtype=torch.int64), persistent=False)
 
 
 class PHMProj(nn.Module):
@@ -50,6 +63,8 @@ class PHMProj(nn.Module):
             nn.init.xavier_uniform_(w, gain=math.sqrt(2))
 
     def forward(self, x: torch.Tensor, rule: torch.Tensor | None = None) -> torch.Tensor:
+        if torch.onnx.is_in_onnx_export():  # the same math as the custom op hpeft::PHMLinear (exporters/ops.py)
+            return torch.ops.hpeft.phm_linear(x, rule, self.phm_W_left, self.phm_W_right, self.bias)
         return Fn.phm_linear(x, rule, self.phm_W_left, self.phm_W_right, self.bias)
 
 

@@ -1,0 +1,23 @@
+"""`hpeft export CKPT --out DIR [--format onnx|torchscript] [--merge]`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def add_arguments(p) -> None:
+    p.add_argument("checkpoint", type=Path, help="checkpoint folder (adapter_config.json + adapter.safetensors)")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
+    p.add_argument("--merge", action="store_true", help="one standalone model for this adapter (folded)")
+
+
+def run(args) -> int:
+    from ..errors import HpeftError
+    try:
+        from exporters.export import export_checkpoint
+    except ImportError as e:
+        raise HpeftError(f"export needs onnx, onnxruntime and onnxscript ({e}): pip install 'hpeft-serve[export]'") \
+            from None
+    export_checkpoint(args.checkpoint, args.out, args.format, args.merge)
+    return 0
