@@ -1,5 +1,11 @@
 """`hpeft export`: a checkpoint folder -> artefacts that run without PyTorch (ONNX) or without hpeft
-(TorchScript), plus export_config.json (inputs, outputs, labels, files, mode)."""
+(TorchScript).
+
+--merge: DIR/<name>.onnx (or <name>.pt + <name>.pt2) and DIR/<name>.json: one standalone model.
+shared (default): DIR/backbone.onnx (+ backbone.onnx.data) or DIR/backbone.pt, DIR/backbone.json, and the
+adapter's pack DIR/packs/<name>.safetensors + DIR/packs/<name>.json. A second adapter exported into the
+same DIR for the same backbone reuses the graph: only its pack is written.
+"""
 
 from __future__ import annotations
 
@@ -7,38 +13,124 @@ import json
 import time
 from pathlib import Path
 
+import torch
+from safetensors.torch import save_file
+
 from hpeft_serve import checkpoint
 from hpeft_serve.errors import HpeftError
 
+from .layout import LAYOUT_VERSION, pack, resolve_shape, spec
 from .merge import merge
+from .onnx_export import INPUTS, TOKEN_AXES, example_inputs, export_merged_onnx, export_onnx
+from .shared import BANK_NAMES, SharedModel
+from .torchscript import export_program, export_torchscript
+
+STATIC = ("L", "d", "f")
+SHARED_INPUTS = (*INPUTS, "adapter_index", *BANK_NAMES)
+
+
+def _axis_name(symbol) -> str | None:
+    if isinstance(symbol, int) or symbol in STATIC:
+        return None
+    return "d_over_n" if symbol == "d/n" else symbol
+
+
+def shared_dynamic_axes() -> dict:
+    axes = dict(TOKEN_AXES) | {"adapter_index": {0: "batch"}, "logits": {0: "batch", 1: "C"}}
+    for name, symbols in spec().items():
+        axes[name] = {0: "K"} | {i + 1: a for i, s in enumerate(symbols) if (a := _axis_name(s))}
+    return axes
+
+
+def example_bank(L: int, d: int, f: int, k: int = 2) -> dict[str, torch.Tensor]:
+    """A random bank whose every size is non-zero (so tracing sees every op); flags are 0/1."""
+    sizes = {"L": L, "d": d, "f": f, "P": 3, "n": 2, "r": 1, "C": 3} | {s: 2 for s in (
+        "R_q", "R_k", "R_v", "R_o", "R_ffn_in", "R_ffn_out", "O_attn", "O_ffn")} | {
+        f"W_{kind}_{site}": 4 for kind in ("seq", "par") for site in ("attn", "ffn")}
+    g = torch.Generator().manual_seed(0)
+    bank = {}
+    for name, symbols in spec().items():
+        shape = (k, *resolve_shape(symbols, sizes))
+        flag = name.endswith(("_gated", "_ln_before", "_act", "gate_masked", "head_cls"))
+        bank[name] = torch.randint(0, 2, shape, generator=g).float() if flag else torch.randn(shape, generator=g) * 0.1
+    return bank
+
+
+def _shared_args(model) -> tuple:
+    ec = model.encoder.config
+    ids, mask = example_inputs(ec.vocab_size, batch=3, seq=9)
+    bank = example_bank(ec.num_hidden_layers, ec.hidden_size, ec.intermediate_size)
+    return (ids, mask, torch.tensor([0, 1, 1]), *(bank[n] for n in BANK_NAMES))
+
+
+def _graph_info(cfg: dict, fmt: str, graph: str) -> dict:
+    return {"format": "hpeft-shared-backbone", "layout_version": LAYOUT_VERSION, "export_format": fmt,
+            "graph": graph, "backbone": cfg["backbone"], "inputs": list(SHARED_INPUTS), "outputs": ["logits"],
+            "bank": {name: [str(s) for s in symbols] for name, symbols in spec().items()}}
+
+
+def _write_graph(model, cfg: dict, out: Path, fmt: str, log) -> list[str]:
+    graph = "backbone.onnx" if fmt == "onnx" else "backbone.pt"
+    info_file = out / "backbone.json"
+    if info_file.exists() and (out / graph).exists():
+        info = json.loads(info_file.read_text())
+        if info.get("backbone", {}).get("sha256") != cfg["backbone"]["sha256"]:
+            raise HpeftError(f"{out} holds a shared graph for backbone {info['backbone'].get('name')!r}; "
+                             f"this adapter is for {cfg['backbone']['name']!r}: export it into another folder")
+        if info.get("layout_version") == LAYOUT_VERSION:
+            log(f"reusing the shared graph {out / graph}")
+            return []
+    shared, args = SharedModel(model.encoder), _shared_args(model)
+    if fmt == "onnx":
+        export_onnx(shared, args, list(SHARED_INPUTS), shared_dynamic_axes(), out / graph, external_data=True)
+    else:
+        export_torchscript(shared, args, out / graph)
+    info_file.write_text(json.dumps(_graph_info(cfg, fmt, graph), indent=2) + "\n")
+    return [graph] + (["backbone.onnx.data"] if fmt == "onnx" else [])
+
+
+def write_pack(model, cfg: dict, folder: Path) -> list[str]:
+    tensors, sizes = pack(model)
+    folder.mkdir(parents=True, exist_ok=True)
+    name = cfg["name"]
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / f"{name}.safetensors"),
+              metadata={"format": "hpeft-pack"})
+    meta = {"format": "hpeft-pack", "layout_version": LAYOUT_VERSION, "name": name, "method": cfg["method"],
+            "labels": cfg["labels"], "backbone": cfg["backbone"], "sizes": sizes,
+            "method_config": cfg["method_config"]}
+    (folder / f"{name}.json").write_text(json.dumps(meta, indent=2) + "\n")
+    (folder / f"{name}.safetensors").chmod(0o644)
+    return [f"packs/{name}.safetensors", f"packs/{name}.json"]
 
 
 def export_checkpoint(ckpt: Path, out: Path, fmt: str = "onnx", merged: bool = False, log=print) -> dict:
+    if fmt not in ("onnx", "torchscript"):
+        raise HpeftError(f"unknown format {fmt!r}: use onnx or torchscript")
     model, cfg = checkpoint.load(ckpt)
-    if not merged:
-        raise HpeftError("the shared-backbone export (without --merge) is not implemented yet; "
-                         "use --merge for a standalone model per adapter")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    name = cfg["name"]
-    t0 = time.perf_counter()
-    inference = merge(model)
-    files = []
-    if fmt == "onnx":
-        from .onnx_export import export_onnx
-        files.append(export_onnx(inference, out / f"{name}.onnx").name)
-    elif fmt == "torchscript":
-        from .torchscript import export_program, export_torchscript
-        files.append(export_torchscript(inference, out / f"{name}.pt").name)
-        pt2 = export_program(inference, out / f"{name}.pt2")
-        if pt2 is not None:
-            files.append(pt2.name)
+    name, t0 = cfg["name"], time.perf_counter()
+    if merged:
+        files = _export_merged(model, name, out, fmt)
     else:
-        raise HpeftError(f"unknown format {fmt!r}: use onnx or torchscript")
-    info = {"name": name, "format": fmt, "mode": "merged", "files": files, "method": cfg["method"],
-            "labels": cfg["labels"], "backbone": cfg["backbone"], "inputs": ["input_ids", "attention_mask"],
-            "outputs": ["logits"], "seconds": round(time.perf_counter() - t0, 2)}
-    (out / "export_config.json").write_text(json.dumps(info, indent=2) + "\n")
-    log(f"exported {name} ({cfg['method']}, {fmt}, merged) in {info['seconds']}s: "
-        + ", ".join(f"{f} ({(out / f).stat().st_size / 1e6:.1f} MB)" for f in files))
+        files = _write_graph(model, cfg, out, fmt, log) + write_pack(model, cfg, out / "packs")
+    info = {"name": name, "format": fmt, "mode": "merged" if merged else "shared", "files": files,
+            "method": cfg["method"], "labels": cfg["labels"], "backbone": cfg["backbone"],
+            "seconds": round(time.perf_counter() - t0, 2)}
+    if merged:
+        (out / f"{name}.json").write_text(json.dumps(info | {"inputs": list(INPUTS), "outputs": ["logits"]},
+                                                     indent=2) + "\n")
+    log(f"exported {name} ({cfg['method']}, {fmt}, {info['mode']}) in {info['seconds']}s: "
+        + ", ".join(f"{f} ({(out / f).stat().st_size / 1e6:.2f} MB)" for f in files))
     return info
+
+
+def _export_merged(model, name: str, out: Path, fmt: str) -> list[str]:
+    inference = merge(model)
+    if fmt == "onnx":
+        return [export_merged_onnx(inference, out / f"{name}.onnx").name]
+    args = example_inputs(model.encoder.config.vocab_size)
+    files = [export_torchscript(inference, args, out / f"{name}.pt").name]
+    pt2 = export_program(inference, example_inputs(model.encoder.config.vocab_size, batch=3, seq=9),
+                         out / f"{name}.pt2")
+    return files + ([pt2.name] if pt2 is not None else [])

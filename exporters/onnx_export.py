@@ -1,5 +1,6 @@
-"""ONNX export of a (merged) HybridModel: inputs input_ids, attention_mask (int64 [batch, seq], dynamic),
-output logits (float32 [batch, labels]); hpeft ops as opaque nodes with their function bodies attached.
+"""ONNX export (opset 17) of the merged model (inputs input_ids, attention_mask: int64 [batch, seq], dynamic;
+output logits: float32 [batch, labels]) and of the shared-backbone graph (plus adapter_index [batch] and
+the bank tensors [K, ...]); hpeft ops as opaque nodes with their function bodies attached.
 
 The TorchScript-based exporter (`dynamo=False`) is used: it exports MiniLM in about a second where the
 dynamo exporter takes tens of seconds (shared/research/onnx.md), and it keeps the custom ops as nodes.
@@ -16,6 +17,7 @@ import torch
 from .ops import OPSET, attach_functions, register_symbolics
 
 INPUTS = ("input_ids", "attention_mask")
+TOKEN_AXES = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}, "logits": {0: "batch"}}
 
 
 def example_inputs(vocab: int = 1000, batch: int = 2, seq: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,18 +34,28 @@ def _custom_opsets(model: torch.nn.Module) -> dict:
     return {"hpeft": 1} if uses else {}
 
 
-def export_onnx(model: torch.nn.Module, path: Path) -> Path:
-    """Write `model` (eval mode) to `path` and check it with onnx.checker."""
+def export_onnx(module: torch.nn.Module, args: tuple, input_names: list[str], dynamic_axes: dict, path: Path,
+                external_data: bool = False) -> Path:
+    """Trace `module` (eval mode) to `path`, attach hpeft function bodies, check with onnx.checker."""
     register_symbolics()
-    model.eval()
-    args = example_inputs(model.encoder.config.vocab_size)
-    dyn = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}, "logits": {0: "batch"}}
+    module.eval()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, args, str(path), dynamo=False, opset_version=OPSET, input_names=list(INPUTS),
-                          output_names=["logits"], dynamic_axes=dyn, custom_opsets=_custom_opsets(model),
+        torch.onnx.export(module, args, str(path), dynamo=False, opset_version=OPSET, input_names=input_names,
+                          output_names=["logits"], dynamic_axes=dynamic_axes, custom_opsets=_custom_opsets(module),
                           do_constant_folding=True)
     m = attach_functions(onnx.load(str(path)))
     onnx.checker.check_model(m, full_check=True)
-    onnx.save(m, str(path))
+    if external_data:  # the backbone's weights beside the graph, written once
+        data = path.with_name(path.name + ".data")
+        if data.exists():
+            data.unlink()
+        onnx.save(m, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name,
+                  size_threshold=1024)
+    else:
+        onnx.save(m, str(path))
     return path
+
+
+def export_merged_onnx(model: torch.nn.Module, path: Path) -> Path:
+    return export_onnx(model, example_inputs(model.encoder.config.vocab_size), list(INPUTS), TOKEN_AXES, path)

@@ -1,0 +1,209 @@
+"""The shared-backbone slot layout and adapter packs.
+
+One layout holds every method: per layer, LoRA on the six projections, prefix keys/values (with a mask),
+a sequential and a parallel bottleneck adapter per site, a PHM (Compacter) sequential adapter per site,
+gates, BitFit bias deltas; plus the head. A pack is one adapter's tensors in this layout (no K axis);
+what an adapter lacks is exact zeros (zero-width ranks, masked prefix positions, zero deltas), and flags
+(0/1) select per adapter what cannot be zero-padded: gated or scaled, LayerNorm before the sequential
+adapter or not, the activation, the pooling, the gate pooling. A bank stacks packs on a new first axis
+[K, ...], padding every size to the largest (ranks, prefix length, widths, labels) with exact zeros.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hpeft_serve.methods.bitfit import BIAS_NAMES
+from hpeft_serve.methods.config import LORA_TARGETS, SITES
+from hpeft_serve.methods.functional import ACTIVATIONS
+from hpeft_serve.model import HybridModel
+
+LAYOUT_VERSION = 1
+ACTS = ("relu", "gelu", "gelu_new", "silu")  # the activations a bottleneck slot can select (one-hot)
+NEG = torch.finfo(torch.float32).min  # additive mask value / logit of a padded label
+
+
+def _lora_dims(t: str) -> tuple[str, str]:
+    return {"ffn_in": ("d", "f"), "ffn_out": ("f", "d")}.get(t, ("d", "d"))
+
+
+def spec() -> dict[str, tuple]:
+    """Per pack tensor: its shape in symbols (L layers, d hidden, f FFN, named sizes padded across a bank)."""
+    s: dict[str, tuple] = {"gate_masked": (), "head_cls": ()}
+    for t in LORA_TARGETS:
+        i, o = _lora_dims(t)
+        s |= {f"lora_{t}_A": ("L", f"R_{t}", i), f"lora_{t}_B": ("L", o, f"R_{t}"), f"lora_{t}_scale": ("L",),
+              f"lora_{t}_gated": ("L",), f"lora_{t}_gate_w": ("L", 1, i), f"lora_{t}_gate_b": ("L", 1)}
+    s |= {"prefix_k": ("L", "P", "d"), "prefix_v": ("L", "P", "d"), "prefix_mask": ("L", "P"),
+          "prefix_gated": ("L",), "prefix_gate_w": ("L", 1, "d"), "prefix_gate_b": ("L", 1)}
+    for kind in ("seq", "par"):
+        for site in SITES:
+            p, w = f"{kind}_{site}", f"W_{kind}_{site}"
+            s |= {f"{p}_down_w": ("L", w, "d"), f"{p}_down_b": ("L", w), f"{p}_up_w": ("L", "d", w),
+                  f"{p}_up_b": ("L", "d"), f"{p}_scale": ("L",), f"{p}_act": ("L", len(ACTS)),
+                  f"{p}_gated": ("L",), f"{p}_gate_w": ("L", 1, "d"), f"{p}_gate_b": ("L", 1)}
+    for site in SITES:
+        p, o = f"phm_{site}", f"O_{site}"
+        s |= {f"seq_{site}_ln_before": ("L",), f"{p}_down_Wl": ("L", "n", "d/n", "r"), f"{p}_down_Wr": ("L", "n", "r", o),
+              f"{p}_down_b": ("L", "n", o), f"{p}_up_Wl": ("L", "n", o, "r"), f"{p}_up_Wr": ("L", "n", "r", "d/n"),
+              f"{p}_up_b": ("L", "d"), f"{p}_scale": ("L",), f"{p}_act": ("L", len(ACTS)), f"{p}_gated": ("L",),
+              f"{p}_gate_w": ("L", 1, "d"), f"{p}_gate_b": ("L", 1)}
+    s["phm_rule"] = ("n", "n", "n")
+    for b in BIAS_NAMES:
+        s[f"bitfit_{b}"] = ("L", "f" if b == "ffn_in" else "d")
+    s |= {"head_dense_w": ("d", "d"), "head_dense_b": ("d",), "head_out_w": ("C", "d"), "head_out_b": ("C",)}
+    return s
+
+
+FILL = {"prefix_mask": NEG, "head_out_b": NEG}  # padding that must stay out of softmax / argmax
+
+
+def _one_hot(act: str) -> torch.Tensor:
+    aliases = {"swish": "silu"}
+    act = aliases.get(act, act)
+    if act not in ACTS:
+        raise ValueError(f"activation {act!r} cannot be served from the shared layout (supported: {ACTS})")
+    return torch.tensor([float(a == act) for a in ACTS])
+
+
+def _gate_into(t: dict, p: str, i: int, gate) -> None:
+    if gate is not None:
+        t[f"{p}_gated"][i] = 1.0
+        t[f"{p}_gate_w"][i] = gate.gate_weight.detach()
+        t[f"{p}_gate_b"][i] = gate.gate_bias.detach()
+
+
+@torch.no_grad()
+def pack(model: HybridModel) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """One adapter's tensors in the shared layout, and its sizes (the symbols of spec())."""
+    ad, ec = model.adapters, model.encoder.config
+    ad.eject_prefix()
+    L, d, f = ec.num_hidden_layers, ec.hidden_size, ec.intermediate_size
+    sizes = {"L": L, "d": d, "f": f, "P": ad.prefix.length if ad.prefix is not None else 0,
+             "n": ad.phm_rule.shape[0] if ad.phm_rule is not None else 1, "C": model.head.cfg.num_labels, "r": 0}
+    for t in LORA_TARGETS:
+        sizes[f"R_{t}"] = max((la.lora[t].lora_A.shape[0] for la in ad.layers if t in la.lora), default=0)
+    for kind in ("seq", "par"):
+        for site in SITES:
+            slots = [getattr(la, kind)[site] for la in ad.layers if site in getattr(la, kind)]
+            sizes[f"W_{kind}_{site}"] = max((b.adapter_down.weight.shape[0] for b in slots
+                                             if b is not None and not b.cfg.phm_n), default=0)
+    for site in SITES:
+        phms = [la.seq[site] for la in ad.layers if site in la.seq and la.seq[site].cfg.phm_n]
+        sizes[f"O_{site}"] = max((b.adapter_down.phm_W_right.shape[2] for b in phms), default=0)
+        sizes["r"] = max([sizes["r"]] + [b.adapter_down.phm_W_left.shape[2] for b in phms])
+    t = {k: torch.zeros(resolve_shape(s, sizes)) for k, s in spec().items()}
+    for k, v in FILL.items():
+        t[k].fill_(v)
+    t["gate_masked"].fill_(float(ad.method_config.gate_pooling == "masked"))
+    for i, la in enumerate(ad.layers):
+        _pack_layer(t, i, la, ad, sizes)
+    _pack_head(t, model)
+    if ad.phm_rule is not None:
+        t["phm_rule"] = ad.phm_rule.detach().clone()
+    return t, sizes
+
+
+def _pack_layer(t: dict, i: int, la, ad, sizes: dict) -> None:
+    for name, lo in la.lora.items():
+        r = lo.lora_A.shape[0]
+        t[f"lora_{name}_A"][i, :r] = lo.lora_A
+        t[f"lora_{name}_B"][i, :, :r] = lo.lora_B
+        t[f"lora_{name}_scale"][i] = lo.scaling
+        _gate_into(t, f"lora_{name}", i, lo.gate)
+    if la.has_prefix:
+        j = ad.prefix_layers.index(i)
+        t["prefix_k"][i], t["prefix_v"][i] = ad.prefix.prefix_kv[j, 0], ad.prefix.prefix_kv[j, 1]
+        t["prefix_mask"][i] = 0.0
+        _gate_into(t, "prefix", i, la.prefix_gate)
+    for kind in ("seq", "par"):
+        for site, b in getattr(la, kind).items():
+            if kind == "seq":
+                t[f"seq_{site}_ln_before"][i] = float(b.cfg.ln_before)
+            p = f"phm_{site}" if b.cfg.phm_n else f"{kind}_{site}"
+            (_pack_phm if b.cfg.phm_n else _pack_dense)(t, p, i, b)
+            t[f"{p}_scale"][i] = b.scaling
+            t[f"{p}_act"][i] = _one_hot(b.cfg.activation)
+            _gate_into(t, p, i, b.gate)
+    if la.bitfit is not None:
+        for name, delta in la.bitfit.items():
+            t[f"bitfit_{name}"][i] = delta
+
+
+def _pack_dense(t: dict, p: str, i: int, b) -> None:
+    down, up = b.adapter_down, b.adapter_up
+    w = down.weight.shape[0]
+    t[f"{p}_down_w"][i, :w] = down.masked_weight()  # SparseAdapter: pre-masked
+    t[f"{p}_down_b"][i, :w] = down.bias
+    t[f"{p}_up_w"][i, :, :w] = up.masked_weight()
+    t[f"{p}_up_b"][i] = up.bias
+
+
+def _pack_phm(t: dict, p: str, i: int, b) -> None:
+    down, up = b.adapter_down, b.adapter_up
+    n, _, r = down.phm_W_left.shape
+    o = down.phm_W_right.shape[2]
+    t[f"{p}_down_Wl"][i, :, :, :r] = down.phm_W_left
+    t[f"{p}_down_Wr"][i, :, :r, :o] = down.phm_W_right
+    t[f"{p}_down_b"][i, :, :o] = down.bias.view(n, o)  # block-wise, so a wider bank pads each block
+    t[f"{p}_up_Wl"][i, :, :o, :r] = up.phm_W_left
+    t[f"{p}_up_Wr"][i, :, :r] = up.phm_W_right
+    t[f"{p}_up_b"][i] = up.bias
+
+
+def _pack_head(t: dict, model: HybridModel) -> None:
+    h = model.head
+    c = h.cfg.num_labels
+    t["head_cls"].fill_(float(h.cfg.pooling == "cls"))
+    t["head_dense_w"], t["head_dense_b"] = h.dense.weight.detach().clone(), h.dense.bias.detach().clone()
+    t["head_out_w"][:c], t["head_out_b"][:c] = h.out_proj.weight, h.out_proj.bias
+
+
+def resolve_shape(symbols: tuple, sizes: dict) -> tuple[int, ...]:
+    out = []
+    for s in symbols:
+        if isinstance(s, int):
+            out.append(s)
+        elif s == "d/n":
+            out.append(sizes["d"] // sizes["n"])
+        else:
+            out.append(sizes[s])
+    return tuple(out)
+
+
+def bank_sizes(all_sizes: list[dict]) -> dict:
+    """The sizes of a bank: the largest of each, one PHM n (packs without PHM adapt to it)."""
+    fixed = {k: all_sizes[0][k] for k in ("L", "d", "f")}
+    for s in all_sizes:
+        if any(s[k] != v for k, v in fixed.items()):
+            raise ValueError(f"packs for different backbones cannot share a bank: {fixed} vs {s}")
+    ns = {s["n"] for s in all_sizes if s["r"] > 0}
+    if len(ns) > 1:
+        raise ValueError(f"PHM adapters with different n {sorted(ns)} cannot share a bank")
+    out = {k: max(s[k] for s in all_sizes) for k in all_sizes[0]}
+    out["n"] = ns.pop() if ns else 1
+    return out
+
+
+def stack(packs: list[tuple[dict, dict]]) -> dict[str, torch.Tensor]:
+    """Stack packs into a bank [K, ...], zero-padding each tensor to the bank sizes (exact)."""
+    sizes = bank_sizes([s for _, s in packs])
+    out = {}
+    for name, symbols in spec().items():
+        target = resolve_shape(symbols, sizes)
+        rows = []
+        for t, s in packs:
+            x = t[name]
+            if name.startswith("phm_") and s["r"] == 0:  # no PHM adapter: zeros in the bank's n
+                x = torch.full(target, 0.0)
+            elif x.shape != target:
+                x = _pad(x, target, FILL.get(name, 0.0))
+            rows.append(x)
+        out[name] = torch.stack(rows)
+    return out
+
+
+def _pad(x: torch.Tensor, target: tuple, fill: float) -> torch.Tensor:
+    y = torch.full(target, fill)
+    y[tuple(slice(0, n) for n in x.shape)] = x
+    return y
