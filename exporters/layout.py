@@ -182,6 +182,9 @@ def bank_sizes(all_sizes: list[dict]) -> dict:
         raise ValueError(f"PHM adapters with different n {sorted(ns)} cannot share a bank")
     out = {k: max(s[k] for s in all_sizes) for k in all_sizes[0]}
     out["n"] = ns.pop() if ns else 1
+    # PHM sizes stay >= 1 (exact zeros): ONNX Reshape reads a 0 in a target shape as "copy this dim"
+    out["r"] = max(out["r"], 1)
+    out |= {k: max(v, 1) for k, v in out.items() if k.startswith("O_")}
     return out
 
 

@@ -11,7 +11,7 @@ import torch
 
 
 def export_torchscript(module: torch.nn.Module, args: tuple, path: Path) -> Path:
-    module.eval()
+    module.eval().requires_grad_(False)  # an inference artefact: outputs need no autograd
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(module, args, check_trace=False)

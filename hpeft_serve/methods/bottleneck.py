@@ -43,12 +43,12 @@ class DenseProj(nn.Module):
 
     @torch.no_grad()
     def prepare_compact_export(self) -> None:
-        """Keep the masked weight as (values, flat indices, shape) for hpeft::SparseLinear (not saved)."""
+        """Keep the masked weight as (values, flat indices, shape) for hpeft::SparseLinear (export copies only)."""
         w = self.masked_weight().flatten()
         idx = self.sparse_mask.flatten().nonzero().squeeze(1)
-        self.register_buffer("sparse_values", w[idx].clone(), persistent=False)
-        self.register_buffer("sparse_indices", idx.to(torch.int64), persistent=False)
-        self.register_buffer("sparse_shape", torch.tensor(self.weight.shape, dtype=torch.int64), persistent=False)
+        self.register_buffer("sparse_values", w[idx].clone())
+        self.register_buffer("sparse_indices", idx.to(torch.int64))
+        self.register_buffer("sparse_shape", torch.tensor(self.weight.shape, dtype=torch.int64))
 
 
 class PHMProj(nn.Module):
