@@ -1,0 +1,205 @@
+"""Export speed on MiniLM, CPU (README table): PyTorch eager with adapters (our model), ONNX merged, ONNX
+shared (one adapter, and eight mixed), TorchScript; at batch 1 x seq 32 and batch 32 x seq 128. Medians
+in the same run, with a large fp32 matmul measured alongside for the machine's own rate; plus the
+PHMLinear body against a dense MatMul of the same shape, export times and file sizes.
+
+    python bench/export.py [--method unipelt] [--reps 30] [--out bench/results/export.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+from exporters.export import export_checkpoint
+from exporters.layout import stack
+from exporters.shared import BANK_NAMES
+from hpeft_serve import checkpoint
+from hpeft_serve.backbone import load_backbone
+from hpeft_serve.methods.presets import resolve
+from hpeft_serve.model import HeadConfig
+from hpeft_serve.training import build_model
+
+MIXED = ("unipelt", "mam", "compacter", "sparse_adapter", "lora", "adapter", "s4", "prefix")
+
+
+def median_ms(fn, reps: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return 1000 * statistics.median(ts)
+
+
+def session(path: Path, threads: int) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def make_ckpt(backbone, method: str, folder: Path, seed: int) -> Path:
+    model = build_model(backbone, resolve(method, backbone.config.num_hidden_layers), HeadConfig(2), seed)
+    model.adapters.eject_prefix()
+    with torch.no_grad():
+        for p in model.adapters.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+        for proj in model.adapters.sparse_projections():
+            proj.sparse_mask.copy_(torch.rand(proj.weight.shape) > 0.4)
+            proj.weight.mul_(proj.sparse_mask)
+    return checkpoint.save(model, backbone, folder / method, ("neg", "pos"), {})
+
+
+def model_gflop(c, batch: int, seq: int, prefix: int = 0) -> float:
+    """Multiply-adds x 2 of the backbone (projections, FFN, attention scores and mix)."""
+    d, f, L = c.hidden_size, c.intermediate_size, c.num_hidden_layers
+    per_token = 4 * d * d + 2 * d * f + 2 * (seq + prefix) * d
+    return 2 * batch * seq * L * per_token / 1e9
+
+
+def matmul_gflops(threads: int, n: int = 2048) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.set_num_threads(threads)
+    ms = median_ms(lambda: a @ b, 5)
+    return 2 * n ** 3 / (ms / 1000) / 1e9
+
+
+def phm_vs_dense(threads: int) -> list[dict]:
+    """One hpeft::PHMLinear node (with its body) against one dense MatMul of the same (in, out)."""
+    from exporters.ops import FUNCTIONS, OPSET
+    rows = []
+    for d_in, d_out, n, r in ((384, 12, 4, 1), (12, 384, 4, 1), (768, 3072, 4, 1), (768, 768, 4, 8)):
+        m = 4096
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((m, d_in), dtype=np.float32)
+        w = {"rule": rng.standard_normal((n, n, n), dtype=np.float32),
+             "W_left": rng.standard_normal((n, d_in // n, r), dtype=np.float32),
+             "W_right": rng.standard_normal((n, r, d_out // n), dtype=np.float32),
+             "bias": rng.standard_normal(d_out, dtype=np.float32)}
+        inits = [onnx.numpy_helper.from_array(v, k) for k, v in w.items()]
+        vi = [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["M", d_in])]
+        out = [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["M", d_out])]
+        node = onnx.helper.make_node("PHMLinear", ["x", *w], ["y"], domain="hpeft")
+        phm = onnx.helper.make_model(onnx.helper.make_graph([node], "phm", vi, out, inits),
+                                     opset_imports=[onnx.helper.make_opsetid("", OPSET),
+                                                    onnx.helper.make_opsetid("hpeft", 1)],
+                                     functions=[FUNCTIONS["PHMLinear"].to_function_proto()])
+        dense_w = onnx.numpy_helper.from_array(rng.standard_normal((d_in, d_out), dtype=np.float32), "W")
+        dense = onnx.helper.make_model(onnx.helper.make_graph(
+            [onnx.helper.make_node("MatMul", ["x", "W"], ["y"])], "dense", vi, out, [dense_w]),
+            opset_imports=[onnx.helper.make_opsetid("", OPSET)])
+        t = {}
+        for name, mdl in (("phm", phm), ("dense", dense)):
+            so = ort.SessionOptions()
+            so.intra_op_num_threads = threads
+            s = ort.InferenceSession(mdl.SerializeToString(), so, providers=["CPUExecutionProvider"])
+            t[name] = median_ms(lambda: s.run(None, {"x": x}), 15)
+        rows.append({"shape": f"{m}x{d_in} -> {d_out} (n={n}, r={r})", "phm_ms": t["phm"], "dense_ms": t["dense"]})
+    return rows
+
+
+def batch_inputs(b: int, s: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1000, 20000, (b, s), generator=g)
+    mask = torch.ones(b, s, dtype=torch.long)
+    return ids, mask
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--method", default="unipelt")
+    ap.add_argument("--reps", type=int, default=30, help="timed runs at batch 1 (batch 32: reps // 6)")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--out", type=Path, default=Path("bench/results/export.json"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    backbone = load_backbone("minilm")
+    work = Path(tempfile.mkdtemp(prefix="hpeft-bench-export-"))
+    print(f"checkpoints and exports in {work}", file=sys.stderr)
+    ckpts = {m: make_ckpt(backbone, m, work / "ckpt", i) for i, m in enumerate(dict.fromkeys((args.method, *MIXED)))}
+    times, sizes = {}, {}
+    t = time.perf_counter()
+    export_checkpoint(ckpts[args.method], work / "merged", "onnx", merged=True, log=lambda *_: None)
+    times["ONNX merged"] = time.perf_counter() - t
+    t = time.perf_counter()
+    export_checkpoint(ckpts[args.method], work / "ts", "torchscript", merged=True, log=lambda *_: None)
+    times["TorchScript (+ .pt2)"] = time.perf_counter() - t
+    for i, m in enumerate(ckpts):
+        t = time.perf_counter()
+        export_checkpoint(ckpts[m], work / "shared", "onnx", log=lambda *_: None)
+        times["ONNX shared: graph + first pack" if i == 0 else f"ONNX shared: pack {m}"] = time.perf_counter() - t
+        sizes[f"pack {m}"] = (work / "shared" / "packs" / f"{m}.safetensors").stat().st_size
+    sizes["merged ONNX (one adapter)"] = (work / "merged" / f"{args.method}.onnx").stat().st_size
+    sizes["shared graph backbone.onnx"] = (work / "shared" / "backbone.onnx").stat().st_size
+    sizes["shared weights backbone.onnx.data (once)"] = (work / "shared" / "backbone.onnx.data").stat().st_size
+
+    model, _ = checkpoint.load(ckpts[args.method])
+    merged = session(work / "merged" / f"{args.method}.onnx", args.threads)
+    shared = session(work / "shared" / "backbone.onnx", args.threads)
+    ts = torch.jit.load(str(work / "ts" / f"{args.method}.pt"))
+    from safetensors.torch import load_file
+    packs = {m: (load_file(str(work / "shared" / "packs" / f"{m}.safetensors")),
+                 json.loads((work / "shared" / "packs" / f"{m}.json").read_text())["sizes"]) for m in ckpts}
+    one = {n: v.numpy() for n, v in stack([packs[args.method]]).items()}
+    eight = {n: v.numpy() for n, v in stack([packs[m] for m in MIXED]).items()}
+    gf = matmul_gflops(args.threads)
+    rows = []
+    for b, s in ((1, 32), (32, 128)):
+        ids, mask = batch_inputs(b, s)
+        feed = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
+        reps = args.reps if b == 1 else max(3, args.reps // 6)
+        idx0 = {"adapter_index": np.zeros(b, np.int64)}
+        idx8 = {"adapter_index": (np.arange(b) % 8).astype(np.int64)}
+        variants = {
+            "PyTorch eager (our model)": lambda: model(ids, mask),
+            "ONNX merged": lambda: merged.run(["logits"], feed),
+            "ONNX shared, 1 adapter": lambda: shared.run(["logits"], feed | idx0 | {n: one[n] for n in BANK_NAMES}),
+            "ONNX shared, 8 mixed": lambda: shared.run(["logits"], feed | idx8 | {n: eight[n] for n in BANK_NAMES}),
+            "TorchScript merged": lambda: ts(ids, mask),
+        }
+        with torch.no_grad():
+            res = {k: median_ms(fn, reps) for k, fn in variants.items()}
+        flop = model_gflop(backbone.config, b, s, prefix=10 if args.method == "unipelt" else 0)
+        for k, ms in res.items():
+            rows.append({"batch": b, "seq": s, "variant": k, "ms": ms, "vs_eager": res["PyTorch eager (our model)"] / ms,
+                         "gflops": flop / (ms / 1000), "of_matmul": flop / (ms / 1000) / gf})
+    phm = phm_vs_dense(args.threads)
+    report(args, gf, rows, phm, times, sizes)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"matmul_gflops": gf, "rows": rows, "phm": phm, "export_s": times,
+                                    "bytes": sizes}, indent=1))
+    return 0
+
+
+def report(args, gf, rows, phm, times, sizes) -> None:
+    print(f"MiniLM + {args.method}, CPU, {args.threads} threads; medians; fp32 matmul 2048^3: {gf:.1f} GFLOP/s\n")
+    print("| batch x seq | variant | median ms | speed-up vs eager | GFLOP/s | % of matmul rate |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['batch']} x {r['seq']} | {r['variant']} | {r['ms']:.2f} | {r['vs_eager']:.2f}x | "
+              f"{r['gflops']:.1f} | {100 * r['of_matmul']:.0f}% |")
+    print("\n| PHMLinear vs dense MatMul (ORT) | PHM body ms | dense ms | dense / PHM |\n|---|---|---|---|")
+    for r in phm:
+        print(f"| {r['shape']} | {r['phm_ms']:.3f} | {r['dense_ms']:.3f} | {r['dense_ms'] / r['phm_ms']:.2f}x |")
+    print("\n| export | seconds |\n|---|---|")
+    for k, v in times.items():
+        print(f"| {k} | {v:.2f} |")
+    print("\n| file | size |\n|---|---|")
+    for k, v in sizes.items():
+        print(f"| {k} | {v / 1e6:.2f} MB |" if v > 1e6 else f"| {k} | {v / 1e3:.1f} KB |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
