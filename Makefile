@@ -4,13 +4,18 @@ HPEFT := $(VENV)/bin/hpeft
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install demo test bench-quality
+.PHONY: install demo test bench-quality bench-export
 
 install:
 	VENV=$(VENV) ./scripts/install.sh
 
 demo: install
 	$(HPEFT) train --backbone minilm --method unipelt --task rotten_tomatoes --train-size 1000 --out runs/rt-unipelt
+	$(HPEFT) export runs/rt-unipelt --out exports/rt-unipelt --merge
+	$(HPEFT) export runs/rt-unipelt --out exports/shared
+
+bench-export: install
+	$(VENV)/bin/python bench/export.py
 
 test: install
 	$(VENV)/bin/python -m pytest -q tests
