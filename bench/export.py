@@ -21,9 +21,8 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from exporters.export import export_checkpoint
+from exporters.export import export_checkpoint, read_layout
 from exporters.layout import stack
-from exporters.shared import BANK_NAMES
 from hpeft_serve import checkpoint
 from hpeft_serve.backbone import load_backbone
 from hpeft_serve.methods.presets import resolve
@@ -148,12 +147,17 @@ def main() -> int:
     model, _ = checkpoint.load(ckpts[args.method])
     merged = session(work / "merged" / f"{args.method}.onnx", args.threads)
     shared = session(work / "shared" / "backbone.onnx", args.threads)
+    shared_one = session(work / "shared-one" / "backbone.onnx", args.threads)
     ts = torch.jit.load(str(work / "ts" / f"{args.method}.pt"))
     from safetensors.torch import load_file
     packs = {m: (load_file(str(work / "shared" / "packs" / f"{m}.safetensors")),
                  json.loads((work / "shared" / "packs" / f"{m}.json").read_text())["sizes"]) for m in ckpts}
-    one = {n: v.numpy() for n, v in stack([packs[args.method]]).items()}
-    eight = {n: v.numpy() for n, v in stack([packs[m] for m in MIXED]).items()}
+    names = read_layout(work / "shared").names()
+    one_dir = work / "shared-one"  # a graph with only the slots this one adapter uses
+    export_checkpoint(ckpts[args.method], one_dir, "onnx", log=lambda *_: None)
+    one_names = read_layout(one_dir).names()
+    one = {n: v.numpy() for n, v in stack([packs[args.method]]).items() if n in one_names}
+    eight = {n: v.numpy() for n, v in stack([packs[m] for m in MIXED]).items() if n in names}
     gf = matmul_gflops(args.threads)
     rows = []
     for b, s in ((1, 32), (32, 128)):
@@ -165,8 +169,8 @@ def main() -> int:
         variants = {
             "PyTorch eager (our model)": lambda: model(ids, mask),
             "ONNX merged": lambda: merged.run(["logits"], feed),
-            "ONNX shared, 1 adapter": lambda: shared.run(["logits"], feed | idx0 | {n: one[n] for n in BANK_NAMES}),
-            "ONNX shared, 8 mixed": lambda: shared.run(["logits"], feed | idx8 | {n: eight[n] for n in BANK_NAMES}),
+            "ONNX shared, 1 adapter": lambda: shared_one.run(["logits"], feed | idx0 | one),
+            "ONNX shared, 8 mixed": lambda: shared.run(["logits"], feed | idx8 | eight),
             "TorchScript merged": lambda: ts(ids, mask),
         }
         with torch.no_grad():

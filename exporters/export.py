@@ -13,20 +13,24 @@ import json
 import time
 from pathlib import Path
 
+import onnx
 import torch
 from safetensors.torch import save_file
 
 from hpeft_serve import checkpoint
 from hpeft_serve.errors import HpeftError
 
-from .layout import LAYOUT_VERSION, pack, resolve_shape, spec
+from .layout import LAYOUT_VERSION, Layout, needs, pack, resolve_shape, spec
 from .merge import merge
 from .onnx_export import INPUTS, TOKEN_AXES, example_inputs, export_merged_onnx, export_onnx
-from .shared import BANK_NAMES, SharedModel
+from .shared import SharedModel
 from .torchscript import export_program, export_torchscript
 
 STATIC = ("L", "d", "f")
-SHARED_INPUTS = (*INPUTS, "adapter_index", *BANK_NAMES)
+
+
+def shared_inputs(layout: Layout) -> list[str]:
+    return [*INPUTS, "adapter_index", *layout.names()]
 
 
 def _axis_name(symbol) -> str | None:
@@ -35,10 +39,10 @@ def _axis_name(symbol) -> str | None:
     return "d_over_n" if symbol == "d/n" else symbol
 
 
-def shared_dynamic_axes() -> dict:
+def shared_dynamic_axes(layout: Layout) -> dict:
     axes = dict(TOKEN_AXES) | {"adapter_index": {0: "batch"}, "logits": {0: "batch", 1: "C"}}
-    for name, symbols in spec().items():
-        axes[name] = {0: "K"} | {i + 1: a for i, s in enumerate(symbols) if (a := _axis_name(s))}
+    for name in layout.names():
+        axes[name] = {0: "K"} | {i + 1: a for i, s in enumerate(spec()[name]) if (a := _axis_name(s))}
     return axes
 
 
@@ -56,20 +60,25 @@ def example_bank(L: int, d: int, f: int, k: int = 2) -> dict[str, torch.Tensor]:
     return bank
 
 
-def _shared_args(model) -> tuple:
+def _shared_args(model, layout: Layout) -> tuple:
     ec = model.encoder.config
     ids, mask = example_inputs(ec.vocab_size, batch=3, seq=9)
     bank = example_bank(ec.num_hidden_layers, ec.hidden_size, ec.intermediate_size)
-    return (ids, mask, torch.tensor([0, 1, 1]), *(bank[n] for n in BANK_NAMES))
+    return (ids, mask, torch.tensor([0, 1, 1]), *(bank[n] for n in layout.names()))
 
 
-def _graph_info(cfg: dict, fmt: str, graph: str) -> dict:
+def _graph_info(cfg: dict, fmt: str, graph: str, layout: Layout) -> dict:
     return {"format": "hpeft-shared-backbone", "layout_version": LAYOUT_VERSION, "export_format": fmt,
-            "graph": graph, "backbone": cfg["backbone"], "inputs": list(SHARED_INPUTS), "outputs": ["logits"],
-            "bank": {name: [str(s) for s in symbols] for name, symbols in spec().items()}}
+            "graph": graph, "backbone": cfg["backbone"], "layout": layout.to_dict(), "inputs": shared_inputs(layout),
+            "outputs": ["logits"], "bank": {n: [str(s) for s in spec()[n]] for n in layout.names()}}
 
 
-def _write_graph(model, cfg: dict, out: Path, fmt: str, log) -> list[str]:
+def read_layout(folder: Path) -> Layout:
+    """The layout of the shared graph in `folder` (which bank tensors it takes, in order)."""
+    return Layout.from_dict(json.loads((Path(folder) / "backbone.json").read_text())["layout"])
+
+
+def _write_graph(model, cfg: dict, out: Path, fmt: str, layout: Layout, log) -> list[str]:
     graph = "backbone.onnx" if fmt == "onnx" else "backbone.pt"
     info_file = out / "backbone.json"
     if info_file.exists() and (out / graph).exists():
@@ -77,20 +86,26 @@ def _write_graph(model, cfg: dict, out: Path, fmt: str, log) -> list[str]:
         if info.get("backbone", {}).get("sha256") != cfg["backbone"]["sha256"]:
             raise HpeftError(f"{out} holds a shared graph for backbone {info['backbone'].get('name')!r}; "
                              f"this adapter is for {cfg['backbone']['name']!r}: export it into another folder")
-        if info.get("layout_version") == LAYOUT_VERSION:
-            log(f"reusing the shared graph {out / graph}")
-            return []
-    shared, args = SharedModel(model.encoder), _shared_args(model)
+        if info.get("layout_version") == LAYOUT_VERSION and "layout" in info:
+            have = Layout.from_dict(info["layout"])
+            if have.covers(layout):
+                log(f"reusing the shared graph {out / graph}")
+                return []
+            log(f"re-exporting the shared graph {out / graph}: this adapter needs slots it lacks")
+            layout = have.union(layout)
+    shared, args = SharedModel(model.encoder, layout), _shared_args(model, layout)
     if fmt == "onnx":
-        export_onnx(shared, args, list(SHARED_INPUTS), shared_dynamic_axes(), out / graph, external_data=True)
+        export_onnx(shared, args, shared_inputs(layout), shared_dynamic_axes(layout), out / graph, external_data=True)
+        got = [i.name for i in onnx.load(str(out / graph), load_external_data=False).graph.input]
+        if got != shared_inputs(layout):  # the exporter drops inputs the graph does not use
+            raise RuntimeError(f"shared graph inputs {got} differ from the layout's {shared_inputs(layout)}")
     else:
         export_torchscript(shared, args, out / graph)
-    info_file.write_text(json.dumps(_graph_info(cfg, fmt, graph), indent=2) + "\n")
+    info_file.write_text(json.dumps(_graph_info(cfg, fmt, graph, layout), indent=2) + "\n")
     return [graph] + (["backbone.onnx.data"] if fmt == "onnx" else [])
 
 
-def write_pack(model, cfg: dict, folder: Path) -> list[str]:
-    tensors, sizes = pack(model)
+def write_pack(tensors: dict, sizes: dict, cfg: dict, folder: Path) -> list[str]:
     folder.mkdir(parents=True, exist_ok=True)
     name = cfg["name"]
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / f"{name}.safetensors"),
@@ -113,7 +128,9 @@ def export_checkpoint(ckpt: Path, out: Path, fmt: str = "onnx", merged: bool = F
     if merged:
         files = _export_merged(model, name, out, fmt)
     else:
-        files = _write_graph(model, cfg, out, fmt, log) + write_pack(model, cfg, out / "packs")
+        tensors, sizes = pack(model)
+        files = _write_graph(model, cfg, out, fmt, needs(tensors, sizes), log)
+        files += write_pack(tensors, sizes, cfg, out / "packs")
     info = {"name": name, "format": fmt, "mode": "merged" if merged else "shared", "files": files,
             "method": cfg["method"], "labels": cfg["labels"], "backbone": cfg["backbone"],
             "seconds": round(time.perf_counter() - t0, 2)}

@@ -11,6 +11,9 @@ adapter or not, the activation, the pooling, the gate pooling. A bank stacks pac
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+
 import torch
 
 from hpeft_serve.methods.bitfit import BIAS_NAMES
@@ -210,3 +213,70 @@ def _pad(x: torch.Tensor, target: tuple, fill: float) -> torch.Tensor:
     y = torch.full(target, fill)
     y[tuple(slice(0, n) for n in x.shape)] = x
     return y
+
+
+# ---------------------------------------------------------------- the slots a graph actually takes
+@dataclass(frozen=True)
+class Layout:
+    """The slot kinds a shared graph takes (the union over the adapters exported into it). A slot no
+    adapter uses is left out of the graph entirely: an absent slot and an all-zero slot give the same
+    logits, so packs never change; a new adapter that needs a new kind of slot re-exports the graph."""
+
+    lora: tuple[str, ...] = ()
+    prefix: bool = False
+    seq: tuple[str, ...] = ()
+    phm: tuple[str, ...] = ()
+    par: tuple[str, ...] = ()
+    gated: tuple[str, ...] = ()
+    acts: tuple[str, ...] = ()
+    bitfit: bool = False
+
+    def names(self) -> list[str]:
+        """The bank tensors the graph takes, in its input order."""
+        gate = ("_gated", "_gate_w", "_gate_b")
+        want = ["head_cls", "head_dense_w", "head_dense_b", "head_out_w", "head_out_b"]
+        want += ["gate_masked"] if self.gated else []
+        for t in self.lora:
+            want += [f"lora_{t}_A", f"lora_{t}_B", f"lora_{t}_scale"]
+        want += ["prefix_k", "prefix_v", "prefix_mask"] if self.prefix else []
+        for kind, sites in (("seq", self.seq), ("par", self.par), ("phm", self.phm)):
+            for s in sites:
+                want += [f"{kind}_{s}_{k}" for k in (("down_Wl", "down_Wr", "down_b", "up_Wl", "up_Wr", "up_b")
+                                                     if kind == "phm" else ("down_w", "down_b", "up_w", "up_b"))]
+                want += [f"{kind}_{s}_scale"] + ([f"{kind}_{s}_act"] if len(self.acts) > 1 else [])
+        want += [f"seq_{s}_ln_before" for s in SITES if s in self.seq or s in self.phm]
+        want += ["phm_rule"] if self.phm else []
+        want += [f"{p}{g}" for p in self.gated for g in gate]
+        want += [f"bitfit_{b}" for b in BIAS_NAMES] if self.bitfit else []
+        return [n for n in spec() if n in set(want)]
+
+    def union(self, other: "Layout") -> "Layout":
+        u = lambda a, b: tuple(x for x in dict.fromkeys(a + b))  # noqa: E731
+        return Layout(u(self.lora, other.lora), self.prefix or other.prefix, u(self.seq, other.seq),
+                      u(self.phm, other.phm), u(self.par, other.par), u(self.gated, other.gated),
+                      u(self.acts, other.acts), self.bitfit or other.bitfit)
+
+    def covers(self, other: "Layout") -> bool:
+        return self.union(other) == self
+
+    def to_dict(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Layout":
+        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()})
+
+
+def needs(t: dict[str, torch.Tensor], sizes: dict) -> Layout:
+    """The slot kinds one pack (or bank) uses: the smallest layout that gives its exact logits."""
+    lora = tuple(x for x in LORA_TARGETS if sizes[f"R_{x}"] > 0)
+    seq = tuple(s for s in SITES if sizes[f"W_seq_{s}"] > 0)
+    par = tuple(s for s in SITES if sizes[f"W_par_{s}"] > 0)
+    phm = tuple(s for s in SITES if sizes[f"O_{s}"] > 0 and sizes["r"] > 0)
+    slots = [f"lora_{x}" for x in lora] + (["prefix"] if sizes["P"] > 0 else []) + \
+        [f"seq_{s}" for s in seq] + [f"par_{s}" for s in par] + [f"phm_{s}" for s in phm]
+    gated = tuple(p for p in slots if bool((t[f"{p}_gated"] != 0).any()))
+    acts = tuple(a for j, a in enumerate(ACTS)
+                 if any(bool((t[f"{p}_act"][..., j] != 0).any()) for p in slots if f"{p}_act" in t))
+    bitfit = any(bool((t[f"bitfit_{b}"] != 0).any()) for b in BIAS_NAMES)
+    return Layout(lora, sizes["P"] > 0, seq, phm, par, gated, acts, bitfit)

@@ -4,7 +4,8 @@ batches that mix adapters.
 
 `BankedLayer` implements the encoder's LayerHooks with each row's own adapter weights, calling the same
 functions as the PyTorch modules (hpeft_serve.methods.functional); flags (0/1) select per row what the
-modules select by their configuration, and 0/1 mixing is exact in floating point.
+modules select by their configuration, and 0/1 mixing is exact in floating point. A `Layout` says which
+slot kinds the graph has at all: the rest are not computed.
 """
 
 from __future__ import annotations
@@ -16,10 +17,7 @@ from torch import nn
 from hpeft_serve.encoder import Encoder, LayerContext
 from hpeft_serve.methods import functional as Fn
 
-from .layout import ACTS, spec
-
-BANK_NAMES = tuple(spec())
-ROW_AXIS_1 = ("phm_rule",)  # per-row tensors that need a broadcast axis for the sequence
+from .layout import ACTS, Layout
 
 
 def _col(t: torch.Tensor) -> torch.Tensor:
@@ -28,41 +26,55 @@ def _col(t: torch.Tensor) -> torch.Tensor:
 
 
 class BankedLayer:
-    """LayerHooks for layer i, reading per-row weights `g[name]` of shape (B, L, ...)."""
+    """LayerHooks for layer i; `bank[name]` is (K, L, ...), rows pick their adapter by `index`."""
 
-    def __init__(self, g: dict[str, torch.Tensor], i: int):
-        self.g, self.i = g, i
+    def __init__(self, bank: dict[str, torch.Tensor], index: torch.Tensor, i: int, layout: Layout):
+        self.bank, self.index, self.i, self.layout = bank, index, i, layout
 
     def w(self, name: str) -> torch.Tensor:
-        return self.g[name][:, self.i]
+        return self.bank[name][:, self.i].index_select(0, self.index)  # this layer's slice, then one per row
 
-    def _coef(self, p: str, x: torch.Tensor, ctx: LayerContext, otherwise: torch.Tensor) -> torch.Tensor:
-        """Per row: the gate value where gated, else `otherwise` (B, 1, 1)."""
+    def _coef(self, p: str, x: torch.Tensor, ctx: LayerContext, otherwise: torch.Tensor | None) -> torch.Tensor | None:
+        """Per row (B, 1, 1): the gate value where the adapter is gated, else `otherwise`."""
+        if p not in self.layout.gated:
+            return otherwise
         gated = _col(self.w(f"{p}_gated"))
-        tm = ctx.shared["gate_token_mask"]
-        g = Fn.gate(x, self.w(f"{p}_gate_w"), self.w(f"{p}_gate_b").unsqueeze(1), tm)
-        return gated * g + (1.0 - gated) * otherwise
+        g = Fn.gate(x, self.w(f"{p}_gate_w"), self.w(f"{p}_gate_b").unsqueeze(1), ctx.shared["gate_token_mask"])
+        return gated * g + (1.0 - gated) * (1.0 if otherwise is None else otherwise)
 
     def linear(self, name, x, layer, ctx):
-        y = F.linear(x, layer.weight, layer.bias) + self.w(f"bitfit_{name}").unsqueeze(1)
-        delta = Fn.lora_delta(x, self.w(f"lora_{name}_A"), self.w(f"lora_{name}_B"))
-        return y + delta * self._coef(f"lora_{name}", x, ctx, _col(self.w(f"lora_{name}_scale")))
+        y = F.linear(x, layer.weight, layer.bias)
+        if self.layout.bitfit:
+            y = y + self.w(f"bitfit_{name}").unsqueeze(1)
+        if name in self.layout.lora:
+            delta = Fn.lora_delta(x, self.w(f"lora_{name}_A"), self.w(f"lora_{name}_B"))
+            y = y + delta * self._coef(f"lora_{name}", x, ctx, _col(self.w(f"lora_{name}_scale")))
+        return y
 
     def layer_norm(self, name, x, ln):
+        if not self.layout.bitfit:
+            return F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
         b = ln.bias + self.w(f"bitfit_{name}").unsqueeze(1)
         return F.layer_norm(x, ln.normalized_shape, ln.weight, None, ln.eps) + b
 
     def prefix(self, x, ctx):
-        coef = self._coef("prefix", x, ctx, torch.ones_like(_col(self.w("prefix_gated"))))
-        return coef * self.w("prefix_k"), coef * self.w("prefix_v"), self.w("prefix_mask")
+        if not self.layout.prefix:
+            return None
+        k, v, mask = self.w("prefix_k"), self.w("prefix_v"), self.w("prefix_mask")
+        coef = self._coef("prefix", x, ctx, None)
+        return (k, v, mask) if coef is None else (coef * k, coef * v, mask)
 
     def _act(self, p: str, h: torch.Tensor) -> torch.Tensor:
+        acts = self.layout.acts
+        if len(acts) == 1:  # every adapter of the graph uses it (unused slots are zeros: act(0) = 0)
+            return Fn.ACTIVATIONS[acts[0]](h)
         onehot = self.w(f"{p}_act")  # (B, len(ACTS))
-        return sum(_col(onehot[:, j]) * Fn.ACTIVATIONS[a](h) for j, a in enumerate(ACTS))
+        return sum(_col(onehot[:, ACTS.index(a)]) * Fn.ACTIVATIONS[a](h) for a in acts)
 
     def _finish(self, p: str, up: torch.Tensor, x: torch.Tensor, ctx) -> torch.Tensor:
-        scale = _col(self.w(f"{p}_scale"))
-        return up * scale * self._coef(p, x, ctx, torch.ones_like(scale))
+        out = up * _col(self.w(f"{p}_scale"))
+        coef = self._coef(p, x, ctx, None)
+        return out if coef is None else out * coef
 
     def _dense(self, p: str, x: torch.Tensor, ctx) -> torch.Tensor:
         h = self._act(p, Fn.linear(x, self.w(f"{p}_down_w"), self.w(f"{p}_down_b").unsqueeze(1)))
@@ -77,21 +89,33 @@ class BankedLayer:
         return self._finish(p, up + self.w(f"{p}_up_b").unsqueeze(1), x, ctx)
 
     def residual(self, site, h, a, ln, ctx):
-        ln_before = _col(self.w(f"seq_{site}_ln_before"))
-        x_a = ln_before * self.layer_norm(f"{site}_ln", h + a, ln) + (1.0 - ln_before) * h
-        seq = self._dense(f"seq_{site}", x_a, ctx) + self._phm(f"phm_{site}", x_a, ctx)
-        out = seq + h + a + self._dense(f"par_{site}", a, ctx)
+        lay = self.layout
+        out = h + a
+        if site in lay.seq or site in lay.phm:
+            lnb = _col(self.w(f"seq_{site}_ln_before"))
+            x_a = lnb * self.layer_norm(f"{site}_ln", h + a, ln) + (1.0 - lnb) * h
+            seq = self._dense(f"seq_{site}", x_a, ctx) if site in lay.seq else None
+            if site in lay.phm:
+                phm = self._phm(f"phm_{site}", x_a, ctx)
+                seq = phm if seq is None else seq + phm
+            out = seq + h + a
+        if site in lay.par:
+            out = out + self._dense(f"par_{site}", a, ctx)
         return self.layer_norm(f"{site}_ln", out, ln)
 
 
 class _Banked:
     """What the encoder asks of an adapter set, for one forward of a banked batch."""
 
-    def __init__(self, g: dict[str, torch.Tensor], token_mask: torch.Tensor, num_layers: int):
-        gm = _col(g["gate_masked"])
-        shared = {"phm_rule": g["phm_rule"].unsqueeze(1), "gate_token_mask": gm * token_mask + (1.0 - gm)}
+    def __init__(self, bank: dict, index: torch.Tensor, token_mask: torch.Tensor, layout: Layout, num_layers: int):
+        shared: dict = {}
+        if layout.gated:
+            gm = _col(bank["gate_masked"].index_select(0, index))
+            shared["gate_token_mask"] = gm * token_mask + (1.0 - gm)
+        if layout.phm:
+            shared["phm_rule"] = bank["phm_rule"].index_select(0, index).unsqueeze(1)
         self._shared = [shared] * num_layers
-        self.layers = [BankedLayer(g, i) for i in range(num_layers)]
+        self.layers = [BankedLayer(bank, index, i, layout) for i in range(num_layers)]
 
     def shared_tensors(self):
         return self._shared
@@ -100,19 +124,23 @@ class _Banked:
 class SharedModel(nn.Module):
     """logits (B, C) = head_row(encoder(input_ids, attention_mask; bank rows adapter_index))."""
 
-    def __init__(self, encoder: Encoder):
+    def __init__(self, encoder: Encoder, layout: Layout):
         super().__init__()
         self.encoder = encoder.eval()
         self.encoder.requires_grad_(False)
+        self.layout = layout
+        self.bank_names = tuple(layout.names())
 
     def forward(self, input_ids, attention_mask, adapter_index, *bank: torch.Tensor) -> torch.Tensor:
-        g = {name: t.index_select(0, adapter_index) for name, t in zip(BANK_NAMES, bank)}  # (B, ...)
+        b = dict(zip(self.bank_names, bank))
         token_mask = attention_mask.to(torch.float32).unsqueeze(-1)
-        h = self.encoder(input_ids, attention_mask, _Banked(g, token_mask, len(self.encoder.layers)))
-        cls = _col(g["head_cls"]).squeeze(-1)  # (B, 1)
+        banked = _Banked(b, adapter_index, token_mask, self.layout, len(self.encoder.layers))
+        h = self.encoder(input_ids, attention_mask, banked)
+        row = lambda n: b[n].index_select(0, adapter_index)  # noqa: E731
+        cls = row("head_cls").unsqueeze(-1)  # (B, 1)
         pooled = cls * h[:, 0] + (1.0 - cls) * Fn.token_mean(h, token_mask).squeeze(1)  # (B, D)
-        x = torch.tanh(Fn.linear(pooled.unsqueeze(1), g["head_dense_w"], g["head_dense_b"].unsqueeze(1)))
-        return Fn.linear(x, g["head_out_w"], g["head_out_b"].unsqueeze(1)).squeeze(1)
+        x = torch.tanh(Fn.linear(pooled.unsqueeze(1), row("head_dense_w"), row("head_dense_b").unsqueeze(1)))
+        return Fn.linear(x, row("head_out_w"), row("head_out_b").unsqueeze(1)).squeeze(1)
 
     def run(self, input_ids, attention_mask, adapter_index, bank: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self(input_ids, attention_mask, adapter_index, *(bank[n] for n in BANK_NAMES))
+        return self(input_ids, attention_mask, adapter_index, *(bank[n] for n in self.bank_names))

@@ -16,9 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from exporters.export import export_checkpoint
+from exporters.export import export_checkpoint, read_layout
 from exporters.layout import stack
-from exporters.shared import BANK_NAMES
 from hpeft_serve import checkpoint
 from hpeft_serve.methods.presets import method_names, resolve
 from hpeft_serve.model import HeadConfig
@@ -114,10 +113,11 @@ def _bank(folder, names):
 
 
 def _run_shared(fmt, folder, ids, mask, idx, bank):
+    names = read_layout(folder).names()
     if fmt == "onnx":
         feed = {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "adapter_index": idx.numpy()}
-        return _ort(folder / "backbone.onnx").run(["logits"], feed | {n: bank[n].numpy() for n in BANK_NAMES})[0]
-    return torch.jit.load(str(folder / "backbone.pt"))(ids, mask, idx, *(bank[n] for n in BANK_NAMES)).numpy()
+        return _ort(folder / "backbone.onnx").run(["logits"], feed | {n: bank[n].numpy() for n in names})[0]
+    return torch.jit.load(str(folder / "backbone.pt"))(ids, mask, idx, *(bank[n] for n in names)).numpy()
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
@@ -144,16 +144,27 @@ def test_mixed_batch_equals_each_adapter_alone(fmt, ckpts, shared_dirs):
         assert np.abs(mixed[r:r + 1, :2] - alone).max() <= TOL
 
 
-def test_second_adapter_reuses_the_graph(ckpts, tmp_path):
+def test_second_adapter_reuses_the_graph_and_new_slots_extend_it(ckpts, tiny_bert, tmp_path):
     logs = []
     export_checkpoint(ckpts["lora"], tmp_path, "onnx", log=logs.append)
     data = tmp_path / "backbone.onnx.data"
     stamp = data.stat().st_mtime_ns
-    export_checkpoint(ckpts["mam"], tmp_path, "onnx", log=logs.append)
+    other = _make_ckpt(tiny_bert, "lora", tmp_path / "ck" / "lora2", seed=9)
+    export_checkpoint(other, tmp_path, "onnx", log=logs.append)  # same slots: only a pack is written
     assert data.stat().st_mtime_ns == stamp and any("reusing" in x for x in logs)
-    assert sorted(p.name for p in (tmp_path / "packs").iterdir()) == ["lora.json", "lora.safetensors",
-                                                                      "mam.json", "mam.safetensors"]
     assert (tmp_path / "packs" / "lora.safetensors").stat().st_size < 0.02 * data.stat().st_size  # packs are small
+    assert "prefix_k" not in read_layout(tmp_path).names()  # a slot no adapter uses is not in the graph
+    export_checkpoint(ckpts["mam"], tmp_path, "onnx", log=logs.append)  # needs prefix + parallel adapter
+    assert any("re-exporting" in x for x in logs)
+    names = read_layout(tmp_path).names()
+    assert "prefix_k" in names and "lora_q_A" in names and "par_ffn_down_w" in names
+    assert sorted(p.name for p in (tmp_path / "packs").iterdir()) == [
+        "lora.json", "lora.safetensors", "lora2.json", "lora2.safetensors", "mam.json", "mam.safetensors"]
+    ids, mask = _batches()[1]
+    bank = _bank(tmp_path, ["lora", "lora2", "mam"])  # the packs written before still run on the new graph
+    got = _run_shared("onnx", tmp_path, ids, mask, torch.tensor([0, 1, 2, 0, 1]), bank)
+    for r, ck in enumerate([ckpts["lora"], other, ckpts["mam"], ckpts["lora"], other]):
+        assert np.abs(got[r:r + 1, :2] - _reference(ck, (ids[r:r + 1], mask[r:r + 1]))).max() <= TOL
 
 
 def test_custom_op_nodes_carry_bodies_and_compact_sparse_weights(ckpts, tmp_path):
@@ -225,9 +236,10 @@ def test_exports_load_without_hpeft_code(ckpts, shared_dirs, tmp_path):
     export_checkpoint(ck, tmp_path / "t", "torchscript", merged=True, log=lambda *_: None)
     ids, mask = _batches()[1]
     bank = _bank(shared_dirs["onnx"], ["unipelt"])
+    names = read_layout(shared_dirs["onnx"]).names()
     npz = tmp_path / "in.npz"
     np.savez(npz, ids=ids.numpy(), mask=mask.numpy(), ref=_reference(ck, (ids, mask)),
-             idx=np.zeros(len(ids), np.int64), **{f"bank_{k}": v.numpy() for k, v in bank.items()})
+             idx=np.zeros(len(ids), np.int64), **{f"bank_{k}": bank[k].numpy() for k in names})
     spec = {"npz": str(npz), "merged": str(tmp_path / "m" / "unipelt.onnx"), "ts": str(tmp_path / "t" / "unipelt.pt"),
             "shared": str(shared_dirs["onnx"] / "backbone.onnx")}
     r = subprocess.run([sys.executable, "-c", NO_HPEFT, json.dumps(spec)], capture_output=True, text=True,
