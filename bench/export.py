@@ -22,7 +22,7 @@ import onnxruntime as ort
 import torch
 
 from exporters.export import export_checkpoint, read_layout
-from exporters.layout import stack
+from exporters.layout import bank_feed, stack
 from hpeft_serve import checkpoint
 from hpeft_serve.backbone import load_backbone
 from hpeft_serve.methods.presets import resolve
@@ -49,7 +49,7 @@ def session(path: Path, threads: int) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-def make_ckpt(backbone, method: str, folder: Path, seed: int) -> Path:
+def make_ckpt(backbone, method: str, folder: Path, seed: int, name: str | None = None) -> Path:
     model = build_model(backbone, resolve(method, backbone.config.num_hidden_layers), HeadConfig(2), seed)
     model.adapters.eject_prefix()
     with torch.no_grad():
@@ -58,7 +58,7 @@ def make_ckpt(backbone, method: str, folder: Path, seed: int) -> Path:
         for proj in model.adapters.sparse_projections():
             proj.sparse_mask.copy_(torch.rand(proj.weight.shape) > 0.4)
             proj.weight.mul_(proj.sparse_mask)
-    return checkpoint.save(model, backbone, folder / method, ("neg", "pos"), {})
+    return checkpoint.save(model, backbone, folder / (name or method), ("neg", "pos"), {})
 
 
 def model_gflop(c, batch: int, seq: int, prefix: int = 0) -> float:
@@ -147,17 +147,24 @@ def main() -> int:
     model, _ = checkpoint.load(ckpts[args.method])
     merged = session(work / "merged" / f"{args.method}.onnx", args.threads)
     shared = session(work / "shared" / "backbone.onnx", args.threads)
-    shared_one = session(work / "shared-one" / "backbone.onnx", args.threads)
     ts = torch.jit.load(str(work / "ts" / f"{args.method}.pt"))
     from safetensors.torch import load_file
     packs = {m: (load_file(str(work / "shared" / "packs" / f"{m}.safetensors")),
                  json.loads((work / "shared" / "packs" / f"{m}.json").read_text())["sizes"]) for m in ckpts}
-    names = read_layout(work / "shared").names()
     one_dir = work / "shared-one"  # a graph with only the slots this one adapter uses
     export_checkpoint(ckpts[args.method], one_dir, "onnx", log=lambda *_: None)
-    one_names = read_layout(one_dir).names()
-    one = {n: v.numpy() for n, v in stack([packs[args.method]]).items() if n in one_names}
-    eight = {n: v.numpy() for n, v in stack([packs[m] for m in MIXED]).items() if n in names}
+    shared_one = session(one_dir / "backbone.onnx", args.threads)
+    np_feed = lambda bank, folder: {n: v.numpy() for n, v in bank_feed(bank, read_layout(folder)).items()}  # noqa: E731
+    one = np_feed(stack([packs[args.method]]), one_dir)
+    eight = np_feed(stack([packs[m] for m in MIXED]), work / "shared")
+    same_dir = work / "shared-same"  # eight adapters of one method, mixed in the batch
+    same = [make_ckpt(backbone, args.method, work / "ckpt-same", 100 + i, f"{args.method}-{i}") for i in range(8)]
+    for ck in same:
+        export_checkpoint(ck, same_dir, "onnx", log=lambda *_: None)
+    shared_same = session(same_dir / "backbone.onnx", args.threads)
+    same_packs = [(load_file(str(same_dir / "packs" / f"{ck.name}.safetensors")),
+                   json.loads((same_dir / "packs" / f"{ck.name}.json").read_text())["sizes"]) for ck in same]
+    eight_same = np_feed(stack(same_packs), same_dir)
     gf = matmul_gflops(args.threads)
     rows = []
     for b, s in ((1, 32), (32, 128)):
@@ -170,7 +177,8 @@ def main() -> int:
             "PyTorch eager (our model)": lambda: model(ids, mask),
             "ONNX merged": lambda: merged.run(["logits"], feed),
             "ONNX shared, 1 adapter": lambda: shared_one.run(["logits"], feed | idx0 | one),
-            "ONNX shared, 8 mixed": lambda: shared.run(["logits"], feed | idx8 | eight),
+            f"ONNX shared, 8 {args.method} mixed": lambda: shared_same.run(["logits"], feed | idx8 | eight_same),
+            "ONNX shared, 8 methods mixed": lambda: shared.run(["logits"], feed | idx8 | eight),
             "TorchScript merged": lambda: ts(ids, mask),
         }
         with torch.no_grad():

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from hpeft_serve import checkpoint
 from hpeft_serve.errors import HpeftError
 
-from .layout import LAYOUT_VERSION, Layout, needs, pack, resolve_shape, spec
+from .layout import LAYOUT_VERSION, Layout, bank_feed, input_names, needs, pack, per_layer, resolve_shape, spec
 from .merge import merge
 from .onnx_export import INPUTS, TOKEN_AXES, example_inputs, export_merged_onnx, export_onnx
 from .shared import SharedModel
@@ -29,8 +29,8 @@ from .torchscript import export_program, export_torchscript
 STATIC = ("L", "d", "f")
 
 
-def shared_inputs(layout: Layout) -> list[str]:
-    return [*INPUTS, "adapter_index", *layout.names()]
+def shared_inputs(layout: Layout, num_layers: int) -> list[str]:
+    return [*INPUTS, "adapter_index", *input_names(layout, num_layers)]
 
 
 def _axis_name(symbol) -> str | None:
@@ -39,10 +39,12 @@ def _axis_name(symbol) -> str | None:
     return "d_over_n" if symbol == "d/n" else symbol
 
 
-def shared_dynamic_axes(layout: Layout) -> dict:
+def shared_dynamic_axes(layout: Layout, num_layers: int) -> dict:
     axes = dict(TOKEN_AXES) | {"adapter_index": {0: "batch"}, "logits": {0: "batch", 1: "C"}}
-    for name in layout.names():
-        axes[name] = {0: "K"} | {i + 1: a for i, s in enumerate(spec()[name]) if (a := _axis_name(s))}
+    for name in input_names(layout, num_layers):
+        symbols = spec()[name.split(".")[0]]
+        symbols = symbols[1:] if per_layer(name.split(".")[0]) else symbols
+        axes[name] = {0: "K"} | {i + 1: a for i, s in enumerate(symbols) if (a := _axis_name(s))}
     return axes
 
 
@@ -63,13 +65,14 @@ def example_bank(L: int, d: int, f: int, k: int = 2) -> dict[str, torch.Tensor]:
 def _shared_args(model, layout: Layout) -> tuple:
     ec = model.encoder.config
     ids, mask = example_inputs(ec.vocab_size, batch=3, seq=9)
-    bank = example_bank(ec.num_hidden_layers, ec.hidden_size, ec.intermediate_size)
-    return (ids, mask, torch.tensor([0, 1, 1]), *(bank[n] for n in layout.names()))
+    feed = bank_feed(example_bank(ec.num_hidden_layers, ec.hidden_size, ec.intermediate_size), layout)
+    return (ids, mask, torch.tensor([0, 1, 1]), *(feed[n] for n in input_names(layout, ec.num_hidden_layers)))
 
 
 def _graph_info(cfg: dict, fmt: str, graph: str, layout: Layout) -> dict:
     return {"format": "hpeft-shared-backbone", "layout_version": LAYOUT_VERSION, "export_format": fmt,
-            "graph": graph, "backbone": cfg["backbone"], "layout": layout.to_dict(), "inputs": shared_inputs(layout),
+            "graph": graph, "backbone": cfg["backbone"], "layout": layout.to_dict(),
+            "inputs": shared_inputs(layout, cfg["backbone"]["num_layers"]),
             "outputs": ["logits"], "bank": {n: [str(s) for s in spec()[n]] for n in layout.names()}}
 
 
@@ -94,11 +97,13 @@ def _write_graph(model, cfg: dict, out: Path, fmt: str, layout: Layout, log) -> 
             log(f"re-exporting the shared graph {out / graph}: this adapter needs slots it lacks")
             layout = have.union(layout)
     shared, args = SharedModel(model.encoder, layout), _shared_args(model, layout)
+    names = shared_inputs(layout, len(model.encoder.layers))
     if fmt == "onnx":
-        export_onnx(shared, args, shared_inputs(layout), shared_dynamic_axes(layout), out / graph, external_data=True)
+        export_onnx(shared, args, names, shared_dynamic_axes(layout, len(model.encoder.layers)), out / graph,
+                    external_data=True)
         got = [i.name for i in onnx.load(str(out / graph), load_external_data=False).graph.input]
-        if got != shared_inputs(layout):  # the exporter drops inputs the graph does not use
-            raise RuntimeError(f"shared graph inputs {got} differ from the layout's {shared_inputs(layout)}")
+        if got != names:  # the exporter drops inputs the graph does not use
+            raise RuntimeError(f"shared graph inputs {got} differ from the layout's {names}")
     else:
         export_torchscript(shared, args, out / graph)
     info_file.write_text(json.dumps(_graph_info(cfg, fmt, graph, layout), indent=2) + "\n")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
@@ -30,6 +31,7 @@ def _lora_dims(t: str) -> tuple[str, str]:
     return {"ffn_in": ("d", "f"), "ffn_out": ("f", "d")}.get(t, ("d", "d"))
 
 
+@lru_cache(maxsize=1)
 def spec() -> dict[str, tuple]:
     """Per pack tensor: its shape in symbols (L layers, d hidden, f FFN, named sizes padded across a bank)."""
     s: dict[str, tuple] = {"gate_masked": (), "head_cls": ()}
@@ -280,3 +282,27 @@ def needs(t: dict[str, torch.Tensor], sizes: dict) -> Layout:
                  if any(bool((t[f"{p}_act"][..., j] != 0).any()) for p in slots if f"{p}_act" in t))
     bitfit = any(bool((t[f"bitfit_{b}"] != 0).any()) for b in BIAS_NAMES)
     return Layout(lora, sizes["P"] > 0, seq, phm, par, gated, acts, bitfit)
+
+
+def per_layer(name: str) -> bool:
+    return spec()[name][:1] == ("L",)
+
+
+def input_names(layout: Layout, num_layers: int) -> list[str]:
+    """Graph inputs for the bank: one tensor per layer for per-layer slots (`name.i`, [K, ...]), so a layer
+    reads its own input and never slices a bigger one (a slice is a copy in onnxruntime)."""
+    out = []
+    for n in layout.names():
+        out += [f"{n}.{i}" for i in range(num_layers)] if per_layer(n) else [n]
+    return out
+
+
+def bank_feed(bank: dict[str, torch.Tensor], layout: Layout) -> dict[str, torch.Tensor]:
+    """A stacked bank ([K, L, ...] per slot) as the graph's inputs (input_names order)."""
+    out = {}
+    for n in layout.names():
+        if per_layer(n):
+            out |= {f"{n}.{i}": bank[n][:, i].contiguous() for i in range(bank[n].shape[1])}
+        else:
+            out[n] = bank[n]
+    return out

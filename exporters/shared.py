@@ -17,7 +17,7 @@ from torch import nn
 from hpeft_serve.encoder import Encoder, LayerContext
 from hpeft_serve.methods import functional as Fn
 
-from .layout import ACTS, Layout
+from .layout import ACTS, Layout, bank_feed, input_names
 
 
 def _col(t: torch.Tensor) -> torch.Tensor:
@@ -26,13 +26,13 @@ def _col(t: torch.Tensor) -> torch.Tensor:
 
 
 class BankedLayer:
-    """LayerHooks for layer i; `bank[name]` is (K, L, ...), rows pick their adapter by `index`."""
+    """LayerHooks for layer i; `bank["name.i"]` is this layer's (K, ...), rows pick their adapter by `index`."""
 
     def __init__(self, bank: dict[str, torch.Tensor], index: torch.Tensor, i: int, layout: Layout):
         self.bank, self.index, self.i, self.layout = bank, index, i, layout
 
     def w(self, name: str) -> torch.Tensor:
-        return self.bank[name][:, self.i].index_select(0, self.index)  # this layer's slice, then one per row
+        return self.bank[f"{name}.{self.i}"].index_select(0, self.index)  # (B, ...): each row's own adapter
 
     def _coef(self, p: str, x: torch.Tensor, ctx: LayerContext, otherwise: torch.Tensor | None) -> torch.Tensor | None:
         """Per row (B, 1, 1): the gate value where the adapter is gated, else `otherwise`."""
@@ -129,10 +129,10 @@ class SharedModel(nn.Module):
         self.encoder = encoder.eval()
         self.encoder.requires_grad_(False)
         self.layout = layout
-        self.bank_names = tuple(layout.names())
+        self.input_names = tuple(input_names(layout, len(encoder.layers)))
 
     def forward(self, input_ids, attention_mask, adapter_index, *bank: torch.Tensor) -> torch.Tensor:
-        b = dict(zip(self.bank_names, bank))
+        b = dict(zip(self.input_names, bank))
         token_mask = attention_mask.to(torch.float32).unsqueeze(-1)
         banked = _Banked(b, adapter_index, token_mask, self.layout, len(self.encoder.layers))
         h = self.encoder(input_ids, attention_mask, banked)
@@ -143,4 +143,6 @@ class SharedModel(nn.Module):
         return Fn.linear(x, row("head_out_w"), row("head_out_b").unsqueeze(1)).squeeze(1)
 
     def run(self, input_ids, attention_mask, adapter_index, bank: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self(input_ids, attention_mask, adapter_index, *(bank[n] for n in self.bank_names))
+        """Run on a stacked bank (exporters.layout.stack)."""
+        feed = bank_feed(bank, self.layout)
+        return self(input_ids, attention_mask, adapter_index, *(feed[n] for n in self.input_names))

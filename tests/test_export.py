@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from exporters.export import export_checkpoint, read_layout
-from exporters.layout import stack
+from exporters.layout import bank_feed, stack
 from hpeft_serve import checkpoint
 from hpeft_serve.methods.presets import method_names, resolve
 from hpeft_serve.model import HeadConfig
@@ -113,11 +113,11 @@ def _bank(folder, names):
 
 
 def _run_shared(fmt, folder, ids, mask, idx, bank):
-    names = read_layout(folder).names()
+    feed = bank_feed(bank, read_layout(folder))
     if fmt == "onnx":
-        feed = {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "adapter_index": idx.numpy()}
-        return _ort(folder / "backbone.onnx").run(["logits"], feed | {n: bank[n].numpy() for n in names})[0]
-    return torch.jit.load(str(folder / "backbone.pt"))(ids, mask, idx, *(bank[n] for n in names)).numpy()
+        base = {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "adapter_index": idx.numpy()}
+        return _ort(folder / "backbone.onnx").run(["logits"], base | {n: v.numpy() for n, v in feed.items()})[0]
+    return torch.jit.load(str(folder / "backbone.pt"))(ids, mask, idx, *feed.values()).numpy()
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
@@ -157,7 +157,7 @@ def test_second_adapter_reuses_the_graph_and_new_slots_extend_it(ckpts, tiny_ber
     export_checkpoint(ckpts["mam"], tmp_path, "onnx", log=logs.append)  # needs prefix + parallel adapter
     assert any("re-exporting" in x for x in logs)
     names = read_layout(tmp_path).names()
-    assert "prefix_k" in names and "lora_q_A" in names and "par_ffn_down_w" in names
+    assert read_layout(tmp_path).names() and "prefix_k" in names and "lora_q_A" in names and "par_ffn_down_w" in names
     assert sorted(p.name for p in (tmp_path / "packs").iterdir()) == [
         "lora.json", "lora.safetensors", "lora2.json", "lora2.safetensors", "mam.json", "mam.safetensors"]
     ids, mask = _batches()[1]
@@ -236,10 +236,10 @@ def test_exports_load_without_hpeft_code(ckpts, shared_dirs, tmp_path):
     export_checkpoint(ck, tmp_path / "t", "torchscript", merged=True, log=lambda *_: None)
     ids, mask = _batches()[1]
     bank = _bank(shared_dirs["onnx"], ["unipelt"])
-    names = read_layout(shared_dirs["onnx"]).names()
+    feed = bank_feed(bank, read_layout(shared_dirs["onnx"]))
     npz = tmp_path / "in.npz"
     np.savez(npz, ids=ids.numpy(), mask=mask.numpy(), ref=_reference(ck, (ids, mask)),
-             idx=np.zeros(len(ids), np.int64), **{f"bank_{k}": bank[k].numpy() for k in names})
+             idx=np.zeros(len(ids), np.int64), **{f"bank_{k}": v.numpy() for k, v in feed.items()})
     spec = {"npz": str(npz), "merged": str(tmp_path / "m" / "unipelt.onnx"), "ts": str(tmp_path / "t" / "unipelt.pt"),
             "shared": str(shared_dirs["onnx"] / "backbone.onnx")}
     r = subprocess.run([sys.executable, "-c", NO_HPEFT, json.dumps(spec)], capture_output=True, text=True,
