@@ -42,7 +42,6 @@ class Backbone:
         enc = Encoder(self.config)
         state = _weights(self)
         missing, unexpected = enc.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.startswith("plain")]
         if missing or unexpected:
             raise BackboneError(f"backbone {self.name}: weights do not match the config "
                                 f"(missing {missing[:3]}, unexpected {unexpected[:3]})")

@@ -64,7 +64,3 @@ class HybridModel(nn.Module):
         self.adapters.requires_grad_(True)
         self.head.requires_grad_(True)
         return self
-
-    def train(self, mode: bool = True) -> "HybridModel":
-        super().train(mode)
-        return self
