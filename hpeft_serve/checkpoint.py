@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -24,6 +25,15 @@ from .model import HeadConfig, HybridModel
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter.safetensors"
 FORMAT = "hpeft-adapter"
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def check_name(name: str) -> str:
+    """Adapter names become file names (packs, exported models): letters, digits, '.', '_', '-' only."""
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        raise CheckpointError(f"adapter name {name!r} is invalid: use 1-128 letters, digits, '.', '_' or '-', "
+                              "starting with a letter or digit")
+    return name
 
 
 def slot_dims(model: HybridModel) -> list[dict]:
@@ -51,13 +61,16 @@ def state_tensors(model: HybridModel) -> dict[str, torch.Tensor]:
     return t
 
 
-def save(model: HybridModel, backbone: Backbone, out: Path, labels: tuple[str, ...], meta: dict) -> Path:
-    """Write a checkpoint folder atomically (files are written to a temp name, then renamed)."""
+def save(model: HybridModel, backbone: Backbone, out: Path, labels: tuple[str, ...], meta: dict,
+         name: str | None = None) -> Path:
+    """Write a checkpoint folder atomically (files are written to a temp name, then renamed); the adapter's
+    name is the folder's name unless `name` is given."""
     from safetensors.torch import save_file
     out = Path(out)
+    name = check_name(name or out.name)
     out.mkdir(parents=True, exist_ok=True)
     model.adapters.eject_prefix()
-    config = {"format": FORMAT, "format_version": 1, "hpeft_version": __version__, "name": out.name,
+    config = {"format": FORMAT, "format_version": 1, "hpeft_version": __version__, "name": name,
               "method": model.adapters.method_config.method, "method_config": model.adapters.method_config.to_dict(),
               "backbone": backbone.describe(), "head": model.head.cfg.to_dict(), "labels": list(labels),
               "slots": slot_dims(model), **meta}
@@ -92,9 +105,10 @@ def read_config(folder: Path) -> dict:
     if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
         raise CheckpointError(f"{f} is not an hpeft checkpoint config (format is not {FORMAT!r}); "
                               "import other libraries' checkpoints with `hpeft import`")
-    for k in ("method_config", "backbone", "head", "labels"):
+    for k in ("name", "method_config", "backbone", "head", "labels"):
         if k not in cfg:
             raise CheckpointError(f"{f} lacks the field {k!r}")
+    check_name(cfg["name"])
     return cfg
 
 

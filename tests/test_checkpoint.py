@@ -84,6 +84,21 @@ def test_bad_config(saved, tmp_path):
         checkpoint.load(tmp_path / "nope")
 
 
+def test_names_are_file_safe(saved, tmp_path, tiny_bert):
+    model, _ = checkpoint.load(saved)
+    for bad in ("../x", "a/b", ".hidden", "-x", "x" * 200):
+        with pytest.raises(CheckpointError, match="name"):
+            checkpoint.save(model, tiny_bert, tmp_path / "ok", ("a", "b"), {}, name=bad)
+    folder = _copy(saved, tmp_path)
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    cfg["name"] = "../../etc"
+    (folder / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="invalid"):
+        checkpoint.load(folder)
+    assert json.loads((checkpoint.save(model, tiny_bert, tmp_path / "dir", ("a", "b"), {}, name="sst-v2")
+                       / "adapter_config.json").read_text())["name"] == "sst-v2"
+
+
 def test_another_backbone_is_refused(saved, tiny_roberta, tmp_path):
     with pytest.raises(CheckpointError, match="trained on backbone 'tiny-bert'"):
         checkpoint.load(saved, backbone=tiny_roberta)

@@ -22,7 +22,8 @@ def add_arguments(p) -> None:
     p.add_argument("--pooling", choices=("mean", "cls"), default="mean", help="head input: token mean or first token")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a method setting, e.g. --set r=16 --set sparsity=0.6 --set pruner=grasp")
-    p.add_argument("--name", default=None, help="adapter name (default: the --out folder's name)")
+    p.add_argument("--name", default=None, help="adapter name (default: the --out folder's name); letters, "
+                   "digits, '.', '_', '-'")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -34,6 +35,7 @@ def run(args) -> int:
     from ..model import HeadConfig
     from ..training import TrainConfig, build_model, train
 
+    checkpoint.check_name(args.name or args.out.name)
     backbone = load_backbone(args.backbone)
     method = resolve(args.method, backbone.config.num_hidden_layers, parse_overrides(args.set))
     data = load_task(args.task, args.train_size, args.eval_size)
@@ -46,11 +48,11 @@ def run(args) -> int:
           f"{data.name} ({len(data.labels)} labels); trainable adapter parameters {n_adapter:,} "
           f"({100 * n_adapter / n_backbone:.3f}% of the backbone)")
     result = train(model, backbone.tokenizer(), data, cfg, progress=not args.quiet)
-    out = args.out if args.name is None else args.out.parent / args.name
+    out = args.out
     meta = {"task": data.name, "train": {"train_size": len(data.train), "epochs": args.epochs, "seed": args.seed,
             "batch_size": args.batch_size, "max_length": args.max_length, "steps": result.steps,
             "seconds": round(result.train_seconds, 1)}, "metrics": {"accuracy": result.accuracy}}
-    checkpoint.save(model, backbone, out, data.labels, meta)
+    checkpoint.save(model, backbone, out, data.labels, meta, name=args.name)
     print(f"trained {result.steps} steps in {result.train_seconds:.1f}s; checkpoint: {out}")
     print(f"accuracy: {result.accuracy:.3f}")
     return 0
