@@ -1,0 +1,100 @@
+"""The shared-backbone runtime: one onnxruntime session on backbone.onnx, an AdapterBank, and an adapter
+store (a folder `packs/` of `<name>.safetensors` + `<name>.json`) from which adapters load on first use.
+
+`infer(input_ids, attention_mask, names)` runs ONE forward for a batch whose rows name different
+adapters and returns logits per row (sliced to each adapter's labels) or a per-row error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+from exporters.layout import LAYOUT_VERSION, Layout
+
+from ..checkpoint import NAME
+from ..errors import CheckpointError
+from .bank import AdapterBank, Pack
+
+
+class PackStore:
+    """Adapter packs in a folder; validated against the graph's backbone and layout version."""
+
+    def __init__(self, folder: Path, backbone_sha256: str):
+        self.folder, self.sha = Path(folder), backbone_sha256
+
+    def names(self) -> list[str]:
+        return sorted(p.stem for p in self.folder.glob("*.json"))
+
+    def load(self, name: str) -> Pack:
+        from safetensors import SafetensorError
+        from safetensors.numpy import load_file
+        if not NAME.fullmatch(name or ""):
+            raise CheckpointError(f"adapter name {name!r} is invalid")
+        meta_f, data_f = self.folder / f"{name}.json", self.folder / f"{name}.safetensors"
+        if not meta_f.is_file() or not data_f.is_file():
+            raise CheckpointError(f"unknown adapter {name!r}: no pack {name}.json/.safetensors in {self.folder}")
+        meta = json.loads(meta_f.read_text())
+        if meta.get("format") != "hpeft-pack" or meta.get("layout_version") != LAYOUT_VERSION:
+            raise CheckpointError(f"{meta_f} is not an hpeft pack of layout version {LAYOUT_VERSION}")
+        if meta.get("backbone", {}).get("sha256") != self.sha:
+            raise CheckpointError(f"adapter {name!r} was exported for backbone "
+                                  f"{meta.get('backbone', {}).get('name')!r}, not the one this graph serves")
+        raw = data_f.read_bytes()
+        try:
+            tensors = load_file(str(data_f))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{data_f} is not a readable safetensors file ({e})") from None
+        version = hashlib.sha256(raw + meta_f.read_bytes()).hexdigest()[:16]
+        return Pack(name, tensors, meta["sizes"], version, tuple(meta.get("labels", ())))
+
+
+class SharedRuntime:
+    def __init__(self, export_dir: Path, budget_bytes: int = 1 << 30, threads: int = 0, providers=None):
+        import onnxruntime as ort
+        export_dir = Path(export_dir)
+        info = json.loads((export_dir / "backbone.json").read_text())
+        self.layout = Layout.from_dict(info["layout"])
+        self.inputs = info["inputs"]
+        so = ort.SessionOptions()
+        if threads:
+            so.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(export_dir / info["graph"]), so,
+                                            providers=providers or ["CPUExecutionProvider"])
+        self.bank = AdapterBank(self.layout, info["backbone"]["num_layers"], budget_bytes)
+        self.store = PackStore(export_dir / "packs", info["backbone"]["sha256"])
+
+    def ensure(self, names: list[str]) -> dict[str, str]:
+        """Load adapters not yet resident; returns name -> error for those that cannot be loaded."""
+        errors = {}
+        for n in dict.fromkeys(names):
+            if self.bank.version(n) is None:
+                try:
+                    self.bank.put(self.store.load(n))
+                except CheckpointError as e:
+                    errors[n] = str(e)
+        return errors
+
+    def infer(self, input_ids: np.ndarray, attention_mask: np.ndarray, names: list[str]):
+        """(logits per row or None, error per row or None); one forward for all rows that can run."""
+        load_errors = self.ensure(names)
+        ok = [r for r, n in enumerate(names) if n not in load_errors]
+        out: list = [None] * len(names)
+        errs: list = [load_errors.get(n) for n in names]
+        if not ok:
+            return out, errs
+        sub = [names[r] for r in ok]
+        with self.bank.reading(sub) as (index, arrays, bank_errs):
+            feed = {"input_ids": input_ids[ok], "attention_mask": attention_mask[ok], "adapter_index": index}
+            feed |= {n: arrays[n] for n in self.inputs if n in arrays}
+            logits = self.session.run(["logits"], feed)[0]
+            labels = {n: len(self.bank.labels(n)) for n in set(sub) if self.bank.version(n) is not None}
+        for j, r in enumerate(ok):
+            if bank_errs[j]:
+                errs[r] = bank_errs[j]
+            else:
+                out[r] = logits[j, :labels[names[r]]]
+        return out, errs
