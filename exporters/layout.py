@@ -193,28 +193,25 @@ def bank_sizes(all_sizes: list[dict]) -> dict:
     return out
 
 
+def place(dst, src, name: str, pack_sizes: dict) -> None:
+    """Write one pack tensor `src` into a bank slot `dst` (numpy array or torch tensor, bank sizes),
+    padding with exact zeros (or the mask fill); a pack without PHM adapters gives zeros in the bank's n."""
+    dst[...] = FILL.get(name, 0.0)
+    if name.startswith("phm_") and pack_sizes["r"] == 0:
+        dst[...] = 0.0
+        return
+    dst[tuple(slice(0, n) for n in src.shape)] = src
+
+
 def stack(packs: list[tuple[dict, dict]]) -> dict[str, torch.Tensor]:
     """Stack packs into a bank [K, ...], zero-padding each tensor to the bank sizes (exact)."""
     sizes = bank_sizes([s for _, s in packs])
     out = {}
     for name, symbols in spec().items():
-        target = resolve_shape(symbols, sizes)
-        rows = []
-        for t, s in packs:
-            x = t[name]
-            if name.startswith("phm_") and s["r"] == 0:  # no PHM adapter: zeros in the bank's n
-                x = torch.full(target, 0.0)
-            elif x.shape != target:
-                x = _pad(x, target, FILL.get(name, 0.0))
-            rows.append(x)
-        out[name] = torch.stack(rows)
+        out[name] = torch.empty((len(packs), *resolve_shape(symbols, sizes)))
+        for k, (t, s) in enumerate(packs):
+            place(out[name][k], t[name], name, s)
     return out
-
-
-def _pad(x: torch.Tensor, target: tuple, fill: float) -> torch.Tensor:
-    y = torch.full(target, fill)
-    y[tuple(slice(0, n) for n in x.shape)] = x
-    return y
 
 
 # ---------------------------------------------------------------- the slots a graph actually takes

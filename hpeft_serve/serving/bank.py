@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from exporters.layout import FILL, Layout, bank_sizes, input_names, per_layer, resolve_shape, spec
+from exporters.layout import FILL, Layout, bank_sizes, input_names, per_layer, place, resolve_shape, spec
 
 
 @dataclass(frozen=True)
@@ -165,13 +165,7 @@ class AdapterBank:
         for name, arr in self._arrays.items():
             base, _, layer = name.partition(".")
             src = pack.tensors[base]
-            src = src[int(layer)] if layer else src
-            dst = arr[slot, ...]  # a view, also for scalars (0-d)
-            dst.fill(FILL.get(base, 0.0))
-            if base.startswith("phm_") and pack.sizes["r"] == 0:
-                dst.fill(0.0)  # no PHM adapter: zeros in the bank's n
-                continue
-            dst[tuple(slice(0, n) for n in src.shape)] = src
+            place(arr[slot, ...], src[int(layer)] if layer else src, base, pack.sizes)  # a view, also 0-d
 
     def _evict(self, keep: str) -> list[str]:
         """Drop least recently used unpinned adapters while the bank is over its memory budget."""

@@ -31,7 +31,7 @@ class PackStore:
 
     def load(self, name: str) -> Pack:
         from safetensors import SafetensorError
-        from safetensors.numpy import load_file
+        from safetensors.numpy import load as load_bytes
         if not NAME.fullmatch(name or ""):
             raise CheckpointError(f"adapter name {name!r} is invalid")
         meta_f, data_f = self.folder / f"{name}.json", self.folder / f"{name}.safetensors"
@@ -45,7 +45,7 @@ class PackStore:
                                   f"{meta.get('backbone', {}).get('name')!r}, not the one this graph serves")
         raw = data_f.read_bytes()
         try:
-            tensors = load_file(str(data_f))
+            tensors = load_bytes(raw)
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{data_f} is not a readable safetensors file ({e})") from None
         version = hashlib.sha256(raw + meta_f.read_bytes()).hexdigest()[:16]
