@@ -9,13 +9,14 @@ same DIR for the same backbone reuses the graph: only its pack is written.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import time
 from pathlib import Path
 
 import onnx
 import torch
-from safetensors.torch import save_file
 
 from hpeft_serve import checkpoint
 from hpeft_serve.errors import HpeftError
@@ -111,15 +112,21 @@ def _write_graph(model, cfg: dict, out: Path, fmt: str, layout: Layout, log) -> 
 
 
 def write_pack(tensors: dict, sizes: dict, cfg: dict, folder: Path) -> list[str]:
+    """`<name>.safetensors` then `<name>.json` (which records the tensors' sha256), each written to a temp
+    name and renamed: a reader never sees a half-written file, and a json that does not match its tensors
+    means an update is under way."""
+    from safetensors.torch import save as save_bytes
     folder.mkdir(parents=True, exist_ok=True)
     name = cfg["name"]
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / f"{name}.safetensors"),
-              metadata={"format": "hpeft-pack"})
+    data = save_bytes({k: v.contiguous() for k, v in tensors.items()}, metadata={"format": "hpeft-pack"})
     meta = {"format": "hpeft-pack", "layout_version": LAYOUT_VERSION, "name": name, "method": cfg["method"],
             "labels": cfg["labels"], "backbone": cfg["backbone"], "sizes": sizes,
-            "method_config": cfg["method_config"]}
-    (folder / f"{name}.json").write_text(json.dumps(meta, indent=2) + "\n")
-    (folder / f"{name}.safetensors").chmod(0o644)
+            "sha256": hashlib.sha256(data).hexdigest(), "method_config": cfg["method_config"]}
+    for suffix, payload in ((".safetensors", data), (".json", (json.dumps(meta, indent=2) + "\n").encode())):
+        tmp = folder / f".{name}{suffix}.tmp"
+        tmp.write_bytes(payload)
+        tmp.chmod(0o644)
+        os.replace(tmp, folder / f"{name}{suffix}")
     return [f"packs/{name}.safetensors", f"packs/{name}.json"]
 
 

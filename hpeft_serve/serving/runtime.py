@@ -20,6 +20,10 @@ from ..errors import CheckpointError
 from .bank import AdapterBank, Pack
 
 
+class PackUpdating(CheckpointError):
+    """A pack's files are being replaced (its json does not match its tensors yet): try again shortly."""
+
+
 class PackStore:
     """Adapter packs in a folder; validated against the graph's backbone and layout version."""
 
@@ -28,6 +32,14 @@ class PackStore:
 
     def names(self) -> list[str]:
         return sorted(p.stem for p in self.folder.glob("*.json"))
+
+    def stamp(self, name: str) -> tuple | None:
+        """What changes when a pack is replaced (None: the pack is gone)."""
+        try:
+            a, b = (self.folder / f"{name}.json").stat(), (self.folder / f"{name}.safetensors").stat()
+        except OSError:
+            return None
+        return a.st_mtime_ns, a.st_size, b.st_mtime_ns, b.st_size
 
     def load(self, name: str) -> Pack:
         from safetensors import SafetensorError
@@ -43,13 +55,16 @@ class PackStore:
         if meta.get("backbone", {}).get("sha256") != self.sha:
             raise CheckpointError(f"adapter {name!r} was exported for backbone "
                                   f"{meta.get('backbone', {}).get('name')!r}, not the one this graph serves")
+        stamp = self.stamp(name)
         raw = data_f.read_bytes()
+        if meta.get("sha256") and hashlib.sha256(raw).hexdigest() != meta["sha256"]:
+            raise PackUpdating(f"adapter {name!r} is being replaced; try again")
         try:
             tensors = load_bytes(raw)
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{data_f} is not a readable safetensors file ({e})") from None
-        version = hashlib.sha256(raw + meta_f.read_bytes()).hexdigest()[:16]
-        return Pack(name, tensors, meta["sizes"], version, tuple(meta.get("labels", ())))
+        version = meta.get("sha256") or hashlib.sha256(raw).hexdigest()
+        return Pack(name, tensors, meta["sizes"], version[:16], tuple(meta.get("labels", ())), stamp)
 
 
 class SharedRuntime:
@@ -68,14 +83,24 @@ class SharedRuntime:
         self.store = PackStore(export_dir / "packs", info["backbone"]["sha256"])
 
     def ensure(self, names: list[str]) -> dict[str, str]:
-        """Load adapters not yet resident; returns name -> error for those that cannot be loaded."""
+        """Load adapters not yet resident, reload those whose pack changed in the store (hot swap), drop
+        those whose pack was deleted; returns name -> error for those that cannot be served."""
         errors = {}
         for n in dict.fromkeys(names):
-            if self.bank.version(n) is None:
-                try:
-                    self.bank.put(self.store.load(n))
-                except CheckpointError as e:
-                    errors[n] = str(e)
+            resident = self.bank.pack(n)
+            if resident is not None and resident.stamp is not None and self.store.stamp(n) == resident.stamp:
+                continue
+            if resident is not None and self.store.stamp(n) is None:
+                self.bank.remove(n)
+                errors[n] = f"unknown adapter {n!r}: its pack was removed"
+                continue
+            try:
+                self.bank.put(self.store.load(n))
+            except PackUpdating:
+                if resident is None:
+                    errors[n] = f"adapter {n!r} is being written; try again"
+            except CheckpointError as e:
+                errors[n] = str(e)
         return errors
 
     def infer(self, input_ids: np.ndarray, attention_mask: np.ndarray, names: list[str]):

@@ -1,0 +1,48 @@
+"""`hpeft deploy EXPORT_DIR --repo model_repository`: put a shared-backbone export into the Triton
+repository (model `hpeft`, version 1, folder export/): the graph once, then adapter packs into the
+adapter store (export/packs), each written atomically. A running server picks new or replaced packs up on
+their next request (the runtime checks the store), so adding an adapter never reloads the model; a new
+graph (other backbone or new slot kinds) needs a model reload, which --url asks for over gRPC."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from ..errors import HpeftError
+
+MODEL = "hpeft"
+
+
+def _copy_atomic(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def deploy(export_dir: Path, repo: Path, log=print) -> dict:
+    export_dir, repo = Path(export_dir), Path(repo)
+    info_f = export_dir / "backbone.json"
+    if not info_f.is_file():
+        raise HpeftError(f"{export_dir} is not a shared-backbone export (no backbone.json): "
+                         "run `hpeft export CKPT --out DIR` without --merge")
+    if not (repo / MODEL / "config.pbtxt").is_file():
+        raise HpeftError(f"{repo} has no {MODEL}/config.pbtxt: use the model_repository/ folder of hpeft-serve")
+    info = json.loads(info_f.read_text())
+    target = repo / MODEL / "1" / "export"
+    (target / "packs").mkdir(parents=True, exist_ok=True)
+    old = target / "backbone.json"
+    graph_changed = not old.is_file() or json.loads(old.read_text()) != info
+    if graph_changed:
+        for f in [info["graph"]] + ([info["graph"] + ".data"] if (export_dir / (info["graph"] + ".data")).exists() else []):
+            _copy_atomic(export_dir / f, target / f)
+        _copy_atomic(info_f, old)
+    packs = sorted(p.stem for p in (export_dir / "packs").glob("*.json"))
+    for name in packs:  # tensors first, then the json that names their sha256
+        for suffix in (".safetensors", ".json"):
+            _copy_atomic(export_dir / "packs" / f"{name}{suffix}", target / "packs" / f"{name}{suffix}")
+    log(f"deployed {len(packs)} adapter(s) ({', '.join(packs)}) into {target}"
+        + ("; the graph changed: the model must (re)load" if graph_changed else ""))
+    return {"graph_changed": graph_changed, "packs": packs, "target": str(target)}
