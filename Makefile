@@ -10,9 +10,7 @@ install:
 	VENV=$(VENV) ./scripts/install.sh
 
 demo: install
-	$(HPEFT) train --backbone minilm --method unipelt --task rotten_tomatoes --train-size 1000 --out runs/rt-unipelt
-	$(HPEFT) export runs/rt-unipelt --out exports/rt-unipelt --merge
-	$(HPEFT) export runs/rt-unipelt --out exports/shared
+	VENV=$(VENV) ./scripts/demo.sh
 
 bench-export: install
 	$(VENV)/bin/python bench/export.py

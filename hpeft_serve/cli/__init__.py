@@ -9,6 +9,9 @@ import sys
 COMMANDS = {
     "train": "train an adapter on a task and save a checkpoint",
     "export": "export a checkpoint to ONNX or TorchScript",
+    "deploy": "put a shared-backbone export into the Triton model repository",
+    "serve": "start tritonserver on the model repository (Ctrl-C stops it)",
+    "predict": "tokenize texts and call an adapter on the server over gRPC",
     "search": "S4: try layer-group strategy assignments on a small budget and report a table",
     "env": "print the versions of the libraries that matter",
 }
