@@ -7,7 +7,6 @@ while serving is answered without a restart, and concurrent requests never see a
 from __future__ import annotations
 
 import json
-import shutil
 import socket
 import threading
 import urllib.error
@@ -56,13 +55,19 @@ def server(tmp_path_factory, tiny_bert):
            for i, (n, m) in enumerate(METHODS.items())}
     for ck in cks.values():
         export_checkpoint(ck, root / "export", "onnx", log=lambda *_: None)
-    repo = root / "repo"
-    shutil.copytree(REPO_SRC, repo, ignore=shutil.ignore_patterns("export", "__pycache__"))
+    repo = root / "repo"  # a new repository: deploy writes the model's config and model.py
     deploy(root / "export", repo, log=lambda *_: None)
     http, grpc, metrics = _free_ports()
     with TritonServer(repo, http, grpc, metrics, work=root / "work") as s:
         yield {"root": root, "repo": repo, "cks": cks, "server": s, "grpc": f"127.0.0.1:{grpc}",
                "http": f"http://127.0.0.1:{http}"}
+
+
+def test_the_committed_repository_is_what_deploy_writes(tmp_path):
+    from hpeft_serve.serving.deploy import write_model
+    write_model(tmp_path)
+    for f in ("config.pbtxt", "1/model.py"):
+        assert (tmp_path / "hpeft" / f).read_text() == (REPO_SRC / "hpeft" / f).read_text()
 
 
 def _grpc(srv, ids, mask, names, ids_dtype="INT64"):

@@ -22,14 +22,27 @@ def _copy_atomic(src: Path, dst: Path) -> None:
     os.replace(tmp, dst)
 
 
+MODEL_PY = '"""Triton Python-backend model `hpeft` (the class lives in hpeft_serve/serving/triton_model.py)."""\n\n' \
+    "from hpeft_serve.serving.triton_model import TritonPythonModel  # noqa: F401\n"
+
+
+def write_model(repo: Path) -> None:
+    """Create the model's config.pbtxt and 1/model.py in `repo` where they are missing (a user's edits stay)."""
+    model = repo / MODEL
+    (model / "1").mkdir(parents=True, exist_ok=True)
+    if not (model / "config.pbtxt").is_file():
+        (model / "config.pbtxt").write_text((Path(__file__).with_name("config.pbtxt")).read_text())
+    if not (model / "1" / "model.py").is_file():
+        (model / "1" / "model.py").write_text(MODEL_PY)
+
+
 def deploy(export_dir: Path, repo: Path, log=print) -> dict:
     export_dir, repo = Path(export_dir), Path(repo)
     info_f = export_dir / "backbone.json"
     if not info_f.is_file():
         raise HpeftError(f"{export_dir} is not a shared-backbone export (no backbone.json): "
                          "run `hpeft export CKPT --out DIR` without --merge")
-    if not (repo / MODEL / "config.pbtxt").is_file():
-        raise HpeftError(f"{repo} has no {MODEL}/config.pbtxt: use the model_repository/ folder of hpeft-serve")
+    write_model(repo)
     info = json.loads(info_f.read_text())
     target = repo / MODEL / "1" / "export"
     (target / "packs").mkdir(parents=True, exist_ok=True)

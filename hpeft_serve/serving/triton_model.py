@@ -1,0 +1,65 @@
+"""Triton Python-backend model `hpeft`: the shared-backbone graph in onnxruntime, in-process, with an
+adapter bank (hpeft_serve.serving.runtime). Requests are concatenated (padded to the longest sequence),
+run in ONE forward pass whatever adapters their rows name, and split back; a request whose rows name an
+unknown adapter, or whose tensors have the wrong shape, gets its own error and the others are answered."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from hpeft_serve.serving.runtime import SharedRuntime
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        cfg = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in cfg.get("parameters", {}).items()}
+        export = Path(params.get("EXPORT_DIR", "export"))
+        if not export.is_absolute():
+            export = Path(args["model_repository"]) / args["model_version"] / export
+        budget = int(float(params.get("BANK_BUDGET_MB", "1024")) * 2 ** 20)
+        self.runtime = SharedRuntime(export, budget_bytes=budget)
+        self.max_len = int(params.get("MAX_SEQ_LEN", "512"))
+
+    def _read(self, request):
+        ids = pb_utils.get_input_tensor_by_name(request, "input_ids").as_numpy()
+        mask = pb_utils.get_input_tensor_by_name(request, "attention_mask").as_numpy()
+        names = [n.decode() if isinstance(n, bytes) else str(n)
+                 for n in pb_utils.get_input_tensor_by_name(request, "adapter").as_numpy().reshape(-1)]
+        if ids.ndim != 2 or ids.shape != mask.shape:
+            raise ValueError(f"input_ids {ids.shape} and attention_mask {mask.shape} must both be [batch, seq]")
+        if ids.shape[1] > self.max_len:
+            raise ValueError(f"sequence length {ids.shape[1]} exceeds the maximum {self.max_len}")
+        if len(names) != ids.shape[0]:
+            raise ValueError(f"{len(names)} adapter names for {ids.shape[0]} rows: give one per row")
+        return ids, mask, names
+
+    def execute(self, requests):
+        parsed, responses = [], [None] * len(requests)
+        for i, req in enumerate(requests):
+            try:
+                parsed.append((i, *self._read(req)))
+            except ValueError as e:
+                responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e)))
+        if parsed:
+            seq = max(p[1].shape[1] for p in parsed)
+            pad = lambda a: np.pad(a, ((0, 0), (0, seq - a.shape[1])))  # noqa: E731
+            ids = np.concatenate([pad(p[1]) for p in parsed])
+            mask = np.concatenate([pad(p[2]) for p in parsed])
+            logits, errors = self.runtime.infer(ids, mask, [n for p in parsed for n in p[3]])
+            row = 0
+            for i, _, _, names in parsed:
+                rows = range(row, row + len(names))
+                row += len(names)
+                errs = [errors[r] for r in rows if errors[r]]
+                if errs:
+                    responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError("; ".join(dict.fromkeys(errs))))
+                    continue
+                width = max(len(logits[r]) for r in rows)
+                out = np.full((len(names), width), np.finfo(np.float32).min, np.float32)
+                for k, r in enumerate(rows):
+                    out[k, :len(logits[r])] = logits[r]
+                responses[i] = pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("logits", out)])
+        return responses
