@@ -86,11 +86,12 @@ class TritonServer:
     """A tritonserver process on loopback; `with TritonServer(repo) as s:` starts it and stops it."""
 
     def __init__(self, repo: Path, http_port: int = 8000, grpc_port: int = 8001, metrics_port: int = 8002,
-                 work: Path | None = None, log: Path | None = None, address: str = "127.0.0.1"):
+                 work: Path | None = None, log: Path | None = None, address: str = "127.0.0.1",
+                 ready_model: str = "hpeft"):
         self.repo, self.ports = Path(repo).resolve(), (http_port, grpc_port, metrics_port)
         self.work = Path(work or self.repo.parent / ".triton").resolve()
         self.log = Path(log or self.work / "tritonserver.log")
-        self.address = address
+        self.address, self.ready_model = address, ready_model
         self.proc: subprocess.Popen | None = None
 
     def command(self, inst: TritonInstall) -> list[str]:
@@ -124,7 +125,7 @@ class TritonServer:
                 raise HpeftError(f"tritonserver exited with status {self.proc.returncode}; last log lines:\n"
                                  + "\n".join(self.log.read_text(errors="replace").splitlines()[-15:]))
             try:
-                with urllib.request.urlopen(self.url("/v2/models/hpeft/ready"), timeout=1) as r:
+                with urllib.request.urlopen(self.url(f"/v2/models/{self.ready_model}/ready"), timeout=1) as r:
                     if r.status == 200:
                         return
             except OSError:

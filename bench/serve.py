@@ -1,0 +1,233 @@
+"""Serving through the real tritonserver, MiniLM on CPU (README table): the shared-backbone model `hpeft`
+against one merged model per adapter in the same server, in the same run.
+
+- memory (PSS of tritonserver + its stub processes) with 1, 10 and 100 adapters resident (merged: 1 and 10;
+  100 merged models would need 100 stub processes of ~200 MB each on this 24 GB machine);
+- hot swap: from a new pack written into the store to its first answer;
+- throughput with 8 adapters mixed in the batches vs one merged model (4 concurrent gRPC clients);
+- latency p50/p99 at batch 1 (gRPC) vs in-process onnxruntime on the same graph.
+
+    python bench/serve.py [--seconds 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+
+from exporters.export import export_checkpoint
+from hpeft_serve.backbone import load_backbone
+from hpeft_serve.serving.deploy import deploy
+from hpeft_serve.serving.runtime import SharedRuntime
+from hpeft_serve.serving.triton import TritonServer
+
+sys.path.insert(0, str(Path(__file__).parent))
+from export import make_ckpt  # noqa: E402
+
+MERGED_PY = '''import json
+import numpy as np, onnxruntime as ort
+import triton_python_backend_utils as pb_utils
+class TritonPythonModel:
+    def initialize(self, args):
+        d = args["model_repository"] + "/" + args["model_version"]
+        self.s = ort.InferenceSession(d + "/model.onnx", providers=["CPUExecutionProvider"])
+    def execute(self, requests):
+        out = []
+        for r in requests:
+            ids = pb_utils.get_input_tensor_by_name(r, "input_ids").as_numpy()
+            mask = pb_utils.get_input_tensor_by_name(r, "attention_mask").as_numpy()
+            y = self.s.run(["logits"], {"input_ids": ids, "attention_mask": mask})[0]
+            out.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("logits", y)]))
+        return out
+'''
+MERGED_CFG = '''name: "{name}"
+backend: "python"
+max_batch_size: 0
+input [ {{ name: "input_ids" data_type: TYPE_INT64 dims: [ -1, -1 ] }},
+        {{ name: "attention_mask" data_type: TYPE_INT64 dims: [ -1, -1 ] }} ]
+output [ {{ name: "logits" data_type: TYPE_FP32 dims: [ -1, -1 ] }} ]
+instance_group [ {{ kind: KIND_CPU count: 1 }} ]
+'''
+
+
+def ports():
+    socks = [socket.socket() for _ in range(3)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    out = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return out
+
+
+def pss_mb(pid: int) -> float:
+    """PSS of a process and its children (tritonserver + stubs), MB."""
+    total = 0
+    pids = [pid] + [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    for p in pids:
+        for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                total += int(line.split()[1])
+    return total / 1024
+
+
+def request(ids, mask, names=None):
+    inp = [grpcclient.InferInput("input_ids", list(ids.shape), "INT64"),
+           grpcclient.InferInput("attention_mask", list(mask.shape), "INT64")]
+    inp[0].set_data_from_numpy(ids)
+    inp[1].set_data_from_numpy(mask)
+    if names is not None:
+        inp.append(grpcclient.InferInput("adapter", [len(names), 1], "BYTES"))
+        inp[2].set_data_from_numpy(np.array([[n.encode()] for n in names], dtype=object))
+    return inp
+
+
+def latency(client, model, ids, mask, names, n) -> list[float]:
+    ts = []
+    for _ in range(n):
+        t = time.perf_counter()
+        client.infer(model, request(ids, mask, names))
+        ts.append(1000 * (time.perf_counter() - t))
+    return ts
+
+
+def throughput(url, model, ids, mask, names_fn, seconds, clients=4) -> float:
+    count, stop = [0], time.monotonic() + seconds
+    lock = threading.Lock()
+
+    def run(k):
+        c = grpcclient.InferenceServerClient(url)
+        i = k
+        while time.monotonic() < stop:
+            c.infer(model, request(ids, mask, names_fn(i)))
+            i += clients
+            with lock:
+                count[0] += len(ids)
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return count[0] / seconds
+
+
+def pct(xs, q):
+    return float(np.percentile(xs, q))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--out", type=Path, default=Path("bench/results/serve.json"))
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="hpeft-bench-serve-"))
+    backbone = load_backbone("minilm")
+    ck = make_ckpt(backbone, "unipelt", work / "ckpt", 0, "a0")
+    export_checkpoint(ck, work / "export", "onnx", log=lambda *_: None)
+    export_checkpoint(ck, work / "merged", "onnx", merged=True, log=lambda *_: None)
+    packs = work / "export" / "packs"
+    for i in range(1, 100):  # 99 more adapters (copies of the pack under other names)
+        for suffix in (".safetensors", ".json"):
+            meta = (packs / f"a0{suffix}").read_bytes()
+            (packs / f"a{i}{suffix}").write_bytes(meta.replace(b'"name": "a0"', f'"name": "a{i}"'.encode())
+                                                  if suffix == ".json" else meta)
+    ids = np.random.default_rng(0).integers(1000, 20000, (1, 32)).astype(np.int64)
+    mask = np.ones_like(ids)
+    res: dict = {"memory_mb": {}, "hot_swap_ms": [], "throughput": {}, "latency_ms": {}}
+
+    def merged_repo(n: int) -> Path:
+        repo = work / f"repo-merged-{n}"
+        for i in range(n):
+            d = repo / f"m{i}" / "1"
+            d.mkdir(parents=True, exist_ok=True)
+            shutil.copy(work / "merged" / "a0.onnx", d / "model.onnx")
+            (d / "model.py").write_text(MERGED_PY)
+            (repo / f"m{i}" / "config.pbtxt").write_text(MERGED_CFG.format(name=f"m{i}"))
+        return repo
+
+    def server(repo: Path, ready_model: str) -> TritonServer:
+        http, grpc, metrics = ports()
+        s = TritonServer(repo, http, grpc, metrics, work=work / "triton", ready_model=ready_model)
+        s.url_grpc = f"127.0.0.1:{grpc}"
+        return s
+
+    repo = work / "repo"
+    deploy(work / "export", repo, log=lambda *_: None)
+    with server(repo, "hpeft") as srv:
+        url = srv.url_grpc
+        client = grpcclient.InferenceServerClient(url)
+        for n in (1, 10, 100):
+            for i in range(n):
+                client.infer("hpeft", request(ids, mask, [f"a{i}"]))
+            res["memory_mb"][f"shared model, {n} adapters resident"] = pss_mb(srv.proc.pid)
+        store = repo / "hpeft" / "1" / "export" / "packs"
+        for k in range(10):  # hot swap: a new pack written into the store -> its first answer
+            name = f"hot{k}"
+            t = time.perf_counter()
+            for suffix in (".safetensors", ".json"):
+                data = (store / f"a0{suffix}").read_bytes()
+                if suffix == ".json":
+                    data = data.replace(b'"name": "a0"', f'"name": "{name}"'.encode())
+                (store / f".{name}{suffix}.tmp").write_bytes(data)
+                (store / f".{name}{suffix}.tmp").rename(store / f"{name}{suffix}")
+            client.infer("hpeft", request(ids, mask, [name]))
+            res["hot_swap_ms"].append(1000 * (time.perf_counter() - t))
+        for b in (1, 8):
+            bi, bm = np.repeat(ids, b, 0), np.repeat(mask, b, 0)
+            res["throughput"][f"shared, 8 adapters mixed, batch {b}"] = throughput(
+                url, "hpeft", bi, bm, lambda i, b=b: [f"a{(i + r) % 8}" for r in range(b)], args.seconds)
+        res["latency_ms"]["shared model via gRPC"] = latency(client, "hpeft", ids, mask, ["a1"], 300)
+    for n in (1, 10):
+        with server(merged_repo(n), "m0") as srv:
+            time.sleep(2 * n)  # the other merged models load after m0 is ready
+            res["memory_mb"][f"{n} merged model(s), one per adapter"] = pss_mb(srv.proc.pid)
+            if n == 1:
+                client = grpcclient.InferenceServerClient(srv.url_grpc)
+                for b in (1, 8):
+                    bi, bm = np.repeat(ids, b, 0), np.repeat(mask, b, 0)
+                    res["throughput"][f"merged model, batch {b}"] = throughput(
+                        srv.url_grpc, "m0", bi, bm, lambda i: None, args.seconds)
+                res["latency_ms"]["merged model via gRPC"] = latency(client, "m0", ids, mask, None, 300)
+    rt = SharedRuntime(work / "export")
+    rt.infer(ids, mask, ["a1"])
+    ts = []
+    for _ in range(300):
+        t = time.perf_counter()
+        rt.infer(ids, mask, ["a1"])
+        ts.append(1000 * (time.perf_counter() - t))
+    res["latency_ms"]["shared in-process (SharedRuntime)"] = ts
+    report(res)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(res, indent=1))
+    return 0
+
+
+def report(res) -> None:
+    print("MiniLM + UniPELT packs, CPU (2 cores shared by server, stubs and clients), tritonserver 2.51\n")
+    print("| memory (PSS, server + stubs) | MB |\n|---|---|")
+    for k, v in res["memory_mb"].items():
+        print(f"| {k} | {v:.0f} |")
+    h = res["hot_swap_ms"]
+    print(f"\nhot swap (pack written -> first answer), 10 swaps: p50 {statistics.median(h):.1f} ms, "
+          f"max {max(h):.1f} ms\n")
+    print("| throughput (4 gRPC clients) | rows/s |\n|---|---|")
+    for k, v in res["throughput"].items():
+        print(f"| {k} | {v:.1f} |")
+    print("\n| latency, batch 1 x 32 tokens | p50 ms | p99 ms |\n|---|---|---|")
+    for k, v in res["latency_ms"].items():
+        print(f"| {k} | {pct(v, 50):.2f} | {pct(v, 99):.2f} |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
