@@ -63,17 +63,17 @@ def example_bank(L: int, d: int, f: int, k: int = 2) -> dict[str, torch.Tensor]:
     return bank
 
 
-def _shared_args(model, layout: Layout) -> tuple:
-    ec = model.encoder.config
+def _shared_args(encoder, layout: Layout) -> tuple:
+    ec = encoder.config
     ids, mask = example_inputs(ec.vocab_size, batch=3, seq=9)
     feed = bank_feed(example_bank(ec.num_hidden_layers, ec.hidden_size, ec.intermediate_size), layout)
     return (ids, mask, torch.tensor([0, 1, 1]), *(feed[n] for n in input_names(layout, ec.num_hidden_layers)))
 
 
-def _graph_info(cfg: dict, fmt: str, graph: str, layout: Layout) -> dict:
+def _graph_info(backbone: dict, fmt: str, graph: str, layout: Layout) -> dict:
     return {"format": "hpeft-shared-backbone", "layout_version": LAYOUT_VERSION, "export_format": fmt,
-            "graph": graph, "backbone": cfg["backbone"], "layout": layout.to_dict(),
-            "inputs": shared_inputs(layout, cfg["backbone"]["num_layers"]),
+            "graph": graph, "backbone": backbone, "layout": layout.to_dict(),
+            "inputs": shared_inputs(layout, backbone["num_layers"]),
             "outputs": ["logits"], "bank": {n: [str(s) for s in spec()[n]] for n in layout.names()}}
 
 
@@ -97,17 +97,23 @@ def _write_graph(model, cfg: dict, out: Path, fmt: str, layout: Layout, log) -> 
                 return []
             log(f"re-exporting the shared graph {out / graph}: this adapter needs slots it lacks")
             layout = have.union(layout)
-    shared, args = SharedModel(model.encoder, layout), _shared_args(model, layout)
-    names = shared_inputs(layout, len(model.encoder.layers))
+    return write_shared_graph(model.encoder, cfg["backbone"], layout, out, fmt)
+
+
+def write_shared_graph(encoder, backbone: dict, layout: Layout, out: Path, fmt: str = "onnx") -> list[str]:
+    """Export the shared graph of `encoder` for `layout` into `out` (+ backbone.json)."""
+    graph = "backbone.onnx" if fmt == "onnx" else "backbone.pt"
+    shared, args = SharedModel(encoder, layout), _shared_args(encoder, layout)
+    names = shared_inputs(layout, len(encoder.layers))
     if fmt == "onnx":
-        export_onnx(shared, args, names, shared_dynamic_axes(layout, len(model.encoder.layers)), out / graph,
+        export_onnx(shared, args, names, shared_dynamic_axes(layout, len(encoder.layers)), out / graph,
                     external_data=True)
         got = [i.name for i in onnx.load(str(out / graph), load_external_data=False).graph.input]
         if got != names:  # the exporter drops inputs the graph does not use
             raise RuntimeError(f"shared graph inputs {got} differ from the layout's {names}")
     else:
         export_torchscript(shared, args, out / graph)
-    info_file.write_text(json.dumps(_graph_info(cfg, fmt, graph, layout), indent=2) + "\n")
+    (out / "backbone.json").write_text(json.dumps(_graph_info(backbone, fmt, graph, layout), indent=2) + "\n")
     return [graph] + (["backbone.onnx.data"] if fmt == "onnx" else [])
 
 

@@ -7,6 +7,7 @@ while serving is answered without a restart, and concurrent requests never see a
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import threading
 import urllib.error
@@ -192,3 +193,33 @@ def test_hot_swap_without_restart(server, tiny_bert):
     assert seen == {0, 1} or 1 in seen
     assert np.abs(_grpc(server, ids, mask, ["fresh"] * len(ids)) - refs[1]).max() <= TOL
     assert server["server"].proc.pid == pid and server["server"].proc.poll() is None  # never restarted
+
+
+def test_deploying_exports_of_other_slot_kinds_extends_the_graph(tmp_path, tiny_bert):
+    """Three adapters exported into three folders (three graphs with different slot kinds) deployed into
+    one repository: the repository's graph serves all of them exactly."""
+    cks = {m: _make_ckpt(tiny_bert, m, tmp_path / "ck" / m, seed=i) for i, m in enumerate(("mam", "lora", "compacter"))}
+    repo = tmp_path / "repo"
+    for m, ck in cks.items():
+        export_checkpoint(ck, tmp_path / f"export-{m}", "onnx", log=lambda *_: None)
+        deploy(tmp_path / f"export-{m}", repo, log=lambda *_: None)
+    from hpeft_serve.serving.runtime import SharedRuntime
+    rt = SharedRuntime(repo / "hpeft" / "1" / "export")
+    ids, mask = _tokens()
+    names = ["mam", "lora", "compacter", "lora", "mam"]
+    out, errs = rt.infer(ids, mask, names)
+    assert not any(errs)
+    for r, n in enumerate(names):
+        assert np.abs(out[r] - _ref(cks[n], ids[r:r + 1], mask[r:r + 1])[0]).max() <= TOL
+
+
+def test_a_pack_the_graph_cannot_serve_is_refused(tmp_path, tiny_bert):
+    from hpeft_serve.serving.runtime import SharedRuntime
+    lora, mam = (_make_ckpt(tiny_bert, m, tmp_path / "ck" / m) for m in ("lora", "mam"))
+    export_checkpoint(lora, tmp_path / "e1", "onnx", log=lambda *_: None)
+    export_checkpoint(mam, tmp_path / "e2", "onnx", log=lambda *_: None)
+    shutil.copy(tmp_path / "e2" / "packs" / "mam.json", tmp_path / "e1" / "packs" / "mam.json")  # bypassing deploy
+    shutil.copy(tmp_path / "e2" / "packs" / "mam.safetensors", tmp_path / "e1" / "packs" / "mam.safetensors")
+    ids, mask = _tokens()
+    out, errs = SharedRuntime(tmp_path / "e1").infer(ids, mask, ["lora", "mam", "lora", "lora", "lora"])
+    assert errs[1] and "lacks" in errs[1] and out[0] is not None

@@ -36,6 +36,41 @@ def write_model(repo: Path) -> None:
         (model / "1" / "model.py").write_text(MODEL_PY)
 
 
+def _place_graph(export_dir: Path, info: dict, target: Path, log) -> bool:
+    """Make target's graph serve both what it served and what `export_dir` needs; True if it changed."""
+    from exporters.layout import Layout
+    old_f = target / "backbone.json"
+    old = json.loads(old_f.read_text()) if old_f.is_file() else None
+    if old is not None and old.get("backbone", {}).get("sha256") != info["backbone"]["sha256"]:
+        raise HpeftError(f"{target} serves backbone {old['backbone'].get('name')!r}; {export_dir} is for "
+                         f"{info['backbone'].get('name')!r}: deploy it into another repository")
+    have = Layout.from_dict(old["layout"]) if old else None
+    new = Layout.from_dict(info["layout"])
+    if have is not None and have.covers(new):
+        return False
+    if have is None or new.covers(have):
+        for f in [info["graph"]] + ([info["graph"] + ".data"] if (export_dir / (info["graph"] + ".data")).exists() else []):
+            _copy_atomic(export_dir / f, target / f)
+        _copy_atomic(export_dir / "backbone.json", old_f)
+        return True
+    # each serves slots the other lacks: export one graph for the union (the adapters already deployed stay)
+    from exporters.export import write_shared_graph
+    from ..backbone import load_backbone
+    backbone = load_backbone(info["backbone"]["name"])
+    if backbone.sha256 != info["backbone"]["sha256"]:
+        raise HpeftError(f"backbone {info['backbone']['name']!r} here differs from the one {export_dir} was exported for")
+    log(f"exporting a shared graph for the union of the deployed and the new slot kinds into {target}")
+    tmp = target / ".graph-tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    files = write_shared_graph(backbone.build_encoder(), info["backbone"], have.union(new), tmp,
+                               old.get("export_format", "onnx"))
+    for f in files + ["backbone.json"]:  # renames: a running session keeps the files it mapped
+        os.replace(tmp / f, target / f)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return True
+
+
 def deploy(export_dir: Path, repo: Path, log=print) -> dict:
     export_dir, repo = Path(export_dir), Path(repo)
     info_f = export_dir / "backbone.json"
@@ -46,12 +81,7 @@ def deploy(export_dir: Path, repo: Path, log=print) -> dict:
     info = json.loads(info_f.read_text())
     target = repo / MODEL / "1" / "export"
     (target / "packs").mkdir(parents=True, exist_ok=True)
-    old = target / "backbone.json"
-    graph_changed = not old.is_file() or json.loads(old.read_text()) != info
-    if graph_changed:
-        for f in [info["graph"]] + ([info["graph"] + ".data"] if (export_dir / (info["graph"] + ".data")).exists() else []):
-            _copy_atomic(export_dir / f, target / f)
-        _copy_atomic(info_f, old)
+    graph_changed = _place_graph(export_dir, info, target, log)
     packs = sorted(p.stem for p in (export_dir / "packs").glob("*.json"))
     for name in packs:  # tensors first, then the json that names their sha256
         for suffix in (".safetensors", ".json"):

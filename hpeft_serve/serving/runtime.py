@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from exporters.layout import LAYOUT_VERSION, Layout
+from exporters.layout import LAYOUT_VERSION, Layout, needs
 
 from ..checkpoint import NAME
 from ..errors import CheckpointError
@@ -95,7 +95,11 @@ class SharedRuntime:
                 errors[n] = f"unknown adapter {n!r}: its pack was removed"
                 continue
             try:
-                self.bank.put(self.store.load(n))
+                pack = self.store.load(n)
+                if not self.layout.covers(needs(pack.tensors, pack.sizes)):
+                    raise CheckpointError(f"adapter {n!r} needs slots the deployed graph lacks: deploy its export "
+                                          "again (hpeft deploy), which extends the graph")
+                self.bank.put(pack)
             except PackUpdating:
                 if resident is None:
                     errors[n] = f"adapter {n!r} is being written; try again"
