@@ -67,8 +67,16 @@ class PackStore:
         return Pack(name, tensors, meta["sizes"], version[:16], tuple(meta.get("labels", ())), stamp)
 
 
+def default_providers() -> list[str]:
+    """CUDA when onnxruntime-gpu sees a GPU, else CPU."""
+    import onnxruntime as ort
+    have = ort.get_available_providers()
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"] if "CUDAExecutionProvider" in have else ["CPUExecutionProvider"]
+
+
 class SharedRuntime:
-    def __init__(self, export_dir: Path, budget_bytes: int = 1 << 30, threads: int = 0, providers=None):
+    def __init__(self, export_dir: Path, budget_bytes: int = 1 << 30, threads: int = 0, providers=None,
+                 pinned: tuple[str, ...] = ()):
         import onnxruntime as ort
         export_dir = Path(export_dir)
         info = json.loads((export_dir / "backbone.json").read_text())
@@ -78,8 +86,8 @@ class SharedRuntime:
         if threads:
             so.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(export_dir / info["graph"]), so,
-                                            providers=providers or ["CPUExecutionProvider"])
-        self.bank = AdapterBank(self.layout, info["backbone"]["num_layers"], budget_bytes)
+                                            providers=providers or default_providers())
+        self.bank = AdapterBank(self.layout, info["backbone"]["num_layers"], budget_bytes, pinned)
         self.store = PackStore(export_dir / "packs", info["backbone"]["sha256"])
 
     def ensure(self, names: list[str]) -> dict[str, str]:

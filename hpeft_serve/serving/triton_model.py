@@ -20,7 +20,8 @@ class TritonPythonModel:
         if not export.is_absolute():
             export = Path(args["model_repository"]) / args["model_version"] / export
         budget = int(float(params.get("BANK_BUDGET_MB", "1024")) * 2 ** 20)
-        self.runtime = SharedRuntime(export, budget_bytes=budget)
+        pinned = tuple(n for n in params.get("PINNED_ADAPTERS", "").split(",") if n)
+        self.runtime = SharedRuntime(export, budget_bytes=budget, pinned=pinned)
         self.max_len = int(params.get("MAX_SEQ_LEN", "512"))
 
     def _read(self, request):
