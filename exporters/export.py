@@ -136,7 +136,8 @@ def write_pack(tensors: dict, sizes: dict, cfg: dict, folder: Path) -> list[str]
     return [f"packs/{name}.safetensors", f"packs/{name}.json"]
 
 
-def export_checkpoint(ckpt: Path, out: Path, fmt: str = "onnx", merged: bool = False, log=print) -> dict:
+def export_checkpoint(ckpt: Path, out: Path, fmt: str = "onnx", merged: bool = False, log=print,
+                      fold_phm: bool = False) -> dict:
     if fmt not in ("onnx", "torchscript"):
         raise HpeftError(f"unknown format {fmt!r}: use onnx or torchscript")
     model, cfg = checkpoint.load(ckpt)
@@ -144,7 +145,7 @@ def export_checkpoint(ckpt: Path, out: Path, fmt: str = "onnx", merged: bool = F
     out.mkdir(parents=True, exist_ok=True)
     name, t0 = cfg["name"], time.perf_counter()
     if merged:
-        files = _export_merged(model, name, out, fmt)
+        files = _export_merged(model, name, out, fmt, fold_phm)
     else:
         tensors, sizes = pack(model)
         files = _write_graph(model, cfg, out, fmt, needs(tensors, sizes), log)
@@ -160,8 +161,8 @@ def export_checkpoint(ckpt: Path, out: Path, fmt: str = "onnx", merged: bool = F
     return info
 
 
-def _export_merged(model, name: str, out: Path, fmt: str) -> list[str]:
-    inference = merge(model)
+def _export_merged(model, name: str, out: Path, fmt: str, fold_phm: bool) -> list[str]:
+    inference = merge(model, fold_phm)
     if fmt == "onnx":
         return [export_merged_onnx(inference, out / f"{name}.onnx").name]
     args = example_inputs(model.encoder.config.vocab_size)

@@ -256,3 +256,14 @@ def test_export_cli_refuses_a_truncated_checkpoint(ckpts, tmp_path):
     r = subprocess.run([sys.executable, "-m", "hpeft_serve.cli", "export", str(bad), "--out", str(tmp_path / "o")],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "truncated or corrupt" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("method", ["compacter", "compacter_pp"])
+def test_phm_folded_to_dense_is_exact(method, ckpts, tmp_path):
+    export_checkpoint(ckpts[method], tmp_path, "onnx", merged=True, log=lambda *_: None, fold_phm=True)
+    m = onnx.load(str(tmp_path / f"{method}.onnx"))
+    assert not any(n.domain == "hpeft" for n in m.graph.node) and not m.functions
+    sess = _ort(tmp_path / f"{method}.onnx")
+    for ids, mask in _batches():
+        got = sess.run(["logits"], {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
+        assert np.abs(got - _reference(ckpts[method], (ids, mask))).max() <= TOL
