@@ -15,16 +15,20 @@ import dataclasses
 from dataclasses import dataclass
 from functools import lru_cache
 
-import torch
+from typing import TYPE_CHECKING
 
-from hpeft_serve.methods.bitfit import BIAS_NAMES
-from hpeft_serve.methods.config import LORA_TARGETS, SITES
-from hpeft_serve.methods.functional import ACTIVATIONS
-from hpeft_serve.model import HybridModel
+import numpy as np
+
+from hpeft_serve.methods.config import BIAS_NAMES, LORA_TARGETS, SITES
+
+if TYPE_CHECKING:  # the serving path imports this module without torch
+    import torch
+
+    from hpeft_serve.model import HybridModel
 
 LAYOUT_VERSION = 1
 ACTS = ("relu", "gelu", "gelu_new", "silu")  # the activations a bottleneck slot can select (one-hot)
-NEG = torch.finfo(torch.float32).min  # additive mask value / logit of a padded label
+NEG = float(np.finfo(np.float32).min)  # additive mask value / logit of a padded label
 
 
 def _lora_dims(t: str) -> tuple[str, str]:
@@ -63,9 +67,9 @@ def spec() -> dict[str, tuple]:
 FILL = {"prefix_mask": NEG, "head_out_b": NEG}  # padding that must stay out of softmax / argmax
 
 
-def _one_hot(act: str) -> torch.Tensor:
-    aliases = {"swish": "silu"}
-    act = aliases.get(act, act)
+def _one_hot(act: str) -> "torch.Tensor":
+    import torch
+    act = {"swish": "silu"}.get(act, act)
     if act not in ACTS:
         raise ValueError(f"activation {act!r} cannot be served from the shared layout (supported: {ACTS})")
     return torch.tensor([float(a == act) for a in ACTS])
@@ -78,9 +82,15 @@ def _gate_into(t: dict, p: str, i: int, gate) -> None:
         t[f"{p}_gate_b"][i] = gate.gate_bias.detach()
 
 
-@torch.no_grad()
-def pack(model: HybridModel) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+def pack(model: "HybridModel") -> tuple[dict[str, "torch.Tensor"], dict[str, int]]:
     """One adapter's tensors in the shared layout, and its sizes (the symbols of spec())."""
+    import torch
+    with torch.no_grad():
+        return _pack(model)
+
+
+def _pack(model: "HybridModel") -> tuple[dict, dict]:
+    import torch
     ad, ec = model.adapters, model.encoder.config
     ad.eject_prefix()
     L, d, f = ec.num_hidden_layers, ec.hidden_size, ec.intermediate_size
@@ -156,7 +166,7 @@ def _pack_phm(t: dict, p: str, i: int, b) -> None:
     t[f"{p}_up_b"][i] = up.bias
 
 
-def _pack_head(t: dict, model: HybridModel) -> None:
+def _pack_head(t: dict, model: "HybridModel") -> None:
     h = model.head
     c = h.cfg.num_labels
     t["head_cls"].fill_(float(h.cfg.pooling == "cls"))
@@ -203,8 +213,9 @@ def place(dst, src, name: str, pack_sizes: dict) -> None:
     dst[tuple(slice(0, n) for n in src.shape)] = src
 
 
-def stack(packs: list[tuple[dict, dict]]) -> dict[str, torch.Tensor]:
+def stack(packs: list[tuple[dict, dict]]) -> dict[str, "torch.Tensor"]:
     """Stack packs into a bank [K, ...], zero-padding each tensor to the bank sizes (exact)."""
+    import torch
     sizes = bank_sizes([s for _, s in packs])
     out = {}
     for name, symbols in spec().items():
@@ -266,7 +277,7 @@ class Layout:
         return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()})
 
 
-def needs(t: dict[str, torch.Tensor], sizes: dict) -> Layout:
+def needs(t: dict, sizes: dict) -> Layout:
     """The slot kinds one pack (or bank) uses: the smallest layout that gives its exact logits."""
     lora = tuple(x for x in LORA_TARGETS if sizes[f"R_{x}"] > 0)
     seq = tuple(s for s in SITES if sizes[f"W_seq_{s}"] > 0)
@@ -294,7 +305,7 @@ def input_names(layout: Layout, num_layers: int) -> list[str]:
     return out
 
 
-def bank_feed(bank: dict[str, torch.Tensor], layout: Layout) -> dict[str, torch.Tensor]:
+def bank_feed(bank: dict, layout: Layout) -> dict:
     """A stacked bank ([K, L, ...] per slot) as the graph's inputs (input_names order)."""
     out = {}
     for n in layout.names():

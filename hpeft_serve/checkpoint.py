@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import tempfile
 from pathlib import Path
 
@@ -19,21 +18,13 @@ import torch
 from . import __version__
 from .backbone import Backbone, load_backbone
 from .errors import CheckpointError, HpeftError
+from .names import check_name
 from .methods.config import MethodConfig
 from .model import HeadConfig, HybridModel
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter.safetensors"
 FORMAT = "hpeft-adapter"
-NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-
-
-def check_name(name: str) -> str:
-    """Adapter names become file names (packs, exported models): letters, digits, '.', '_', '-' only."""
-    if not isinstance(name, str) or not NAME.fullmatch(name):
-        raise CheckpointError(f"adapter name {name!r} is invalid: use 1-128 letters, digits, '.', '_' or '-', "
-                              "starting with a letter or digit")
-    return name
 
 
 def slot_dims(model: HybridModel) -> list[dict]:

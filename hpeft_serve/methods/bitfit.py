@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-BIAS_NAMES = ("q", "k", "v", "o", "ffn_in", "ffn_out", "attn_ln", "ffn_ln")
+from .config import BIAS_NAMES
 
 
 def make_bitfit(d: int, d_ffn: int) -> nn.ParameterDict:

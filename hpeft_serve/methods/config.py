@@ -18,6 +18,7 @@ MODES = ("sequential", "parallel")
 INITS = ("bert", "mam", "houlsby")
 PRUNERS = ("rand", "mag", "snip", "grasp")
 GATE_POOLING = ("masked", "all")
+BIAS_NAMES = ("q", "k", "v", "o", "ffn_in", "ffn_out", "attn_ln", "ffn_ln")  # what BitFit tunes, per layer
 
 
 @dataclass(frozen=True)

@@ -128,13 +128,13 @@ class AdapterBank:
                 sizes = {k: max(v, self._sizes[k]) if k != "n" else v for k, v in sizes.items()}
             need_slots = len(self._slots) + (pack.name not in self._slots)
             if sizes != self._sizes or need_slots > self._capacity:
-                self._grow(sizes, max(need_slots, 2 * self._capacity, 4))
+                self._grow(sizes, max(need_slots, self._capacity + self._capacity // 4, 4))
             old = self._slots.get(pack.name)
             slot = self._free_slot(exclude=old)
             self._write(slot, pack)
             self._slots = {**self._slots, pack.name: slot}  # publish: readers see old or new, never a mix
-            with self._lru:
-                self._packs[pack.name] = pack
+            with self._lru:  # keep the metadata only: the tensors live in the slot
+                self._packs[pack.name] = Pack(pack.name, {}, pack.sizes, pack.version, pack.labels, pack.stamp)
                 self._packs.move_to_end(pack.name)
             self._evict(keep=pack.name)
 
@@ -161,9 +161,13 @@ class AdapterBank:
             symbols = spec()[base][1:] if per_layer(base) else spec()[base]
             shape = (capacity, *resolve_shape(symbols, sizes))
             arrays[name] = np.full(shape, FILL.get(base, 0.0), np.float32)
+        # resident adapters move over, padded (exact, see layout.place); a change of PHM n only happens when
+        # no resident adapter has PHM slots, whose values are then all zeros
+        same_n = self._sizes is not None and self._sizes["n"] == sizes["n"]
+        for name, old in self._arrays.items():
+            for slot in self._slots.values():
+                place(arrays[name][slot, ...], old[slot, ...], name.split(".")[0], {"r": 1 if same_n else 0})
         self._arrays, self._sizes, self._capacity = arrays, sizes, capacity
-        for n, slot in self._slots.items():  # re-write resident packs into the new shapes
-            self._write(slot, self._packs[n])
 
     def _write(self, slot: int, pack: Pack) -> None:
         for name, arr in self._arrays.items():

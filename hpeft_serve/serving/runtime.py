@@ -15,7 +15,7 @@ import numpy as np
 
 from exporters.layout import LAYOUT_VERSION, Layout, needs
 
-from ..checkpoint import NAME
+from ..names import NAME
 from ..errors import CheckpointError
 from .bank import AdapterBank, Pack
 
