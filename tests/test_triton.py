@@ -223,3 +223,23 @@ def test_a_pack_the_graph_cannot_serve_is_refused(tmp_path, tiny_bert):
     ids, mask = _tokens()
     out, errs = SharedRuntime(tmp_path / "e1").infer(ids, mask, ["lora", "mam", "lora", "lora", "lora"])
     assert errs[1] and "lacks" in errs[1] and out[0] is not None
+
+
+def test_merged_adapter_deployed_while_serving(server, tmp_path):
+    """A merged export becomes its own Triton model, loaded over gRPC into the running server."""
+    import subprocess
+    import sys
+    ck = server["cks"]["mam"]
+    export_checkpoint(ck, tmp_path / "merged", "onnx", merged=True, log=lambda *_: None)
+    r = subprocess.run([sys.executable, "-m", "hpeft_serve.cli", "deploy", str(tmp_path / "merged"), "--repo",
+                        str(server["repo"]), "--url", server["grpc"]], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    ids, mask = _tokens()
+    client = grpcclient.InferenceServerClient(server["grpc"])
+    inputs = [grpcclient.InferInput("input_ids", list(ids.shape), "INT64"),
+              grpcclient.InferInput("attention_mask", list(mask.shape), "INT64")]
+    inputs[0].set_data_from_numpy(ids)
+    inputs[1].set_data_from_numpy(mask)
+    got = client.infer("mam", inputs).as_numpy("logits")
+    assert np.abs(got - _ref(ck, ids, mask)).max() <= TOL
+    assert np.abs(_grpc(server, ids, mask, ["uni"] * len(ids)) - _ref(server["cks"]["uni"], ids, mask)).max() <= TOL

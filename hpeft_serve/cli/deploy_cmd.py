@@ -6,7 +6,8 @@ from pathlib import Path
 
 
 def add_arguments(p) -> None:
-    p.add_argument("export_dir", type=Path, help="a shared-backbone export (hpeft export CKPT --out DIR)")
+    p.add_argument("export_dir", type=Path, help="a shared-backbone export (hpeft export CKPT --out DIR), or a "
+                   "merged one (--merge): each merged adapter becomes its own Triton model")
     p.add_argument("--repo", type=Path, default=Path("model_repository"), help="the Triton model repository")
     p.add_argument("--url", default=None, help="a running server's gRPC HOST:PORT: reload the model if the graph "
                    "changed (new adapters need nothing: they load on first use)")
@@ -16,12 +17,14 @@ def run(args) -> int:
     from ..errors import HpeftError
     from ..serving.deploy import MODEL, deploy
     result = deploy(args.export_dir, args.repo)
-    if args.url and result["graph_changed"]:
-        import tritonclient.grpc as grpcclient
+    to_load = result.get("merged", []) + ([MODEL] if result["graph_changed"] else [])
+    if args.url and to_load:
+        import tritonclient.grpc as grpcclient  # model control over gRPC: over HTTP it stalls HTTP inference
         from tritonclient.utils import InferenceServerException
-        try:
-            grpcclient.InferenceServerClient(args.url).load_model(MODEL)
-        except InferenceServerException as e:
-            raise HpeftError(f"could not reload model {MODEL!r} at {args.url}: {e}") from None
-        print(f"reloaded {MODEL} at {args.url}")
+        for model in to_load:
+            try:
+                grpcclient.InferenceServerClient(args.url).load_model(model)
+            except InferenceServerException as e:
+                raise HpeftError(f"could not (re)load model {model!r} at {args.url}: {e}") from None
+            print(f"(re)loaded {model} at {args.url}")
     return 0

@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 from ..errors import HpeftError
+from ..names import check_name
 
 MODEL = "hpeft"
 
@@ -71,12 +72,53 @@ def _place_graph(export_dir: Path, info: dict, target: Path, log) -> bool:
     return True
 
 
+MERGED_PY = '"""Triton Python-backend model for one merged adapter (hpeft_serve/serving/merged_model.py)."""\n\n' \
+    "from hpeft_serve.serving.merged_model import TritonPythonModel  # noqa: F401\n"
+
+
+MERGED_CONFIG = """# {name}: one merged adapter ({method}), from hpeft export --merge
+name: "{name}"
+backend: "python"
+max_batch_size: 64
+input [
+  {{ name: "input_ids" data_type: TYPE_INT64 dims: [ -1 ] allow_ragged_batch: true }},
+  {{ name: "attention_mask" data_type: TYPE_INT64 dims: [ -1 ] allow_ragged_batch: true }}
+]
+output [ {{ name: "logits" data_type: TYPE_FP32 dims: [ -1 ] }} ]
+dynamic_batching {{ max_queue_delay_microseconds: 2000 }}
+instance_group [ {{ kind: KIND_CPU count: 1 }} ]
+parameters {{ key: "MAX_SEQ_LEN" value {{ string_value: "512" }} }}
+"""
+
+
+def deploy_merged(export_dir: Path, repo: Path, log=print) -> list[str]:
+    """Each merged ONNX export `<name>.onnx` becomes its own Triton model `<name>` (inputs input_ids,
+    attention_mask; output logits), for the few-adapters, lowest-latency case."""
+    names = []
+    for meta_f in sorted(Path(export_dir).glob("*.json")):
+        meta = json.loads(meta_f.read_text())
+        if meta.get("mode") != "merged" or meta.get("format") != "onnx":
+            continue
+        name = check_name(meta["name"])
+        if name == MODEL:
+            raise HpeftError(f"a merged adapter cannot be named {MODEL!r}: that is the shared model's name")
+        (repo / name / "1").mkdir(parents=True, exist_ok=True)
+        (repo / name / "config.pbtxt").write_text(MERGED_CONFIG.format(name=name, method=meta["method"]))
+        (repo / name / "1" / "model.py").write_text(MERGED_PY)
+        _copy_atomic(Path(export_dir) / f"{name}.onnx", repo / name / "1" / "model.onnx")
+        names.append(name)
+    if not names:
+        raise HpeftError(f"{export_dir} holds neither a shared-backbone export (backbone.json) nor a merged ONNX "
+                         "export (<name>.onnx + <name>.json): run `hpeft export`")
+    log(f"deployed merged model(s) {', '.join(names)} into {repo}")
+    return names
+
+
 def deploy(export_dir: Path, repo: Path, log=print) -> dict:
     export_dir, repo = Path(export_dir), Path(repo)
     info_f = export_dir / "backbone.json"
     if not info_f.is_file():
-        raise HpeftError(f"{export_dir} is not a shared-backbone export (no backbone.json): "
-                         "run `hpeft export CKPT --out DIR` without --merge")
+        return {"graph_changed": False, "packs": [], "merged": deploy_merged(export_dir, repo, log)}
     write_model(repo)
     info = json.loads(info_f.read_text())
     target = repo / MODEL / "1" / "export"

@@ -101,7 +101,8 @@ class TritonServer:
                 f"--metrics-port={metrics}", f"--http-address={self.address}", f"--grpc-address={self.address}",
                 f"--metrics-address={self.address}", "--allow-gpu-metrics=false", "--strict-readiness=false",
                 "--pinned-memory-pool-byte-size=0", "--cuda-memory-pool-byte-size=0:0", "--exit-timeout-secs=5",
-                "--disable-auto-complete-config", "--backend-config=python,shm-default-byte-size=4194304",
+                "--disable-auto-complete-config", "--model-control-mode=explicit", "--load-model=*",
+                "--backend-config=python,shm-default-byte-size=4194304",
                 "--backend-config=python,shm-growth-byte-size=1048576"]
 
     def start(self, timeout: float = 120.0) -> "TritonServer":
