@@ -129,11 +129,12 @@ def pct(xs, q):
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=10.0)
-    ap.add_argument("--out", type=Path, default=Path("bench/results/serve.json"))
+    ap.add_argument("--method", default="unipelt", help="the method of the adapters served")
+    ap.add_argument("--out", type=Path, default=None, help="default bench/results/serve-METHOD.json")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="hpeft-bench-serve-"))
     backbone = load_backbone("minilm")
-    ck = make_ckpt(backbone, "unipelt", work / "ckpt", 0, "a0")
+    ck = make_ckpt(backbone, args.method, work / "ckpt", 0, "a0")
     export_checkpoint(ck, work / "export", "onnx", log=lambda *_: None)
     export_checkpoint(ck, work / "merged", "onnx", merged=True, log=lambda *_: None)
     packs = work / "export" / "packs"
@@ -207,14 +208,17 @@ def main() -> int:
         rt.infer(ids, mask, ["a1"])
         ts.append(1000 * (time.perf_counter() - t))
     res["latency_ms"]["shared in-process (SharedRuntime)"] = ts
+    res["method"], res["pack_mb"] = args.method, (packs / "a0.safetensors").stat().st_size / 1e6
     report(res)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=1))
+    out = args.out or Path(f"bench/results/serve-{args.method}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1))
     return 0
 
 
 def report(res) -> None:
-    print("MiniLM + UniPELT packs, CPU (2 cores shared by server, stubs and clients), tritonserver 2.51\n")
+    print(f"MiniLM + {res['method']} packs ({res['pack_mb']:.2f} MB each), CPU (2 cores shared by server, stubs "
+          "and clients), tritonserver 2.51\n")
     print("| memory (PSS, server + stubs) | MB |\n|---|---|")
     for k, v in res["memory_mb"].items():
         print(f"| {k} | {v:.0f} |")
