@@ -120,3 +120,25 @@ def test_remove_then_unknown(served):
     rt.bank.remove("sparse")
     with rt.bank.reading(["sparse"]) as (_, _, errs):
         assert errs == ["unknown adapter 'sparse'"]
+
+
+def test_adapters_from_an_fsspec_store(served):
+    """An adapter store at an fsspec URL (memory:// here; s3:// with s3fs installed): loaded on first use,
+    reloaded when its pack is replaced."""
+    import fsspec
+    root, cks = served
+    fs = fsspec.filesystem("memory")
+    src = root / "export" / "packs"
+    for f in src.iterdir():
+        fs.pipe_file(f"/store/{f.name}", f.read_bytes())
+    rt = SharedRuntime(root / "export", store="memory://store")
+    assert "uni" in rt.store.names()
+    ids, mask = (t.numpy() for t in _batches()[1])
+    out, errs = rt.infer(ids, mask, ["uni", "comp", "uni", "sparse", "lora"])
+    assert not any(errs)
+    assert np.abs(out[1] - _ref(cks["comp"], ids[1:2], mask[1:2])[0]).max() <= TOL
+    for suffix in (".safetensors", ".json"):  # replace "uni" by the sparse adapter's pack (renamed)
+        data = (src / f"sparse{suffix}").read_bytes()
+        fs.pipe_file(f"/store/uni{suffix}", data.replace(b'"name": "sparse"', b'"name": "uni"') if suffix == ".json" else data)
+    out, errs = rt.infer(ids, mask, ["uni"] * len(ids))
+    assert np.abs(np.stack(out) - _ref(cks["sparse"], ids, mask)).max() <= TOL

@@ -25,44 +25,72 @@ class PackUpdating(CheckpointError):
 
 
 class PackStore:
-    """Adapter packs in a folder; validated against the graph's backbone and layout version."""
+    """Adapter packs (`<name>.safetensors` + `<name>.json`) in a folder or at any fsspec URL (s3://, gs://,
+    memory://, ... with the matching fsspec package installed); validated against the graph's backbone
+    and layout version."""
 
-    def __init__(self, folder: Path, backbone_sha256: str):
-        self.folder, self.sha = Path(folder), backbone_sha256
+    def __init__(self, location, backbone_sha256: str):
+        self.location, self.sha = str(location), backbone_sha256
+        if "://" in self.location:
+            import fsspec
+            self.fs, self.root = fsspec.core.url_to_fs(self.location)
+        else:
+            self.fs, self.root = None, self.location
+
+    def _path(self, name: str, suffix: str) -> str:
+        return f"{self.root.rstrip('/')}/{name}{suffix}"
+
+    def _read(self, path: str) -> bytes | None:
+        try:
+            return Path(path).read_bytes() if self.fs is None else self.fs.cat_file(path)
+        except (OSError, FileNotFoundError):
+            return None
+
+    def _stat(self, path: str) -> tuple | None:
+        try:
+            if self.fs is None:
+                st = Path(path).stat()
+                return st.st_mtime_ns, st.st_size
+            info = self.fs.info(path)
+        except (OSError, FileNotFoundError):
+            return None
+        return (info.get("mtime") or info.get("LastModified") or info.get("ETag") or info.get("created"),
+                info.get("size"))
 
     def names(self) -> list[str]:
-        return sorted(p.stem for p in self.folder.glob("*.json"))
+        if self.fs is None:
+            return sorted(p.stem for p in Path(self.root).glob("*.json"))
+        return sorted(Path(p).stem for p in self.fs.glob(self._path("*", ".json")))
 
     def stamp(self, name: str) -> tuple | None:
         """What changes when a pack is replaced (None: the pack is gone)."""
-        try:
-            a, b = (self.folder / f"{name}.json").stat(), (self.folder / f"{name}.safetensors").stat()
-        except OSError:
-            return None
-        return a.st_mtime_ns, a.st_size, b.st_mtime_ns, b.st_size
+        a, b = self._stat(self._path(name, ".json")), self._stat(self._path(name, ".safetensors"))
+        return None if a is None or b is None else a + b
 
     def load(self, name: str) -> Pack:
         from safetensors import SafetensorError
         from safetensors.numpy import load as load_bytes
         if not NAME.fullmatch(name or ""):
             raise CheckpointError(f"adapter name {name!r} is invalid")
-        meta_f, data_f = self.folder / f"{name}.json", self.folder / f"{name}.safetensors"
-        if not meta_f.is_file() or not data_f.is_file():
-            raise CheckpointError(f"unknown adapter {name!r}: no pack {name}.json/.safetensors in {self.folder}")
-        meta = json.loads(meta_f.read_text())
+        stamp = self.stamp(name)
+        meta_raw, raw = self._read(self._path(name, ".json")), self._read(self._path(name, ".safetensors"))
+        if meta_raw is None or raw is None:
+            raise CheckpointError(f"unknown adapter {name!r}: no pack {name}.json/.safetensors in {self.location}")
+        try:
+            meta = json.loads(meta_raw)
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"adapter {name!r}: its json is not valid ({e})") from None
         if meta.get("format") != "hpeft-pack" or meta.get("layout_version") != LAYOUT_VERSION:
-            raise CheckpointError(f"{meta_f} is not an hpeft pack of layout version {LAYOUT_VERSION}")
+            raise CheckpointError(f"adapter {name!r} is not an hpeft pack of layout version {LAYOUT_VERSION}")
         if meta.get("backbone", {}).get("sha256") != self.sha:
             raise CheckpointError(f"adapter {name!r} was exported for backbone "
                                   f"{meta.get('backbone', {}).get('name')!r}, not the one this graph serves")
-        stamp = self.stamp(name)
-        raw = data_f.read_bytes()
         if meta.get("sha256") and hashlib.sha256(raw).hexdigest() != meta["sha256"]:
             raise PackUpdating(f"adapter {name!r} is being replaced; try again")
         try:
             tensors = load_bytes(raw)
         except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"{data_f} is not a readable safetensors file ({e})") from None
+            raise CheckpointError(f"adapter {name!r}: not a readable safetensors file ({e})") from None
         version = meta.get("sha256") or hashlib.sha256(raw).hexdigest()
         return Pack(name, tensors, meta["sizes"], version[:16], tuple(meta.get("labels", ())), stamp)
 
@@ -76,7 +104,7 @@ def default_providers() -> list[str]:
 
 class SharedRuntime:
     def __init__(self, export_dir: Path, budget_bytes: int = 1 << 30, threads: int = 0, providers=None,
-                 pinned: tuple[str, ...] = ()):
+                 pinned: tuple[str, ...] = (), store: str | None = None):
         import onnxruntime as ort
         export_dir = Path(export_dir)
         info = json.loads((export_dir / "backbone.json").read_text())
@@ -90,7 +118,7 @@ class SharedRuntime:
         self.session = ort.InferenceSession(str(export_dir / info["graph"]), so,
                                             providers=providers or default_providers())
         self.bank = AdapterBank(self.layout, info["backbone"]["num_layers"], budget_bytes, pinned)
-        self.store = PackStore(export_dir / "packs", info["backbone"]["sha256"])
+        self.store = PackStore(store or export_dir / "packs", info["backbone"]["sha256"])
 
     def ensure(self, names: list[str]) -> dict[str, str]:
         """Load adapters not yet resident, reload those whose pack changed in the store (hot swap), drop

@@ -21,7 +21,8 @@ class TritonPythonModel:
             export = Path(args["model_repository"]) / args["model_version"] / export
         budget = int(float(params.get("BANK_BUDGET_MB", "1024")) * 2 ** 20)
         pinned = tuple(n for n in params.get("PINNED_ADAPTERS", "").split(",") if n)
-        self.runtime = SharedRuntime(export, budget_bytes=budget, pinned=pinned)
+        self.runtime = SharedRuntime(export, budget_bytes=budget, pinned=pinned,
+                                     store=params.get("ADAPTER_STORE") or None)
         self.max_len = int(params.get("MAX_SEQ_LEN", "512"))
 
     def _read(self, request):
