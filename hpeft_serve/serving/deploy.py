@@ -121,6 +121,9 @@ def deploy(export_dir: Path, repo: Path, log=print) -> dict:
         return {"graph_changed": False, "packs": [], "merged": deploy_merged(export_dir, repo, log)}
     write_model(repo)
     info = json.loads(info_f.read_text())
+    if info.get("export_format") != "onnx":
+        raise HpeftError(f"{export_dir} is a {info.get('export_format')} export; model {MODEL!r} serves the ONNX "
+                         "graph: export with --format onnx")
     target = repo / MODEL / "1" / "export"
     (target / "packs").mkdir(parents=True, exist_ok=True)
     graph_changed = _place_graph(export_dir, info, target, log)
