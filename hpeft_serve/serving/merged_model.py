@@ -4,9 +4,10 @@ lowest-latency case. Requests are padded to the longest sequence, run in one for
 import json
 from pathlib import Path
 
-import numpy as np
 import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
+
+from hpeft_serve.serving.batching import check_tokens, collect, pad_concat
 
 
 class TritonPythonModel:
@@ -22,24 +23,15 @@ class TritonPythonModel:
     def _read(self, request):
         ids = pb_utils.get_input_tensor_by_name(request, "input_ids").as_numpy()
         mask = pb_utils.get_input_tensor_by_name(request, "attention_mask").as_numpy()
-        if ids.ndim != 2 or ids.shape != mask.shape:
-            raise ValueError(f"input_ids {ids.shape} and attention_mask {mask.shape} must both be [batch, seq]")
-        if ids.shape[1] > self.max_len:
-            raise ValueError(f"sequence length {ids.shape[1]} exceeds the maximum {self.max_len}")
+        check_tokens(ids, mask, self.max_len)
         return ids, mask
 
     def execute(self, requests):
-        parsed, responses = [], [None] * len(requests)
-        for i, req in enumerate(requests):
-            try:
-                parsed.append((i, *self._read(req)))
-            except ValueError as e:
-                responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e)))
+        parsed, responses = collect(requests, self._read,
+                                    lambda e: pb_utils.InferenceResponse(error=pb_utils.TritonError(e)))
         if parsed:
-            seq = max(p[1].shape[1] for p in parsed)
-            pad = lambda a: np.pad(a, ((0, 0), (0, seq - a.shape[1])))  # noqa: E731
-            logits = self.session.run(["logits"], {"input_ids": np.concatenate([pad(p[1]) for p in parsed]),
-                                                   "attention_mask": np.concatenate([pad(p[2]) for p in parsed])})[0]
+            logits = self.session.run(["logits"], {"input_ids": pad_concat([p[1] for p in parsed]),
+                                                   "attention_mask": pad_concat([p[2] for p in parsed])})[0]
             row = 0
             for i, ids, _ in parsed:
                 responses[i] = pb_utils.InferenceResponse(

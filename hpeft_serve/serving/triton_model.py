@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from hpeft_serve.serving.batching import check_tokens, collect, pad_concat
 from hpeft_serve.serving.runtime import SharedRuntime
 
 
@@ -30,26 +31,16 @@ class TritonPythonModel:
         mask = pb_utils.get_input_tensor_by_name(request, "attention_mask").as_numpy()
         names = [n.decode() if isinstance(n, bytes) else str(n)
                  for n in pb_utils.get_input_tensor_by_name(request, "adapter").as_numpy().reshape(-1)]
-        if ids.ndim != 2 or ids.shape != mask.shape:
-            raise ValueError(f"input_ids {ids.shape} and attention_mask {mask.shape} must both be [batch, seq]")
-        if ids.shape[1] > self.max_len:
-            raise ValueError(f"sequence length {ids.shape[1]} exceeds the maximum {self.max_len}")
+        check_tokens(ids, mask, self.max_len)
         if len(names) != ids.shape[0]:
             raise ValueError(f"{len(names)} adapter names for {ids.shape[0]} rows: give one per row")
         return ids, mask, names
 
     def execute(self, requests):
-        parsed, responses = [], [None] * len(requests)
-        for i, req in enumerate(requests):
-            try:
-                parsed.append((i, *self._read(req)))
-            except ValueError as e:
-                responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e)))
+        parsed, responses = collect(requests, self._read,
+                                    lambda e: pb_utils.InferenceResponse(error=pb_utils.TritonError(e)))
         if parsed:
-            seq = max(p[1].shape[1] for p in parsed)
-            pad = lambda a: np.pad(a, ((0, 0), (0, seq - a.shape[1])))  # noqa: E731
-            ids = np.concatenate([pad(p[1]) for p in parsed])
-            mask = np.concatenate([pad(p[2]) for p in parsed])
+            ids, mask = pad_concat([p[1] for p in parsed]), pad_concat([p[2] for p in parsed])
             logits, errors = self.runtime.infer(ids, mask, [n for p in parsed for n in p[3]])
             row = 0
             for i, _, _, names in parsed:
