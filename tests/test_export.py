@@ -63,9 +63,10 @@ def ckpts(tmp_path_factory, tiny_bert, tiny_roberta):
 
 
 def _reference(ckpt, batch):
+    """The PyTorch forward of a checkpoint on (input_ids, attention_mask), torch or numpy."""
     model, _ = checkpoint.load(ckpt)
     with torch.no_grad():
-        return model(*batch).numpy()
+        return model(*(torch.as_tensor(t) for t in batch)).numpy()
 
 
 def _ort(path):

@@ -9,22 +9,15 @@ import threading
 
 import numpy as np
 import pytest
-import torch
 
 from exporters.export import export_checkpoint
-from hpeft_serve import checkpoint
 from hpeft_serve.serving.bank import AdapterBank
 from hpeft_serve.serving.runtime import SharedRuntime
 
-from .test_export import _batches, _make_ckpt
+from .test_export import _batches, _make_ckpt, _reference
 
 TOL = 1e-5
 
-
-def _ref(ck, ids, mask):
-    model, _ = checkpoint.load(ck)
-    with torch.no_grad():
-        return model(torch.as_tensor(ids), torch.as_tensor(mask)).numpy()
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +42,7 @@ def test_mixed_batch_and_unknown_adapter(served):
     assert errs[2] and "nope" in errs[2] and out[2] is None
     for r, n in enumerate(names):
         if n != "nope":
-            ref = _ref(cks[n], ids[r:r + 1], mask[r:r + 1])[0]
+            ref = _reference(cks[n], (ids[r:r + 1], mask[r:r + 1]))[0]
             assert out[r].shape == ref.shape and np.abs(out[r] - ref).max() <= TOL
     assert set(rt.bank.names()) == {"uni", "comp", "sparse"}  # loaded on first use
 
@@ -59,12 +52,12 @@ def test_replacement_is_atomic_under_concurrent_requests(served, tmp_path):
     rt = SharedRuntime(root / "export")
     v1 = rt.store.load("lora")
     ids, mask = (t.numpy() for t in _batches()[0])
-    ref1 = _ref(cks["lora"], ids, mask)
+    ref1 = _reference(cks["lora"], (ids, mask))
     # a second version of "lora" (rank 16: the slots grow) exported into another folder's store
     export_checkpoint(cks["lora_v2"], tmp_path, "onnx", log=lambda *_: None)
     from hpeft_serve.serving.runtime import PackStore
     v2 = PackStore(tmp_path / "packs", rt.store.sha).load("lora")
-    ref2 = _ref(cks["lora_v2"], ids, mask)
+    ref2 = _reference(cks["lora_v2"], (ids, mask))
     assert np.abs(ref1 - ref2).max() > 1e-3  # the versions really differ
     rt.bank.put(v1)
     stop, seen, bad = threading.Event(), {"v1": 0, "v2": 0}, []
@@ -136,9 +129,9 @@ def test_adapters_from_an_fsspec_store(served):
     ids, mask = (t.numpy() for t in _batches()[1])
     out, errs = rt.infer(ids, mask, ["uni", "comp", "uni", "sparse", "lora"])
     assert not any(errs)
-    assert np.abs(out[1] - _ref(cks["comp"], ids[1:2], mask[1:2])[0]).max() <= TOL
+    assert np.abs(out[1] - _reference(cks["comp"], (ids[1:2], mask[1:2]))[0]).max() <= TOL
     for suffix in (".safetensors", ".json"):  # replace "uni" by the sparse adapter's pack (renamed)
         data = (src / f"sparse{suffix}").read_bytes()
         fs.pipe_file(f"/store/uni{suffix}", data.replace(b'"name": "sparse"', b'"name": "uni"') if suffix == ".json" else data)
     out, errs = rt.infer(ids, mask, ["uni"] * len(ids))
-    assert np.abs(np.stack(out) - _ref(cks["sparse"], ids, mask)).max() <= TOL
+    assert np.abs(np.stack(out) - _reference(cks["sparse"], (ids, mask))).max() <= TOL

@@ -16,17 +16,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from exporters.export import export_checkpoint
-from hpeft_serve import checkpoint
 from hpeft_serve.serving.deploy import deploy
 from hpeft_serve.serving.triton import TritonServer
 
-from .test_export import _batches, _make_ckpt
+from .test_export import _batches, _make_ckpt, _reference
 
 TOL = 1e-5
 METHODS = {"uni": "unipelt", "mam": "mam", "comp": "compacter", "sparse": "sparse_adapter", "s4": "s4"}
@@ -42,11 +40,6 @@ def _free_ports(n=3):
         s.close()
     return ports
 
-
-def _ref(ck, ids, mask):
-    model, _ = checkpoint.load(ck)
-    with torch.no_grad():
-        return model(torch.as_tensor(ids), torch.as_tensor(mask)).numpy()
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +95,7 @@ def _tokens():
 @pytest.mark.parametrize("name", list(METHODS))
 def test_rest_and_grpc_equal_pytorch(server, name):
     ids, mask = _tokens()
-    ref = _ref(server["cks"][name], ids, mask)
+    ref = _reference(server["cks"][name], (ids, mask))
     for call in (_grpc, _rest):
         got = call(server, ids, mask, [name] * len(ids))
         assert got.shape == ref.shape and np.abs(got - ref).max() <= TOL
@@ -113,7 +106,7 @@ def test_one_request_mixing_adapters_equals_each_alone(server):
     names = ["uni", "comp", "sparse", "mam", "s4"]
     got = _grpc(server, ids, mask, names)
     for r, n in enumerate(names):
-        ref = _ref(server["cks"][n], ids[r:r + 1], mask[r:r + 1])[0]
+        ref = _reference(server["cks"][n], (ids[r:r + 1], mask[r:r + 1]))[0]
         assert np.abs(got[r, :len(ref)] - ref).max() <= TOL
 
 
@@ -131,7 +124,7 @@ def test_bad_requests_get_clear_errors_and_serving_goes_on(server):
     long_ids = np.full((1, 600), 1000, np.int64)
     with pytest.raises(InferenceServerException, match="exceeds the maximum 512"):
         _grpc(server, long_ids, np.ones_like(long_ids), ["uni"])
-    ref = _ref(server["cks"]["uni"], ids, mask)
+    ref = _reference(server["cks"]["uni"], (ids, mask))
     assert np.abs(_grpc(server, ids, mask, ["uni"] * len(ids)) - ref).max() <= TOL
 
 
@@ -161,10 +154,10 @@ def test_hot_swap_without_restart(server, tiny_bert):
     new = _make_ckpt(tiny_bert, "lora", root / "ck2" / "fresh", seed=21)  # a new adapter while serving
     export_checkpoint(new, root / "export2", "onnx", log=lambda *_: None)
     deploy(root / "export2", repo, log=lambda *_: None)
-    assert np.abs(_grpc(server, ids, mask, ["fresh"] * len(ids)) - _ref(new, ids, mask)).max() <= TOL
+    assert np.abs(_grpc(server, ids, mask, ["fresh"] * len(ids)) - _reference(new, (ids, mask))).max() <= TOL
     v2 = _make_ckpt(tiny_bert, "lora", root / "ck3" / "fresh", seed=22)  # a replacement of it
     export_checkpoint(v2, root / "export3", "onnx", log=lambda *_: None)
-    refs = [_ref(new, ids, mask), _ref(v2, ids, mask)]
+    refs = [_reference(new, (ids, mask)), _reference(v2, (ids, mask))]
     stop, failures, seen = threading.Event(), [], set()
 
     def client():
@@ -210,7 +203,7 @@ def test_deploying_exports_of_other_slot_kinds_extends_the_graph(tmp_path, tiny_
     out, errs = rt.infer(ids, mask, names)
     assert not any(errs)
     for r, n in enumerate(names):
-        assert np.abs(out[r] - _ref(cks[n], ids[r:r + 1], mask[r:r + 1])[0]).max() <= TOL
+        assert np.abs(out[r] - _reference(cks[n], (ids[r:r + 1], mask[r:r + 1]))[0]).max() <= TOL
 
 
 def test_a_pack_the_graph_cannot_serve_is_refused(tmp_path, tiny_bert):
@@ -241,5 +234,6 @@ def test_merged_adapter_deployed_while_serving(server, tmp_path):
     inputs[0].set_data_from_numpy(ids)
     inputs[1].set_data_from_numpy(mask)
     got = client.infer("mam", inputs).as_numpy("logits")
-    assert np.abs(got - _ref(ck, ids, mask)).max() <= TOL
-    assert np.abs(_grpc(server, ids, mask, ["uni"] * len(ids)) - _ref(server["cks"]["uni"], ids, mask)).max() <= TOL
+    assert np.abs(got - _reference(ck, (ids, mask))).max() <= TOL
+    uni = _reference(server["cks"]["uni"], (ids, mask))
+    assert np.abs(_grpc(server, ids, mask, ["uni"] * len(ids)) - uni).max() <= TOL
