@@ -95,11 +95,12 @@ class PackStore:
         return Pack(name, tensors, meta["sizes"], version[:16], tuple(meta.get("labels", ())), stamp)
 
 
-def default_providers() -> list[str]:
-    """CUDA when onnxruntime-gpu sees a GPU, else CPU."""
+def default_providers() -> list:
+    """CUDA when onnxruntime-gpu sees a GPU, else CPU. TF32 is off: fp32 answers stay exact (1e-5)."""
     import onnxruntime as ort
-    have = ort.get_available_providers()
-    return ["CUDAExecutionProvider", "CPUExecutionProvider"] if "CUDAExecutionProvider" in have else ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        return [("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
 
 
 class SharedRuntime:

@@ -1,0 +1,109 @@
+"""GPU check of the serving runtime: with onnxruntime-gpu and a GPU, SharedRuntime picks the CUDA provider
+and its logits on a padded batch that mixes adapters of every method equal the PyTorch forward.
+
+Two steps, so that the GPU machine needs no torch and no training:
+
+    python bench/gpu_check.py prepare OUT   # here (torch): tiny-BERT adapters of every method, one shared
+                                            # export, a mixed padded batch and its PyTorch logits
+    python bench/gpu_check.py check OUT     # on the GPU host (numpy + onnxruntime-gpu only): prints a table
+
+`check` exits 1 when CUDA is not the provider in use or a difference exceeds 1e-5.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+METHODS = ("sparse_adapter", "mam", "unipelt", "compacter", "compacter_pp", "s4", "lora")
+TOL = 1e-5
+
+
+def prepare(out: Path) -> None:
+    import numpy as np
+    import torch
+
+    from exporters.export import export_checkpoint
+    from hpeft_serve import checkpoint
+    from hpeft_serve.backbone import load_backbone
+    from hpeft_serve.methods.presets import resolve
+    from hpeft_serve.model import HeadConfig
+    from hpeft_serve.training import build_model
+
+    bb = load_backbone("tiny-bert")
+    g = torch.Generator().manual_seed(0)
+    refs, names = [], []
+    rows = 2 * len(METHODS)
+    ids = torch.randint(1000, 5000, (rows, 19), generator=g)
+    mask = torch.ones_like(ids)
+    for r in range(rows):
+        mask[r, max(2, 19 - 2 * r):] = 0
+    for i, m in enumerate(METHODS):
+        model = build_model(bb, resolve(m, bb.config.num_hidden_layers, {}), HeadConfig(2), i)
+        model.adapters.eject_prefix()
+        with torch.no_grad():  # every part non-zero, as after training
+            for p in model.adapters.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+        ck = checkpoint.save(model, bb, out / "ckpt" / m, ("neg", "pos"), {})
+        export_checkpoint(ck, out / "export", "onnx", merged=False, log=lambda *_: None)
+        model, _ = checkpoint.load(ck)
+        with torch.no_grad():
+            refs.append(model(ids, mask).numpy())
+        names.append(m)
+    # row r runs adapter METHODS[r % n]
+    ref = np.stack([refs[r % len(METHODS)][r] for r in range(rows)])
+    np.savez(out / "batch.npz", input_ids=ids.numpy(), attention_mask=mask.numpy(), logits=ref)
+    (out / "batch.json").write_text(json.dumps({"adapters": [METHODS[r % len(METHODS)] for r in range(rows)]}))
+    print(f"prepared {out}: {len(METHODS)} adapters, batch {tuple(ids.shape)}")
+
+
+def check(out: Path) -> int:
+    import numpy as np
+    import onnxruntime as ort
+
+    from hpeft_serve.serving.runtime import SharedRuntime, default_providers
+
+    b = np.load(out / "batch.npz")
+    names = json.loads((out / "batch.json").read_text())["adapters"]
+    providers = default_providers()
+    print(f"onnxruntime {ort.__version__}, available {ort.get_available_providers()}, chosen {providers}")
+    rows, ok = [], True
+    for label, prov in (("default", providers), ("cpu", ["CPUExecutionProvider"])):
+        rt = SharedRuntime(out / "export", providers=prov)
+        used = rt.session.get_providers()[0]
+        logits, errs = rt.infer(b["input_ids"], b["attention_mask"], names)
+        assert not any(errs), errs
+        diff = max(float(np.abs(l - ref).max()) for l, ref in zip(logits, b["logits"]))
+        times = []
+        for _ in range(30):
+            t0 = time.perf_counter()
+            rt.infer(b["input_ids"], b["attention_mask"], names)
+            times.append((time.perf_counter() - t0) * 1e3)
+        rows.append((label, used, diff, statistics.median(times)))
+        ok &= diff <= TOL
+    print("\n| runtime | provider in use | max abs diff vs PyTorch | p50 ms (batch %d x %d, %d adapters mixed) |"
+          % (*b["input_ids"].shape, len(set(names))))
+    print("|---|---|---|---|")
+    for label, used, diff, ms in rows:
+        print(f"| {label} | {used} | {diff:.2e} | {ms:.2f} |")
+    if "CUDAExecutionProvider" in ort.get_available_providers() and rows[0][1] != "CUDAExecutionProvider":
+        print("FAIL: a GPU is available but the runtime did not use the CUDA provider")
+        ok = False
+    print("PASS" if ok else "FAIL")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3 or sys.argv[1] not in ("prepare", "check"):
+        sys.exit(__doc__)
+    out = Path(sys.argv[2])
+    if sys.argv[1] == "prepare":
+        prepare(out)
+    else:
+        sys.exit(check(out))
