@@ -367,7 +367,7 @@ def requirement_names(path: Path) -> set[str]:
 
 
 def test_gateway_image_installs_the_serve_extra_but_the_triton_wheel():
-    import tomllib
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     serve = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["serve"]
     wanted = {re.split(r"[<>=\[ ;]", r, maxsplit=1)[0].lower() for r in serve} - {"nvidia-pytriton"}
     assert wanted <= requirement_names(DEPLOY / "docker" / "requirements-gateway.txt")
