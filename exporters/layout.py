@@ -92,6 +92,10 @@ def pack(model: "HybridModel") -> tuple[dict[str, "torch.Tensor"], dict[str, int
 def _pack(model: "HybridModel") -> tuple[dict, dict]:
     import torch
     ad, ec = model.adapters, model.encoder.config
+    if ad.position_offset:
+        from hpeft_serve.errors import HpeftError
+        raise HpeftError("this adapter shifts token positions by its prefix length (a Hugging Face peft prefix), "
+                         "which the shared layout has no slot for: export it with --merge")
     ad.eject_prefix()
     L, d, f = ec.num_hidden_layers, ec.hidden_size, ec.intermediate_size
     sizes = {"L": L, "d": d, "f": f, "P": ad.prefix.length if ad.prefix is not None else 0,

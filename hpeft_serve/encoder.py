@@ -187,15 +187,16 @@ class Embeddings(nn.Module):
         self.LayerNorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
         self.dropout = nn.Dropout(c.hidden_dropout_prob)
 
-    def position_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def position_ids(self, input_ids: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """Positions of the tokens; `offset` shifts them as Hugging Face does after past key/values."""
         if self.c.is_roberta:  # RoBERTa counts positions from padding_idx + 1, skipping pad tokens
             m = (input_ids != self.c.pad_token_id).long()
-            return torch.cumsum(m, dim=1) * m + self.c.pad_token_id
+            return (torch.cumsum(m, dim=1) + offset) * m + self.c.pad_token_id
         s = input_ids.shape[1]
-        return torch.arange(s, device=input_ids.device).unsqueeze(0)
+        return torch.arange(offset, offset + s, device=input_ids.device).unsqueeze(0)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        x = self.word_embeddings(input_ids) + self.position_embeddings(self.position_ids(input_ids))
+    def forward(self, input_ids: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        x = self.word_embeddings(input_ids) + self.position_embeddings(self.position_ids(input_ids, offset))
         x = x + self.token_type_embeddings.weight[0]  # token_type_ids are all zero
         return self.dropout(self.LayerNorm(x))
 
@@ -211,7 +212,7 @@ class Encoder(nn.Module):
         self.plain = LayerHooks()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, adapters=None) -> torch.Tensor:
-        x = self.embeddings(input_ids)
+        x = self.embeddings(input_ids, getattr(adapters, "position_offset", 0))
         m = attention_mask.to(x.dtype)
         mask_add = ((1.0 - m) * torch.finfo(x.dtype).min)[:, None, None, :]  # (B, 1, 1, S)
         token_mask = m.unsqueeze(-1)  # (B, S, 1)

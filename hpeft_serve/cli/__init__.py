@@ -8,6 +8,7 @@ import sys
 
 COMMANDS = {
     "train": "train an adapter on a task and save a checkpoint",
+    "import": "import an AdapterHub or Hugging Face peft checkpoint (exactly, or refused)",
     "export": "export a checkpoint to ONNX or TorchScript",
     "deploy": "put a shared-backbone export into the Triton model repository",
     "serve": "start tritonserver on the model repository (Ctrl-C stops it)",

@@ -76,6 +76,7 @@ class AdapterSet(nn.Module):
         self.layers = nn.ModuleList(LayerAdapters() for _ in range(L))
         self.prefix: PrefixPool | None = None
         self.prefix_layers: tuple[int, ...] = ()
+        self.position_offset = 0  # token positions start here (peft prefix tuning: after the prefix)
         self.phm_rule: nn.Parameter | None = None
         dims = {"d": d, "f": f}
         for c in mc.components:
@@ -96,13 +97,14 @@ class AdapterSet(nn.Module):
                 if t in self.layers[i].lora:
                     raise ConfigError(f"two LoRA components adapt {t} in layer {i}")
                 d_in, d_out = (dims[k] for k in LINEAR_DIMS[t])
-                self.layers[i].lora[t] = LoRA(d_in, d_out, c.r, c.alpha, c.gate, masked)
+                self.layers[i].lora[t] = LoRA(d_in, d_out, c.r, c.alpha, c.gate, masked, c.rslora)
 
     def _add_prefix(self, c: PrefixConfig, layers, d, masked) -> None:
         if self.prefix is not None:
             raise ConfigError("only one prefix component is allowed per method")
         self.prefix = PrefixPool(len(layers), c.length, d, c.bottleneck)
         self.prefix_layers = layers
+        self.position_offset = c.length if c.shift_positions else 0
         for i in layers:
             self.layers[i].has_prefix = True
             if c.gate:

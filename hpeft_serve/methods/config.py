@@ -33,6 +33,8 @@ class LoRAConfig:
     """UniPELT gate: sigmoid gate (one per target) replaces alpha / r"""
     layers: tuple[int, ...] | None = None
     """layer indices (None: all)"""
+    rslora: bool = False
+    """rank-stabilised LoRA (Kalajdzievski 2023; peft use_rslora): scale by alpha / sqrt(r) instead of alpha / r"""
     type: str = "lora"
 
 
@@ -45,6 +47,8 @@ class PrefixConfig:
     gate: bool = False
     """UniPELT gate on the prefix keys and values"""
     layers: tuple[int, ...] | None = None
+    shift_positions: bool = False
+    """Hugging Face peft: the prefix is passed as past key/values, so token positions start after it"""
     type: str = "prefix"
 
 

@@ -13,12 +13,13 @@ from .gate import Gate
 
 
 class LoRA(nn.Module):
-    def __init__(self, d_in: int, d_out: int, r: int, alpha: float, gate: bool = False, masked_gate: bool = True):
+    def __init__(self, d_in: int, d_out: int, r: int, alpha: float, gate: bool = False, masked_gate: bool = True,
+                 rslora: bool = False):
         super().__init__()
         self.lora_A = nn.Parameter(torch.empty(r, d_in))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.lora_B = nn.Parameter(torch.zeros(d_out, r))  # zero: a new adapter changes nothing
-        self.scaling = alpha / r
+        self.scaling = alpha / math.sqrt(r) if rslora else alpha / r  # rsLoRA: alpha / sqrt(r)
         self.gate = Gate(d_in, masked=masked_gate) if gate else None
 
     def forward(self, x: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:

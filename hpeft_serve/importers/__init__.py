@@ -1,0 +1,28 @@
+"""Bring your own checkpoint: adapters trained with AdapterHub `adapters` or Hugging Face `peft`, imported
+exactly into a normal hpeft checkpoint (export, deploy and serve it like any other), or refused with a
+message naming what is not modelled. Weights are read from safetensors, or from a torch .bin by a loader
+that runs no code (torch_bin.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..backbone import load_backbone
+from ..errors import CheckpointError, HpeftError
+
+LIBRARIES = ("adapterhub", "peft")
+
+
+def import_checkpoint(library: str, src: Path, backbone: str, out: Path, name: str | None = None) -> Path:
+    """Import the checkpoint folder `src` of `library` for `backbone` into the hpeft checkpoint `out`."""
+    from . import adapterhub, common, peft
+    if library not in LIBRARIES:
+        raise HpeftError(f"unknown library {library!r}: use one of {', '.join(LIBRARIES)}")
+    src = Path(src)
+    if not src.is_dir():
+        raise CheckpointError(f"{src} is not a folder: give the folder the library saved (save_adapter / "
+                              "save_pretrained)")
+    bb = load_backbone(backbone)
+    read = adapterhub.import_adapterhub if library == "adapterhub" else peft.import_peft
+    return common.save(read(src, bb), bb, Path(out), name)

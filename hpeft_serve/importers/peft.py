@@ -1,0 +1,144 @@
+"""Import Hugging Face `peft` checkpoints exactly: LoRA and prefix tuning of a sequence classifier.
+
+A checkpoint folder is what `PeftModel.save_pretrained(dir)` writes: `adapter_config.json` and
+`adapter_model.safetensors` (or `adapter_model.bin`, read without unpickling code), with the classifier
+saved through `modules_to_save` (task_type SEQ_CLS).
+
+- LoRA on any projection of the encoder layers (query, key, value, attention output, intermediate, output;
+  from the saved tensors, so `target_modules`, `layers_to_transform` and `exclude_modules` need no
+  re-matching), scaled by lora_alpha / r or, with `use_rslora`, lora_alpha / sqrt(r); `rank_pattern` and
+  `alpha_pattern` resolved per module as peft resolves them.
+- Prefix tuning: `prompt_embeddings` (P, 2 L d) are the key/values (the MLP, if any, was evaluated at save).
+  peft passes them as past key/values, so transformers shifts the token positions by P: imported as a prefix
+  with shift_positions. peft runs this for BERT-type classifiers only (on RoBERTa / XLM-R its sequence-
+  classification forward feeds the cache to the classifier and fails), so those are refused.
+Any config option that changes the forward and is not modelled (DoRA, LoRA biases, fan_in_fan_out, ...) is
+refused, naming it.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from ..backbone import Backbone
+from ..errors import CheckpointError
+from ..methods.config import LoRAConfig, MethodConfig, PrefixConfig
+from .common import Imported, check_float, labels_of, read_json, read_weights, static_head, take
+
+PATHS = {"attention.self.query": "q", "attention.self.key": "k", "attention.self.value": "v",
+         "attention.output.dense": "o", "intermediate.dense": "ffn_in", "output.dense": "ffn_out"}
+LORA_KEY = re.compile(r"^base_model\.model\.(?:(?:bert|roberta)\.)?encoder\.layer\.(\d+)\.(.+)\.lora_([AB])\.weight$")
+# options read below, and options with no effect at inference; any other option must be unset (null/false/empty)
+HANDLED = {"peft_type", "task_type", "r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern",
+           "target_modules", "modules_to_save", "layers_to_transform", "layers_pattern", "exclude_modules",
+           "num_virtual_tokens", "token_dim", "num_layers", "num_attention_heads", "num_transformer_submodules",
+           "prefix_projection", "encoder_hidden_size"}
+HARMLESS = {"base_model_name_or_path", "revision", "inference_mode", "init_lora_weights", "lora_dropout",
+            "megatron_core", "qalora_group_size", "peft_version", "auto_mapping", "loftq_config",
+            "ensure_weight_tying", "init_weights", "bias"}
+
+
+def _refuse(folder: Path, what: str) -> CheckpointError:
+    return CheckpointError(f"{folder}: {what}; it is not imported (an approximate import would change the outputs)")
+
+
+def _check_options(cfg: dict, folder: Path) -> None:
+    if cfg.get("bias", "none") != "none":
+        raise _refuse(folder, f"bias={cfg['bias']!r} (trained biases of the backbone)")
+    set_ = sorted(k for k, v in cfg.items() if k not in HANDLED | HARMLESS and v not in (None, False, {}, [], ""))
+    if set_:
+        raise _refuse(folder, f"peft option(s) {set_} are set and not modelled")
+    if cfg.get("task_type") != "SEQ_CLS":
+        raise CheckpointError(f"{folder}: task_type {cfg.get('task_type')!r}: hpeft imports sequence classifiers "
+                              "(task_type SEQ_CLS), whose classifier peft saves with the adapter")
+
+
+def _pattern(patterns: dict, key: str, default):
+    """peft's get_pattern_key: the first pattern that matches the end of the module name."""
+    for p in patterns or {}:
+        if re.match(rf"(.*\.)?({p})$", key):
+            return patterns[p]
+    return default
+
+
+def _lora(cfg: dict, tensors: dict, backbone: Backbone, folder: Path) -> tuple[list, dict]:
+    ec, base = backbone.config, "bert" if backbone.config.model_type == "bert" else "roberta"
+    found: dict[tuple[int, str], dict] = {}
+    for k in [k for k in tensors if ".lora_" in k]:
+        m = LORA_KEY.match(k)
+        if not m or m.group(2) not in PATHS or int(m.group(1)) >= ec.num_hidden_layers:
+            raise _refuse(folder, f"LoRA tensor {k} is not on a projection of the backbone's "
+                          f"{ec.num_hidden_layers} encoder layers")
+        found.setdefault((int(m.group(1)), m.group(2)), {})[m.group(3)] = tensors.pop(k)
+    if not found:
+        raise _refuse(folder, "a LoRA config without LoRA tensors")
+    groups: dict[tuple, list[int]] = {}
+    out = {}
+    d, f = ec.hidden_size, ec.intermediate_size
+    dims = {"q": (d, d), "k": (d, d), "v": (d, d), "o": (d, d), "ffn_in": (d, f), "ffn_out": (f, d)}
+    for (i, path), ab in sorted(found.items()):
+        t, module = PATHS[path], f"{base}.encoder.layer.{i}.{path}"
+        if set(ab) != {"A", "B"}:
+            raise CheckpointError(f"{folder}: {module} has lora_A or lora_B but not both")
+        r = ab["A"].shape[0]
+        if r != _pattern(cfg.get("rank_pattern"), module, cfg.get("r")):
+            raise CheckpointError(f"{folder}: {module} has rank {r}, its config says "
+                                  f"{_pattern(cfg.get('rank_pattern'), module, cfg.get('r'))}")
+        alpha = float(_pattern(cfg.get("alpha_pattern"), module, cfg.get("lora_alpha")))
+        d_in, d_out = dims[t]
+        out[f"adapters.layers.{i}.lora.{t}.lora_A"] = take({"A": ab["A"]}, "A", (r, d_in), f"{folder}: {module}")
+        out[f"adapters.layers.{i}.lora.{t}.lora_B"] = take({"B": ab["B"]}, "B", (d_out, r), f"{folder}: {module}")
+        groups.setdefault((t, r, alpha), []).append(i)
+    rs = bool(cfg.get("use_rslora"))
+    comps = [LoRAConfig(r=r, alpha=alpha, targets=(t,), layers=tuple(layers), rslora=rs)
+             for (t, r, alpha), layers in groups.items()]
+    return comps, out
+
+
+def _prefix(cfg: dict, tensors: dict, backbone: Backbone, folder: Path) -> tuple[list, dict]:
+    ec = backbone.config
+    if ec.model_type != "bert":
+        raise _refuse(folder, f"peft prefix tuning of a {ec.model_type} sequence classifier (peft runs it for BERT "
+                      "only: on RoBERTa / XLM-R its forward fails, so there is no reference to match)")
+    want = {"num_layers": ec.num_hidden_layers, "token_dim": ec.hidden_size,
+            "num_attention_heads": ec.num_attention_heads, "num_transformer_submodules": 1}
+    bad = {k: cfg.get(k) for k, v in want.items() if cfg.get(k, v) != v}
+    if bad:
+        raise CheckpointError(f"{folder}: prefix config {bad} does not fit backbone {backbone.name} {want}")
+    P, L, d = int(cfg["num_virtual_tokens"]), ec.num_hidden_layers, ec.hidden_size
+    if P >= ec.max_position_embeddings:
+        raise _refuse(folder, f"a prefix of {P} leaves no positions of {ec.max_position_embeddings}")
+    kv = take(tensors, "prompt_embeddings", (P, L * 2 * d), str(folder))
+    out = {"adapters.prefix.prefix_kv": kv.reshape(P, L, 2, d).permute(1, 2, 0, 3).contiguous()}  # (L, 2, P, d)
+    return [PrefixConfig(length=P, bottleneck=0, shift_positions=True)], out
+
+
+def import_peft(folder: Path, backbone: Backbone) -> Imported:
+    folder = Path(folder)
+    cfg = read_json(folder / "adapter_config.json")
+    kind = cfg.get("peft_type")
+    if kind not in ("LORA", "PREFIX_TUNING"):
+        raise CheckpointError(f"{folder}: peft_type {kind!r} is not supported (supported: LORA, PREFIX_TUNING)")
+    _check_options(cfg, folder)
+    tensors, wfile = read_weights(folder, "adapter_model.safetensors", "adapter_model.bin")
+    check_float(tensors, str(folder / wfile))
+    if kind == "LORA":
+        comps, out = _lora(cfg, tensors, backbone, folder)
+        head_prefix = "base_model.model."
+    else:
+        comps, out = _prefix(cfg, tensors, backbone, folder)
+        head_prefix = "base_model."
+    if not any(k.startswith(head_prefix + "classifier.") for k in tensors):
+        raise CheckpointError(f"{folder} holds no classifier (modules_to_save): hpeft imports sequence classifiers")
+    head, head_t = static_head(tensors, head_prefix, backbone.config.model_type, backbone, None, str(folder / wfile))
+    if tensors:
+        raise _refuse(folder, f"tensors {sorted(tensors)[:4]} belong to no supported part (other modules_to_save, "
+                      "trainable tokens?)")
+    labels = labels_of(None, None, head.num_labels)
+    method = MethodConfig("lora" if kind == "LORA" else "prefix", tuple(comps))
+    source = {"library": "peft", "version": cfg.get("peft_version"), "peft_type": kind,
+              "base_model": cfg.get("base_model_name_or_path"), "weights": wfile}
+    return Imported(method, head, labels, out | head_t, source)
