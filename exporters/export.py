@@ -118,16 +118,18 @@ def write_shared_graph(encoder, backbone: dict, layout: Layout, out: Path, fmt: 
 
 
 def write_pack(tensors: dict, sizes: dict, cfg: dict, folder: Path) -> list[str]:
-    """`<name>.safetensors` then `<name>.json` (which records the tensors' sha256), each written to a temp
-    name and renamed: a reader never sees a half-written file, and a json that does not match its tensors
-    means an update is under way."""
+    """`<name>.safetensors` (its header carries the json below, less the sha256) then `<name>.json` (which
+    records the tensors' sha256), each written to a temp name and renamed: a reader never sees a
+    half-written file, and a json that does not match its tensors means an update is under way."""
     from safetensors.torch import save as save_bytes
     folder.mkdir(parents=True, exist_ok=True)
     name = cfg["name"]
-    data = save_bytes({k: v.contiguous() for k, v in tensors.items()}, metadata={"format": "hpeft-pack"})
     meta = {"format": "hpeft-pack", "layout_version": LAYOUT_VERSION, "name": name, "method": cfg["method"],
-            "labels": cfg["labels"], "backbone": cfg["backbone"], "sizes": sizes,
-            "sha256": hashlib.sha256(data).hexdigest(), "method_config": cfg["method_config"]}
+            "labels": cfg["labels"], "backbone": cfg["backbone"], "sizes": sizes, "method_config": cfg["method_config"]}
+    # the json rides in the safetensors header too, so the .safetensors alone is an uploadable pack
+    data = save_bytes({k: v.contiguous() for k, v in tensors.items()},
+                      metadata={"format": "hpeft-pack", "hpeft_pack": json.dumps(meta)})
+    meta["sha256"] = hashlib.sha256(data).hexdigest()
     for suffix, payload in ((".safetensors", data), (".json", (json.dumps(meta, indent=2) + "\n").encode())):
         tmp = folder / f".{name}{suffix}.tmp"
         tmp.write_bytes(payload)

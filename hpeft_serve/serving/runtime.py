@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 
-from exporters.layout import LAYOUT_VERSION, Layout, needs
+from exporters.layout import LAYOUT_VERSION, Layout, needs, resolve_shape, spec
 
-from ..names import NAME
+from ..names import NAME, check_name
 from ..errors import CheckpointError
 from .bank import AdapterBank, Pack
+
+
+SIZE_KEYS = ("L", "d", "f", "P", "n", "C", "r")
 
 
 class PackUpdating(CheckpointError):
@@ -68,8 +72,6 @@ class PackStore:
         return None if a is None or b is None else a + b
 
     def load(self, name: str) -> Pack:
-        from safetensors import SafetensorError
-        from safetensors.numpy import load as load_bytes
         if not NAME.fullmatch(name or ""):
             raise CheckpointError(f"adapter name {name!r} is invalid")
         stamp = self.stamp(name)
@@ -80,19 +82,109 @@ class PackStore:
             meta = json.loads(meta_raw)
         except json.JSONDecodeError as e:
             raise CheckpointError(f"adapter {name!r}: its json is not valid ({e})") from None
-        if meta.get("format") != "hpeft-pack" or meta.get("layout_version") != LAYOUT_VERSION:
-            raise CheckpointError(f"adapter {name!r} is not an hpeft pack of layout version {LAYOUT_VERSION}")
-        if meta.get("backbone", {}).get("sha256") != self.sha:
-            raise CheckpointError(f"adapter {name!r} was exported for backbone "
-                                  f"{meta.get('backbone', {}).get('name')!r}, not the one this graph serves")
         if meta.get("sha256") and hashlib.sha256(raw).hexdigest() != meta["sha256"]:
             raise PackUpdating(f"adapter {name!r} is being replaced; try again")
-        try:
-            tensors = load_bytes(raw)
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"adapter {name!r}: not a readable safetensors file ({e})") from None
+        tensors = check_pack(name, meta, raw, self.sha)
         version = meta.get("sha256") or hashlib.sha256(raw).hexdigest()
         return Pack(name, tensors, meta["sizes"], version[:16], tuple(meta.get("labels", ())), stamp)
+
+    def meta(self, name: str) -> dict | None:
+        raw = self._read(self._path(name, ".json"))
+        try:
+            return None if raw is None else json.loads(raw)
+        except json.JSONDecodeError:
+            return None
+
+    def size(self, name: str) -> int | None:
+        st = self._stat(self._path(name, ".safetensors"))
+        return None if st is None else st[1]
+
+    def write(self, name: str, raw: bytes, meta: dict) -> None:
+        """Tensors first, then the json that names their sha256 (a reader that sees a json whose sha256 does
+        not match yet waits: PackUpdating); each file written whole (temp name + rename, or one object put)."""
+        check_name(name)
+        payloads = ((".safetensors", raw), (".json", (json.dumps(meta, indent=2) + "\n").encode()))
+        for suffix, data in payloads:
+            path = self._path(name, suffix)
+            if self.fs is None:
+                Path(self.root).mkdir(parents=True, exist_ok=True)
+                tmp = Path(self._path(f".{name}", suffix + ".tmp"))
+                tmp.write_bytes(data)
+                tmp.chmod(0o644)
+                os.replace(tmp, path)
+            else:
+                self.fs.pipe_file(path, data)
+
+    def delete(self, name: str) -> bool:
+        """Remove a pack (its json first: a reader then sees the adapter gone, not half of it)."""
+        check_name(name)
+        found = False
+        for suffix in (".json", ".safetensors"):
+            path = self._path(name, suffix)
+            try:
+                if self.fs is None:
+                    Path(path).unlink()
+                else:
+                    self.fs.rm_file(path)
+                found = True
+            except (OSError, FileNotFoundError):
+                pass
+        return found
+
+
+def safetensors_header(raw: bytes) -> dict:
+    """The JSON header of a safetensors file (read with json only), or CheckpointError."""
+    if len(raw) < 8:
+        raise CheckpointError("not a safetensors file (too short)")
+    n = int.from_bytes(raw[:8], "little")
+    if n <= 1 or n > min(len(raw) - 8, 100 << 20):
+        raise CheckpointError("not a safetensors file (no valid header); a pickle or .bin file is never read")
+    try:
+        header = json.loads(raw[8:8 + n])
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError("not a safetensors file (its header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise CheckpointError("not a safetensors file (its header is not a JSON object)")
+    return header
+
+
+def check_pack(name: str, meta: dict, raw: bytes, backbone_sha256: str) -> dict[str, np.ndarray]:
+    """Validate a pack (its json `meta` and safetensors bytes `raw`) against the served backbone and the
+    layout: every tensor present, float32, finite, of the shape its sizes give. Returns the tensors."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load as load_bytes
+    if meta.get("format") != "hpeft-pack" or meta.get("layout_version") != LAYOUT_VERSION:
+        raise CheckpointError(f"adapter {name!r} is not an hpeft pack of layout version {LAYOUT_VERSION}: "
+                              "export it with `hpeft export` (without --merge)")
+    if meta.get("backbone", {}).get("sha256") != backbone_sha256:
+        raise CheckpointError(f"adapter {name!r} was exported for backbone "
+                              f"{meta.get('backbone', {}).get('name')!r}, not the one this graph serves")
+    safetensors_header(raw)
+    try:
+        tensors = load_bytes(raw)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"adapter {name!r}: not a readable safetensors file ({e})") from None
+    sizes = meta.get("sizes")
+    want = spec()
+    if not isinstance(sizes, dict) or any(not isinstance(sizes.get(k), int) or sizes[k] < 0 for k in SIZE_KEYS):
+        raise CheckpointError(f"adapter {name!r}: its json has no valid sizes")
+    missing, extra = sorted(set(want) - set(tensors)), sorted(set(tensors) - set(want))
+    if missing or extra:
+        raise CheckpointError(f"adapter {name!r}: tensors do not match the pack layout "
+                              f"(missing {missing[:4]}, unexpected {extra[:4]})")
+    for k, symbols in want.items():
+        t = tensors[k]
+        try:
+            shape = resolve_shape(symbols, sizes)
+        except (KeyError, ZeroDivisionError):
+            raise CheckpointError(f"adapter {name!r}: its sizes lack what {k} needs") from None
+        if t.dtype != np.float32 or t.shape != shape:
+            raise CheckpointError(f"adapter {name!r}: tensor {k} is {t.dtype}{list(t.shape)}, expected float32{list(shape)}")
+        if not np.isfinite(t).all():
+            raise CheckpointError(f"adapter {name!r}: tensor {k} has non-finite values")
+    if len(meta.get("labels", ())) != sizes["C"]:
+        raise CheckpointError(f"adapter {name!r}: {len(meta.get('labels', ()))} labels for {sizes['C']} outputs")
+    return tensors
 
 
 def default_providers() -> list:

@@ -25,6 +25,19 @@ class TritonPythonModel:
         self.runtime = SharedRuntime(export, budget_bytes=budget, pinned=pinned,
                                      store=params.get("ADAPTER_STORE") or None)
         self.max_len = int(params.get("MAX_SEQ_LEN", "512"))
+        # which adapters are resident, on Triton's metrics port (the gateway's GET /v1/adapters reads it)
+        self.resident = pb_utils.MetricFamily(name="hpeft_adapter_resident", kind=pb_utils.MetricFamily.GAUGE,
+                                              description="1 while the adapter is loaded in the bank, else 0")
+        self.gauges, self.published = {}, set()
+
+    def _publish(self):
+        """Update the gauges of the adapters whose residency changed (each set is a message to Triton)."""
+        now = set(self.runtime.bank.names())
+        for n in now ^ self.published:
+            if n not in self.gauges:
+                self.gauges[n] = self.resident.Metric(labels={"adapter": n})
+            self.gauges[n].set(1.0 if n in now else 0.0)
+        self.published = now
 
     def _read(self, request):
         ids = pb_utils.get_input_tensor_by_name(request, "input_ids").as_numpy()
@@ -55,4 +68,5 @@ class TritonPythonModel:
                 for k, r in enumerate(rows):
                     out[k, :len(logits[r])] = logits[r]
                 responses[i] = pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("logits", out)])
+            self._publish()
         return responses

@@ -1,0 +1,439 @@
+"""The REST gateway (FastAPI) in front of Triton: text in, labels out, adapters managed over HTTP.
+
+    POST   /v1/predict          {"adapter": NAME, "inputs": [TEXT, ...]} -> label, scores, logits per input
+    GET    /v1/adapters         name, method, size, version, labels, loaded (resident in Triton's bank)
+    PUT    /v1/adapters/{name}  body: a pack's .safetensors (its header carries the pack json); bearer token
+    DELETE /v1/adapters/{name}  bearer token
+    GET    /healthz             200 when the gateway and Triton's model `hpeft` are ready, else 503
+    GET    /livez               200 while the process runs
+    GET    /metrics             Prometheus: requests, errors and latency per adapter
+    GET    /docs                OpenAPI
+
+Text is tokenized here and sent to Triton over gRPC, one row per input, each naming the adapter. Uploads
+are validated against the served backbone and slot layout before a byte reaches the adapter store, and
+written tensors-first, json-last, so the model picks the new version up on its next request (a request
+sees the old or the new adapter, never a mix). Nothing here unpickles anything.
+
+Settings come from arguments or the environment: HPEFT_REPO, HPEFT_TRITON_GRPC, HPEFT_TRITON_METRICS,
+HPEFT_ADAPTER_STORE, HPEFT_ADMIN_TOKEN, HPEFT_MAX_UPLOAD_MB, HPEFT_MAX_INPUTS, HPEFT_MAX_CHARS,
+HPEFT_MAX_TOKENS.
+"""
+
+import hashlib
+import hmac
+import json
+import os
+import re
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+from .errors import CheckpointError, HpeftError
+from .names import NAME, check_name
+from .serving.runtime import PackStore, check_pack, safetensors_header
+
+MODEL = "hpeft"
+ENV = {"repo": "HPEFT_REPO", "triton": "HPEFT_TRITON_GRPC", "triton_metrics": "HPEFT_TRITON_METRICS",
+       "store": "HPEFT_ADAPTER_STORE", "admin_token": "HPEFT_ADMIN_TOKEN", "max_upload_mb": "HPEFT_MAX_UPLOAD_MB",
+       "max_inputs": "HPEFT_MAX_INPUTS", "max_chars": "HPEFT_MAX_CHARS", "max_tokens": "HPEFT_MAX_TOKENS"}
+
+
+@dataclass
+class Settings:
+    repo: str = "model_repository"  # a folder or an fsspec URL (s3://bucket/model_repository)
+    triton: str = "localhost:8001"  # gRPC HOST:PORT
+    triton_metrics: str = ""  # http://HOST:PORT/metrics; default: Triton's host, port 8002
+    store: str = ""  # the adapter store; default REPO/hpeft/1/export/packs
+    admin_token: str = ""  # bearer token for PUT/DELETE; empty: writes are refused
+    max_upload_mb: float = 64.0
+    max_inputs: int = 64
+    max_chars: int = 20_000
+    max_tokens: int = 512
+
+    @classmethod
+    def from_env(cls, **given) -> "Settings":
+        values = {}
+        for f in fields(cls):
+            v = given.get(f.name)
+            if v is None and os.environ.get(ENV[f.name]):
+                v = os.environ[ENV[f.name]]
+            if v is not None:
+                values[f.name] = type(f.default)(v)
+        s = cls(**values)
+        if not s.triton_metrics:
+            s.triton_metrics = f"http://{s.triton.rsplit(':', 1)[0]}:8002/metrics"
+        return s
+
+    @property
+    def export(self) -> str:
+        return f"{str(self.repo).rstrip('/')}/{MODEL}/1/export"
+
+
+class GatewayError(Exception):
+    def __init__(self, status: int, message: str, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers or {}
+
+
+def _read(location: str) -> bytes:
+    if "://" in location:
+        import fsspec
+        with fsspec.open(location, "rb") as f:
+            return f.read()
+    return Path(location).read_bytes()
+
+
+class Gateway:
+    """What the endpoints do, apart from HTTP: tokenize, call Triton, validate and store packs."""
+
+    def __init__(self, settings: Settings):
+        self.s = settings
+        self.info = self._backbone_info()
+        self.store = PackStore(settings.store or f"{settings.export}/packs", self.info["backbone"]["sha256"])
+        self._tokenizer, self._tok_lock = None, threading.Lock()
+        self._labels: dict[str, tuple] = {}
+        self._client = None
+        self._recovering = threading.Lock()  # held while model hpeft reloads after its stub process died
+        self.tokenizer()  # fail at start, not on the first request
+
+    # ------------------------------------------------------------------ backbone, tokenizer, Triton
+    def _backbone_info(self) -> dict:
+        try:
+            return json.loads(_read(f"{self.s.export}/backbone.json"))
+        except (OSError, FileNotFoundError, json.JSONDecodeError) as e:
+            raise HpeftError(f"no shared-backbone export in {self.s.repo} ({e}): deploy one with "
+                             "`hpeft deploy EXPORT_DIR --repo REPO`") from None
+
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+            name = self.info["backbone"]["name"]
+            if name in ("minilm", "tiny-bert", "tiny-roberta"):
+                from .assets import minilm_folder
+                folder = minilm_folder()
+            else:
+                folder = Path(name)
+            self._tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        return self._tokenizer
+
+    def client(self):
+        if self._client is None:
+            import tritonclient.grpc as grpcclient
+            # reconnect within a second once Triton is back (gRPC's default backoff grows to two minutes)
+            args = [("grpc.max_send_message_length", 2 ** 31 - 1), ("grpc.max_receive_message_length", 2 ** 31 - 1),
+                    ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_backoff_ms", 200),
+                    ("grpc.max_reconnect_backoff_ms", 1000)]
+            self._client = grpcclient.InferenceServerClient(self.s.triton, channel_args=args)
+        return self._client
+
+    def triton_state(self) -> str | None:
+        """None when Triton and model hpeft are ready, else what is wrong."""
+        if self._recovering.locked():
+            return f"model {MODEL!r} is reloading after its Python-backend stub process died"
+        try:
+            c = self.client()
+            if not c.is_server_ready(client_timeout=2):
+                return f"Triton at {self.s.triton} is not ready"
+            if not c.is_model_ready(MODEL, client_timeout=2):
+                return f"model {MODEL!r} is not loaded in Triton at {self.s.triton}"
+        except Exception as e:  # noqa: BLE001 - any transport failure means "not reachable"
+            return f"Triton at {self.s.triton} is not reachable ({_short(e)})"
+        return None
+
+    # ------------------------------------------------------------------ predict
+    def labels(self, name: str) -> tuple:
+        stamp = self.store.stamp(name)
+        hit = self._labels.get(name)
+        if hit is None or hit[0] != stamp:
+            meta = self.store.meta(name) or {}
+            hit = (stamp, tuple(meta.get("labels", ())), meta.get("sha256", "")[:16])
+            self._labels[name] = hit
+        return hit[1], hit[2]
+
+    def predict(self, adapter: str, texts: list[str]) -> dict:
+        import tritonclient.grpc as grpcclient
+        from tritonclient.utils import InferenceServerException
+        if not NAME.fullmatch(adapter):
+            raise GatewayError(404, f"unknown adapter {adapter!r}: GET /v1/adapters lists the adapters")
+        if len(texts) > self.s.max_inputs:
+            raise GatewayError(413, f"{len(texts)} inputs in one request; at most {self.s.max_inputs}")
+        for i, t in enumerate(texts):
+            if len(t) > self.s.max_chars:
+                raise GatewayError(413, f"input {i} has {len(t)} characters; at most {self.s.max_chars}")
+        with self._tok_lock:  # a fast tokenizer is not safe to call from several threads at once
+            enc = self.tokenizer()(texts, padding=True, truncation=True, max_length=self.s.max_tokens,
+                                   return_tensors="np", return_length=True)
+        ids, mask = enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
+        inputs = [grpcclient.InferInput("input_ids", list(ids.shape), "INT64"),
+                  grpcclient.InferInput("attention_mask", list(mask.shape), "INT64"),
+                  grpcclient.InferInput("adapter", [len(texts), 1], "BYTES")]
+        inputs[0].set_data_from_numpy(ids)
+        inputs[1].set_data_from_numpy(mask)
+        inputs[2].set_data_from_numpy(np.array([[adapter.encode()]] * len(texts), dtype=object))
+        try:
+            logits = self.client().infer(MODEL, inputs, client_timeout=60,
+                                         headers={"x-hpeft-adapter": adapter}).as_numpy("logits")
+        except InferenceServerException as e:
+            if "is not healthy" in _short(e):  # Triton does not restart a dead stub by itself: reload the model
+                self.recover()
+            raise _triton_error(e, adapter) from None
+        labels, version = self.labels(adapter)
+        out = []
+        for row in logits:
+            row = row[:len(labels)] if labels else row
+            z = np.exp(row - row.max())
+            k = int(row.argmax())
+            out.append({"label": labels[k] if labels else k, "scores": [round(float(p), 6) for p in z / z.sum()],
+                        "logits": [float(x) for x in row]})
+        truncated = [int(n) >= self.s.max_tokens for n in enc["length"]]
+        return {"adapter": adapter, "version": version, "outputs": out,
+                **({"truncated": truncated} if any(truncated) else {})}
+
+    def recover(self) -> None:
+        """Reload model hpeft (a new stub process; adapters load again from the store) in the background;
+        /healthz answers 503 meanwhile. Needs Triton's explicit model-control mode, as `hpeft serve` and
+        deploy/ start it."""
+        if not self._recovering.acquire(blocking=False):
+            return
+
+        def reload():
+            try:  # a load of a loaded model whose files did not change is a no-op: unload first
+                self.client().unload_model(MODEL, client_timeout=60)
+                self.client().load_model(MODEL, client_timeout=300)
+            except Exception:  # noqa: BLE001 - Triton itself may be gone; /healthz tells
+                pass
+            finally:
+                self._recovering.release()
+        threading.Thread(target=reload, name="hpeft-reload", daemon=True).start()
+
+    # ------------------------------------------------------------------ adapters
+    def resident(self) -> dict[str, bool] | None:
+        """Adapters resident in Triton's bank, from Triton's metrics (None if they cannot be read)."""
+        try:
+            with urllib.request.urlopen(self.s.triton_metrics, timeout=2) as r:
+                text = r.read().decode()
+        except OSError:
+            return None
+        return {m.group(1): float(m.group(2)) > 0
+                for m in re.finditer(r'^hpeft_adapter_resident\{adapter="([^"]+)"\} (\S+)', text, re.M)}
+
+    def adapters(self) -> list[dict]:
+        resident = self.resident()
+        out = []
+        for name in self.store.names():
+            meta = self.store.meta(name)
+            if meta is None:
+                continue
+            out.append({"name": name, "method": meta.get("method"), "size": self.store.size(name),
+                        "version": meta.get("sha256", "")[:16], "labels": meta.get("labels", []),
+                        "loaded": None if resident is None else resident.get(name, False)})
+        return out
+
+    def put(self, name: str, raw: bytes) -> dict:
+        try:
+            check_name(name)
+        except CheckpointError as e:
+            raise GatewayError(400, str(e)) from None
+        try:
+            header = safetensors_header(raw)
+            embedded = (header.get("__metadata__") or {}).get("hpeft_pack")
+            if not embedded:
+                raise CheckpointError("the file is a safetensors file but not an hpeft pack (no hpeft_pack "
+                                      "metadata): upload packs/<name>.safetensors from `hpeft export` (packs "
+                                      "exported before this release lack it: export again)")
+            try:
+                meta = json.loads(embedded)
+            except json.JSONDecodeError:
+                raise CheckpointError("the pack's hpeft_pack metadata is not JSON") from None
+            info = self._backbone_info()  # the graph may have been re-exported for more slot kinds
+            tensors = check_pack(name, meta, raw, info["backbone"]["sha256"])
+            from exporters.layout import Layout, needs
+            if not Layout.from_dict(info["layout"]).covers(needs(tensors, meta["sizes"])):
+                raise GatewayError(409, f"adapter {name!r} needs slots the deployed graph lacks: deploy its export "
+                                   "with `hpeft deploy`, which extends the graph")
+        except CheckpointError as e:
+            raise GatewayError(400, str(e)) from None
+        replaced = self.store.stamp(name) is not None
+        meta = meta | {"name": name, "sha256": hashlib.sha256(raw).hexdigest()}
+        self.store.write(name, raw, meta)
+        return {"name": name, "method": meta.get("method"), "version": meta["sha256"][:16], "size": len(raw),
+                "replaced": replaced}
+
+    def delete(self, name: str) -> dict:
+        if not NAME.fullmatch(name) or not self.store.delete(name):
+            raise GatewayError(404, f"unknown adapter {name!r}")
+        self._labels.pop(name, None)
+        return {"name": name, "deleted": True}
+
+
+def _short(e: Exception) -> str:
+    msg = getattr(e, "message", None)
+    msg = msg() if callable(msg) else (msg or str(e))
+    return str(msg).strip().splitlines()[0][:200] if msg else type(e).__name__
+
+
+def _triton_error(e, adapter: str) -> GatewayError:
+    msg, status = _short(e), str(e.status() or "")
+    if "unknown adapter" in msg:
+        return GatewayError(404, f"unknown adapter {adapter!r}: GET /v1/adapters lists the adapters")
+    if "being written" in msg or "being replaced" in msg:
+        return GatewayError(503, f"adapter {adapter!r} is being replaced; retry", {"Retry-After": "1"})
+    if "is not healthy" in msg:
+        return GatewayError(503, f"model {MODEL!r} is restarting (its stub process died); retry shortly",
+                            {"Retry-After": "2"})
+    if "UNAVAILABLE" in status or "DEADLINE" in status or "failed to connect" in msg.lower():
+        return GatewayError(503, f"Triton is not reachable ({msg}); retry when GET /healthz answers 200",
+                            {"Retry-After": "2"})
+    if "unknown model" in msg.lower() or "not found" in msg.lower():
+        return GatewayError(503, f"model {MODEL!r} is not loaded in Triton ({msg})", {"Retry-After": "2"})
+    if "adapter" in msg:  # the adapter's pack exists but cannot be served (mismatch, corrupt): the adapter's fault
+        return GatewayError(422, msg)
+    return GatewayError(502, f"Triton: {msg}")
+
+
+# ---------------------------------------------------------------------- HTTP
+class PredictRequest(BaseModel):
+    adapter: str = Field(min_length=1, max_length=128, examples=["rt-unipelt"])
+    inputs: list[str] = Field(min_length=1, examples=[["a wonderful, moving film", "dull and far too long"]])
+
+
+def create_app(settings: Settings | None = None):
+    from fastapi import Depends, FastAPI, Request
+    from fastapi.responses import JSONResponse, PlainTextResponse
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+    from starlette.concurrency import run_in_threadpool
+
+    settings = settings or Settings.from_env()
+    gw = Gateway(settings)
+    registry = CollectorRegistry()
+    requests_total = Counter("hpeft_gateway_requests", "predict requests by adapter and HTTP status",
+                             ["adapter", "code"], registry=registry)
+    inputs_total = Counter("hpeft_gateway_inputs", "inputs (rows) predicted by adapter", ["adapter"], registry=registry)
+    latency = Histogram("hpeft_gateway_request_seconds", "predict latency by adapter (gateway + Triton)",
+                        ["adapter"], registry=registry,
+                        buckets=(.002, .005, .01, .02, .05, .1, .2, .5, 1, 2, 5, 10))
+    writes_total = Counter("hpeft_gateway_adapter_writes", "adapter uploads and deletions by HTTP status",
+                           ["op", "code"], registry=registry)
+
+    app = FastAPI(title="hpeft-serve gateway", version="0.1.0",
+                  description="Many hybrid-PEFT adapters on one frozen backbone, served by Triton.")
+    app.state.gateway = gw
+
+    @app.exception_handler(GatewayError)
+    async def _gateway_error(_, e: GatewayError):
+        return JSONResponse({"error": e.message}, status_code=e.status, headers=e.headers)
+
+    @app.middleware("http")
+    async def _limit_body(request: Request, call_next):
+        limit = settings.max_upload_mb * 2 ** 20 if request.method == "PUT" else \
+            settings.max_inputs * settings.max_chars * 4 + 65536
+        if int(request.headers.get("content-length") or 0) > limit:
+            return JSONResponse({"error": f"request body over {limit / 2 ** 20:.1f} MiB"}, status_code=413)
+        return await call_next(request)
+
+    def admin(request: Request) -> None:
+        if not settings.admin_token:
+            raise GatewayError(403, "adapter writes are disabled: start the gateway with HPEFT_ADMIN_TOKEN set")
+        auth = request.headers.get("authorization", "")
+        if not auth.lower().startswith("bearer "):
+            raise GatewayError(401, "adapter writes need 'Authorization: Bearer <HPEFT_ADMIN_TOKEN>'",
+                               {"WWW-Authenticate": "Bearer"})
+        if not hmac.compare_digest(auth[7:].strip().encode(), settings.admin_token.encode()):
+            raise GatewayError(403, "wrong admin token")
+
+    @app.post("/v1/predict", summary="classify texts with one adapter")
+    def predict(req: PredictRequest):
+        t0 = time.perf_counter()
+        label = "_unknown"
+        try:
+            out = gw.predict(req.adapter, req.inputs)
+            label = req.adapter
+        except GatewayError as e:
+            if e.status not in (404, 413):
+                label = req.adapter if NAME.fullmatch(req.adapter) else "_invalid"
+            requests_total.labels(label, str(e.status)).inc()
+            raise
+        dt = time.perf_counter() - t0
+        requests_total.labels(label, "200").inc()
+        inputs_total.labels(label).inc(len(req.inputs))
+        latency.labels(label).observe(dt)
+        return out | {"latency_ms": round(dt * 1000, 2)}
+
+    @app.get("/v1/adapters", summary="the adapters in the store")
+    def adapters():
+        return {"adapters": gw.adapters()}
+
+    @app.put("/v1/adapters/{name}", summary="upload or replace an adapter pack", dependencies=[Depends(admin)],
+             status_code=201)
+    async def put(name: str, request: Request):
+        limit, chunks, size = int(settings.max_upload_mb * 2 ** 20), [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                writes_total.labels("put", "413").inc()
+                raise GatewayError(413, f"pack over the upload limit of {settings.max_upload_mb:g} MiB")
+            chunks.append(chunk)
+        try:
+            out = await run_in_threadpool(gw.put, name, b"".join(chunks))
+        except GatewayError as e:
+            writes_total.labels("put", str(e.status)).inc()
+            raise
+        writes_total.labels("put", "201").inc()
+        return out
+
+    @app.delete("/v1/adapters/{name}", summary="remove an adapter", dependencies=[Depends(admin)])
+    def delete(name: str):
+        try:
+            out = gw.delete(name)
+        except GatewayError as e:
+            writes_total.labels("delete", str(e.status)).inc()
+            raise
+        writes_total.labels("delete", "200").inc()
+        return out
+
+    @app.get("/healthz", summary="200 when the gateway and Triton's model are ready")
+    def healthz():
+        problem = gw.triton_state()
+        if problem:
+            return JSONResponse({"status": "unavailable", "gateway": "ok", "triton": problem}, status_code=503)
+        return {"status": "ok", "gateway": "ok", "triton": "ready"}
+
+    @app.get("/livez", summary="200 while the gateway process runs")
+    def livez():
+        return {"status": "ok"}
+
+    @app.get("/metrics", summary="Prometheus metrics")
+    def metrics():
+        return PlainTextResponse(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+class GatewayThread:
+    """uvicorn in a background thread (what `hpeft serve` runs beside tritonserver)."""
+
+    def __init__(self, settings: Settings, host: str = "127.0.0.1", port: int = 8080):
+        import uvicorn
+        self.app = create_app(settings)
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host=host, port=port, log_level="warning",
+                                                    access_log=False))
+        self.server.install_signal_handlers = lambda: None  # the caller owns the signals
+        self.thread = threading.Thread(target=self.server.run, name="hpeft-gateway", daemon=True)
+
+    def start(self, timeout: float = 30.0) -> "GatewayThread":
+        self.thread.start()
+        t0 = time.monotonic()
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() - t0 > timeout:
+                raise HpeftError("the gateway did not start (is its port free?)")
+            time.sleep(0.05)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
