@@ -150,10 +150,9 @@ class Gateway:
         stamp = self.store.stamp(name)
         hit = self._labels.get(name)
         if hit is None or hit[0] != stamp:
-            meta = self.store.meta(name) or {}
-            hit = (stamp, tuple(meta.get("labels", ())), meta.get("sha256", "")[:16])
+            hit = (stamp, tuple((self.store.meta(name) or {}).get("labels", ())))
             self._labels[name] = hit
-        return hit[1], hit[2]
+        return hit[1]
 
     def predict(self, adapter: str, texts: list[str]) -> dict:
         import tritonclient.grpc as grpcclient
@@ -176,13 +175,13 @@ class Gateway:
         inputs[1].set_data_from_numpy(mask)
         inputs[2].set_data_from_numpy(np.array([[adapter.encode()]] * len(texts), dtype=object))
         try:
-            logits = self.client().infer(MODEL, inputs, client_timeout=60,
-                                         headers={"x-hpeft-adapter": adapter}).as_numpy("logits")
+            res = self.client().infer(MODEL, inputs, client_timeout=60, headers={"x-hpeft-adapter": adapter})
         except InferenceServerException as e:
             if "is not healthy" in _short(e):  # Triton does not restart a dead stub by itself: reload the model
                 self.recover()
             raise _triton_error(e, adapter) from None
-        labels, version = self.labels(adapter)
+        logits, version = res.as_numpy("logits"), res.as_numpy("adapter_version").reshape(-1)[0].decode()
+        labels = self.labels(adapter)
         out = []
         for row in logits:
             row = row[:len(labels)] if labels else row
@@ -290,7 +289,8 @@ def _triton_error(e, adapter: str) -> GatewayError:
         return GatewayError(503, f"Triton is not reachable ({msg}); retry when GET /healthz answers 200",
                             {"Retry-After": "2"})
     if "unknown model" in msg.lower() or "not found" in msg.lower():
-        return GatewayError(503, f"model {MODEL!r} is not loaded in Triton ({msg})", {"Retry-After": "2"})
+        return GatewayError(503, f"model {MODEL!r} is not loaded in Triton ({msg}); retry when GET /healthz "
+                            "answers 200", {"Retry-After": "2"})
     if "adapter" in msg:  # the adapter's pack exists but cannot be served (mismatch, corrupt): the adapter's fault
         return GatewayError(422, msg)
     return GatewayError(502, f"Triton: {msg}")

@@ -38,7 +38,7 @@ def test_mixed_batch_and_unknown_adapter(served):
     rt = SharedRuntime(root / "export")
     ids, mask = (t.numpy() for t in _batches()[1])
     names = ["uni", "comp", "nope", "sparse", "uni"]
-    out, errs = rt.infer(ids, mask, names)
+    out, errs, _ = rt.infer(ids, mask, names)
     assert errs[2] and "nope" in errs[2] and out[2] is None
     for r, n in enumerate(names):
         if n != "nope":
@@ -64,7 +64,7 @@ def test_replacement_is_atomic_under_concurrent_requests(served, tmp_path):
 
     def client():
         while not stop.is_set():
-            out, errs = rt.infer(ids, mask, ["lora"] * len(ids))
+            out, errs, _ = rt.infer(ids, mask, ["lora"] * len(ids))
             got = np.stack(out)
             if np.abs(got - ref1).max() <= TOL:
                 seen["v1"] += 1
@@ -127,11 +127,11 @@ def test_adapters_from_an_fsspec_store(served):
     rt = SharedRuntime(root / "export", store="memory://store")
     assert "uni" in rt.store.names()
     ids, mask = (t.numpy() for t in _batches()[1])
-    out, errs = rt.infer(ids, mask, ["uni", "comp", "uni", "sparse", "lora"])
+    out, errs, _ = rt.infer(ids, mask, ["uni", "comp", "uni", "sparse", "lora"])
     assert not any(errs)
     assert np.abs(out[1] - _reference(cks["comp"], (ids[1:2], mask[1:2]))[0]).max() <= TOL
     for suffix in (".safetensors", ".json"):  # replace "uni" by the sparse adapter's pack (renamed)
         data = (src / f"sparse{suffix}").read_bytes()
         fs.pipe_file(f"/store/uni{suffix}", data.replace(b'"name": "sparse"', b'"name": "uni"') if suffix == ".json" else data)
-    out, errs = rt.infer(ids, mask, ["uni"] * len(ids))
+    out, errs, _ = rt.infer(ids, mask, ["uni"] * len(ids))
     assert np.abs(np.stack(out) - _reference(cks["sparse"], (ids, mask))).max() <= TOL

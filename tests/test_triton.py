@@ -200,7 +200,7 @@ def test_deploying_exports_of_other_slot_kinds_extends_the_graph(tmp_path, tiny_
     rt = SharedRuntime(repo / "hpeft" / "1" / "export")
     ids, mask = _tokens()
     names = ["mam", "lora", "compacter", "lora", "mam"]
-    out, errs = rt.infer(ids, mask, names)
+    out, errs, _ = rt.infer(ids, mask, names)
     assert not any(errs)
     for r, n in enumerate(names):
         assert np.abs(out[r] - _reference(cks[n], (ids[r:r + 1], mask[r:r + 1]))[0]).max() <= TOL
@@ -214,7 +214,7 @@ def test_a_pack_the_graph_cannot_serve_is_refused(tmp_path, tiny_bert):
     shutil.copy(tmp_path / "e2" / "packs" / "mam.json", tmp_path / "e1" / "packs" / "mam.json")  # bypassing deploy
     shutil.copy(tmp_path / "e2" / "packs" / "mam.safetensors", tmp_path / "e1" / "packs" / "mam.safetensors")
     ids, mask = _tokens()
-    out, errs = SharedRuntime(tmp_path / "e1").infer(ids, mask, ["lora", "mam", "lora", "lora", "lora"])
+    out, errs, _ = SharedRuntime(tmp_path / "e1").infer(ids, mask, ["lora", "mam", "lora", "lora", "lora"])
     assert errs[1] and "lacks" in errs[1] and out[0] is not None
 
 

@@ -239,22 +239,26 @@ class SharedRuntime:
         return errors
 
     def infer(self, input_ids: np.ndarray, attention_mask: np.ndarray, names: list[str]):
-        """(logits per row or None, error per row or None); one forward for all rows that can run."""
+        """(logits per row or None, error per row or None, version per row or None): one forward for all
+        rows that can run; a row's version is that of the weights that computed it."""
         load_errors = self.ensure(names)
         ok = [r for r, n in enumerate(names) if n not in load_errors]
         out: list = [None] * len(names)
         errs: list = [load_errors.get(n) for n in names]
+        versions: list = [None] * len(names)
         if not ok:
-            return out, errs
+            return out, errs, versions
         sub = [names[r] for r in ok]
         with self.bank.reading(sub) as (index, arrays, bank_errs):
             feed = {"input_ids": input_ids[ok], "attention_mask": attention_mask[ok], "adapter_index": index}
             feed |= {n: arrays[n] for n in self.inputs if n in arrays}
             logits = self.session.run(["logits"], feed)[0]
-            labels = {n: len(self.bank.labels(n)) for n in set(sub) if self.bank.version(n) is not None}
+            resident = {n: (self.bank.version(n), len(self.bank.labels(n))) for n in set(sub)
+                        if self.bank.version(n) is not None}
         for j, r in enumerate(ok):
             if bank_errs[j]:
                 errs[r] = bank_errs[j]
             else:
-                out[r] = logits[j, :labels[names[r]]]
-        return out, errs
+                versions[r], width = resident[names[r]]
+                out[r] = logits[j, :width]
+        return out, errs, versions

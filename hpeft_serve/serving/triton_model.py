@@ -54,7 +54,7 @@ class TritonPythonModel:
                                     lambda e: pb_utils.InferenceResponse(error=pb_utils.TritonError(e)))
         if parsed:
             ids, mask = pad_concat([p[1] for p in parsed]), pad_concat([p[2] for p in parsed])
-            logits, errors = self.runtime.infer(ids, mask, [n for p in parsed for n in p[3]])
+            logits, errors, versions = self.runtime.infer(ids, mask, [n for p in parsed for n in p[3]])
             row = 0
             for i, _, _, names in parsed:
                 rows = range(row, row + len(names))
@@ -67,6 +67,8 @@ class TritonPythonModel:
                 out = np.full((len(names), width), np.finfo(np.float32).min, np.float32)
                 for k, r in enumerate(rows):
                     out[k, :len(logits[r])] = logits[r]
-                responses[i] = pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("logits", out)])
+                version = np.array([[versions[r].encode()] for r in rows], dtype=object)
+                responses[i] = pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("logits", out),
+                                                                          pb_utils.Tensor("adapter_version", version)])
             self._publish()
         return responses

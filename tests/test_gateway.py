@@ -1,0 +1,272 @@
+"""The REST gateway over real HTTP (uvicorn) in front of the real tritonserver, both started here:
+answers equal the PyTorch forward of the adapter; uploads, replacements and deletions reach the running
+model without a restart; every bad input of the matrix is a clear 4xx that changes nothing served;
+Triton down is a 503 until it is back, a killed Python-backend stub is a 503 until the model reloads,
+and no uploaded adapter is lost."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from exporters.export import export_checkpoint
+from hpeft_serve.gateway import GatewayThread, Settings
+from hpeft_serve.serving.deploy import deploy
+from hpeft_serve.serving.triton import TritonServer
+
+from .test_export import _make_ckpt, _reference
+from .test_triton import _free_ports
+
+TOL = 1e-5
+TOKEN = "test-admin-token"
+TEXTS = ["a wonderful, moving film", "dull and far too long, with actors who seem bored by their own lines", "ok"]
+
+
+def _call(url, method="GET", body=None, token=None, raw=None, content_type="application/json"):
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    req = urllib.request.Request(url, data=data, method=method)
+    if data is not None:
+        req.add_header("content-type", content_type)
+    if token:
+        req.add_header("authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read() or b"null") if "json" in r.headers.get("content-type", "") else r.read().decode()
+    except urllib.error.HTTPError as e:
+        text = e.read()
+        try:
+            return e.code, json.loads(text)
+        except json.JSONDecodeError:
+            return e.code, text.decode()
+
+
+def _message(payload) -> str:
+    return json.dumps(payload)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, tiny_bert, tiny_roberta):
+    root = tmp_path_factory.mktemp("gateway")
+    cks = {"uni": _make_ckpt(tiny_bert, "unipelt", root / "ck" / "uni", seed=0),
+           "comp": _make_ckpt(tiny_bert, "compacter", root / "ck" / "comp", labels=3, seed=1),
+           "uni2": _make_ckpt(tiny_bert, "unipelt", root / "ck" / "uni2", seed=5),  # uploaded, not deployed
+           "lora-rob": _make_ckpt(tiny_roberta, "lora", root / "ck" / "lora-rob", seed=2)}
+    for n in ("uni", "comp"):
+        export_checkpoint(cks[n], root / "export", "onnx", log=lambda *_: None)
+    export_checkpoint(cks["uni2"], root / "upload", "onnx", log=lambda *_: None)
+    export_checkpoint(cks["lora-rob"], root / "upload-rob", "onnx", log=lambda *_: None)
+    repo = root / "repo"
+    deploy(root / "export", repo, log=lambda *_: None)
+    http, grpc, metrics, gport = _free_ports(4)
+    state = {"root": root, "repo": repo, "cks": cks, "ports": (http, grpc, metrics)}
+    state["triton"] = TritonServer(repo, http, grpc, metrics, work=root / "work").start()
+    settings = Settings(repo=str(repo), triton=f"127.0.0.1:{grpc}", triton_metrics=f"http://127.0.0.1:{metrics}/metrics",
+                        admin_token=TOKEN, max_upload_mb=1, max_inputs=8, max_chars=2000)
+    gw = GatewayThread(settings, "127.0.0.1", gport).start()
+    state["url"], state["gateway"] = f"http://127.0.0.1:{gport}", gw
+    yield state
+    gw.stop()
+    state["triton"].stop()
+
+
+def _tokens(gateway, texts):
+    enc = gateway.app.state.gateway.tokenizer()(texts, padding=True, truncation=True, max_length=512, return_tensors="np")
+    return enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
+
+
+def _expect(stack, ck, texts=TEXTS):
+    return _reference(ck, _tokens(stack["gateway"], texts))
+
+
+def _predict(stack, adapter, texts=TEXTS):
+    return _call(f"{stack['url']}/v1/predict", "POST", {"adapter": adapter, "inputs": texts})
+
+
+def _check_answer(stack, adapter, ck, texts=TEXTS):
+    code, out = _predict(stack, adapter, texts)
+    assert code == 200, out
+    ref = _expect(stack, ck, texts)
+    got = np.array([o["logits"] for o in out["outputs"]], np.float32)
+    assert got.shape == ref.shape
+    assert np.abs(got - ref).max() <= TOL
+    for o, r in zip(out["outputs"], ref):
+        assert o["label"] == f"l{int(r.argmax())}"
+        assert abs(sum(o["scores"]) - 1) < 1e-4
+    return out
+
+
+def test_predict_equals_the_pytorch_forward(stack):
+    out = _check_answer(stack, "uni", stack["cks"]["uni"])
+    assert out["adapter"] == "uni" and len(out["version"]) == 16 and out["latency_ms"] > 0
+    _check_answer(stack, "comp", stack["cks"]["comp"])  # 3 labels, another method, same backbone graph
+
+
+def test_adapters_list_health_metrics_and_docs(stack):
+    _check_answer(stack, "uni", stack["cks"]["uni"])
+    code, out = _call(f"{stack['url']}/v1/adapters")
+    assert code == 200
+    by = {a["name"]: a for a in out["adapters"]}
+    assert {"uni", "comp"} <= set(by)
+    assert by["uni"]["method"] == "unipelt" and by["comp"]["labels"] == ["l0", "l1", "l2"]
+    assert by["uni"]["size"] > 0 and len(by["uni"]["version"]) == 16
+    assert by["uni"]["loaded"] is True  # resident in Triton's bank, read from Triton's metrics
+    assert _call(f"{stack['url']}/healthz") == (200, {"status": "ok", "gateway": "ok", "triton": "ready"})
+    assert _call(f"{stack['url']}/livez")[0] == 200
+    code, text = _call(f"{stack['url']}/metrics")
+    assert code == 200
+    assert 'hpeft_gateway_requests_total{adapter="uni",code="200"}' in text
+    assert 'hpeft_gateway_request_seconds_count{adapter="uni"}' in text
+    code, spec = _call(f"{stack['url']}/openapi.json")
+    assert code == 200 and {"/v1/predict", "/v1/adapters", "/v1/adapters/{name}", "/healthz", "/metrics"} <= set(spec["paths"])
+    assert _call(f"{stack['url']}/docs")[0] == 200
+
+
+def test_upload_replace_delete_without_restart(stack):
+    url, pack = stack["url"], stack["root"] / "upload" / "packs" / "uni2.safetensors"
+    code, out = _call(f"{url}/v1/adapters/fresh", "PUT", raw=pack.read_bytes(), token=TOKEN,
+                      content_type="application/octet-stream")
+    assert code == 201 and out["replaced"] is False and out["method"] == "unipelt", out
+    _check_answer(stack, "fresh", stack["cks"]["uni2"])
+    # replace "fresh" with uni's pack: the next answer is uni's, and names uni's version
+    uni = stack["repo"] / "hpeft" / "1" / "export" / "packs" / "uni.safetensors"
+    code, out = _call(f"{url}/v1/adapters/fresh", "PUT", raw=uni.read_bytes(), token=TOKEN)
+    assert code == 201 and out["replaced"] is True
+    answer = _check_answer(stack, "fresh", stack["cks"]["uni"])
+    assert answer["version"] == out["version"]
+    assert _call(f"{url}/v1/adapters/fresh", "DELETE", token=TOKEN)[0] == 200
+    code, out = _predict(stack, "fresh")
+    assert code == 404 and "unknown adapter 'fresh'" in out["error"]
+    assert _call(f"{url}/v1/adapters/fresh", "DELETE", token=TOKEN)[0] == 404
+
+
+def _garbage(stack) -> dict:
+    good = (stack["repo"] / "hpeft" / "1" / "export" / "packs" / "uni.safetensors").read_bytes()
+    header_len = int.from_bytes(good[:8], "little")
+    corrupt = bytearray(good)
+    corrupt[8 + header_len + 100: 8 + header_len + 164] = b"\xff" * 64  # NaNs in the tensor data
+    return {
+        "pickle": pickle.dumps({"weights": [1.0, 2.0]}),
+        "truncated": good[: len(good) // 2],
+        "corrupt header": good[:8] + b"{not json" + good[17:],
+        "non-finite": bytes(corrupt),
+        "other backbone": (stack["root"] / "upload-rob" / "packs" / "lora-rob.safetensors").read_bytes(),
+        "empty": b"",
+    }
+
+
+BAD_UPLOADS = ["pickle", "truncated", "corrupt header", "non-finite", "other backbone", "empty"]
+
+
+def _served_state(stack):
+    _, listing = _call(f"{stack['url']}/v1/adapters")
+    answers = {n: _predict(stack, n)[1]["outputs"] for n in ("uni", "comp")}
+    return {a["name"]: (a["version"], a["size"]) for a in listing["adapters"]}, answers
+
+
+@pytest.mark.parametrize("case", BAD_UPLOADS)
+def test_bad_uploads_are_4xx_and_change_nothing(stack, case):
+    before = _served_state(stack)
+    body = _garbage(stack)[case]
+    for name in ("uni", "newname"):  # neither a replacement nor a new adapter goes through
+        code, out = _call(f"{stack['url']}/v1/adapters/{name}", "PUT", raw=body, token=TOKEN,
+                          content_type="application/octet-stream")
+        assert 400 <= code < 500, (case, code, out)
+        assert isinstance(out, dict) and out.get("error"), out
+    if case == "other backbone":
+        assert "backbone" in out["error"]
+    if case == "pickle":
+        assert "not a safetensors file" in out["error"]
+    assert _served_state(stack) == before
+
+
+def test_bad_requests_are_clear_4xx(stack):
+    url = stack["url"]
+    before = _served_state(stack)
+    cases = [
+        ({"adapter": "nope", "inputs": ["x"]}, 404, "unknown adapter"),
+        ({"adapter": "../etc/passwd", "inputs": ["x"]}, 404, "unknown adapter"),
+        ({"adapter": "uni", "inputs": []}, 422, "inputs"),
+        ({"adapter": "uni", "inputs": "just a string"}, 422, "inputs"),
+        ({"adapter": "uni", "inputs": [1, 2]}, 422, "inputs"),
+        ({"adapter": 5, "inputs": ["x"]}, 422, "adapter"),
+        ({"inputs": ["x"]}, 422, "adapter"),
+        ({"adapter": "uni", "inputs": ["x"] * 9}, 413, "at most 8"),
+        ({"adapter": "uni", "inputs": ["x" * 2001]}, 413, "characters"),
+    ]
+    for body, code, word in cases:
+        got, out = _call(f"{url}/v1/predict", "POST", body)
+        assert got == code and word in _message(out), (body, got, out)
+    got, out = _call(f"{url}/v1/predict", "POST", raw=b'{"adapter": "uni", "inputs": [', content_type="application/json")
+    assert got == 422 and "json" in _message(out).lower()
+    # writes: token, names, size
+    pack = (stack["repo"] / "hpeft" / "1" / "export" / "packs" / "uni.safetensors").read_bytes()
+    assert _call(f"{url}/v1/adapters/uni", "DELETE")[0] == 401
+    assert _call(f"{url}/v1/adapters/uni", "DELETE", token="wrong")[0] == 403
+    assert _call(f"{url}/v1/adapters/x", "PUT", raw=pack)[0] == 401
+    for name in ("..%2Fevil", "..", ".hidden", "a%20b", "%2Fetc%2Fpasswd", "x" * 129):
+        got, out = _call(f"{url}/v1/adapters/{name}", "PUT", raw=pack, token=TOKEN)
+        assert 400 <= got < 500, (name, got, out)
+    got, out = _call(f"{url}/v1/adapters/big", "PUT", raw=b"\0" * (1 << 20) + b"x", token=TOKEN)
+    assert got == 413 and "MiB" in out["error"]
+    assert not list(Path(stack["repo"]).rglob("*evil*")) and not (stack["repo"] / "hpeft" / "1" / "export" / "packs" / "big.json").exists()
+    assert _served_state(stack) == before
+
+
+def _stub_pids(triton) -> list[int]:
+    kids = Path(f"/proc/{triton.proc.pid}/task/{triton.proc.pid}/children").read_text().split()
+    return [int(p) for p in kids if "triton_python_backend_stub" in Path(f"/proc/{p}/cmdline").read_text()]
+
+
+def _until_ok(stack, adapter, ck, seconds=90):
+    t0 = time.monotonic()
+    codes = []
+    while time.monotonic() - t0 < seconds:
+        code, out = _predict(stack, adapter)
+        codes.append(code)
+        if code == 200:
+            _check_answer(stack, adapter, ck)
+            return codes
+        assert code == 503, out  # never a wrong answer, never another error
+        assert "retry" in out["error"]
+        time.sleep(0.3)
+    raise AssertionError(f"no answer within {seconds}s: {codes[-5:]}")
+
+
+def test_killed_stub_is_503_then_served_again(stack):
+    _check_answer(stack, "uni", stack["cks"]["uni"])
+    pids = _stub_pids(stack["triton"])
+    assert pids
+    for p in pids:
+        os.kill(p, signal.SIGKILL)
+    time.sleep(0.5)
+    code, out = _predict(stack, "uni")
+    assert code == 503 and "stub" in out["error"], out
+    codes = _until_ok(stack, "uni", stack["cks"]["uni"])
+    assert _call(f"{stack['url']}/healthz")[0] == 200
+    assert set(_stub_pids(stack["triton"])).isdisjoint(pids), codes
+
+
+def test_triton_down_is_503_and_recovers_with_uploads_kept(stack):
+    url = stack["url"]
+    pack = stack["root"] / "upload" / "packs" / "uni2.safetensors"
+    assert _call(f"{url}/v1/adapters/kept", "PUT", raw=pack.read_bytes(), token=TOKEN)[0] == 201
+    _check_answer(stack, "kept", stack["cks"]["uni2"])
+    stack["triton"].stop()
+    code, out = _call(f"{url}/healthz")
+    assert code == 503 and "not reachable" in out["triton"], out
+    code, out = _predict(stack, "uni")
+    assert code == 503 and "Triton" in out["error"], out
+    http, grpc, metrics = stack["ports"]
+    stack["triton"] = TritonServer(stack["repo"], http, grpc, metrics, work=stack["root"] / "work2").start()
+    _until_ok(stack, "kept", stack["cks"]["uni2"], seconds=30)  # the upload survived the restart
+    _check_answer(stack, "uni", stack["cks"]["uni"])
+    assert _call(f"{url}/healthz")[0] == 200
