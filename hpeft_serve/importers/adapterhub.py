@@ -30,8 +30,16 @@ from ..backbone import Backbone
 from ..errors import CheckpointError
 from ..methods.config import BottleneckConfig, LoRAConfig, MethodConfig, PrefixConfig
 from ..methods.functional import ACTIVATIONS
-from .common import Imported, check_float, labels_of, read_json, read_weights, static_head, take
 from ..model import HeadConfig
+from .common import (
+    Imported,
+    check_float,
+    labels_of,
+    read_json,
+    read_weights,
+    static_head,
+    take,
+)
 
 BASE = {"bert": "bert", "roberta": "roberta", "xlm-roberta": "roberta"}
 LEGACY_KEYS = {"attention_text_task_adapters": "adapters", "attention_text_lang_adapters": "adapters",
@@ -331,7 +339,7 @@ def import_adapterhub(folder: Path, backbone: Backbone) -> Imported:
     for k, v in raw.items():
         for a, b in LEGACY_KEYS.items():
             k = k.replace(a, b)
-        tensors[k[len(base):] if k.startswith(base) else k] = v
+        tensors[k.removeprefix(base)] = v
     src = _Source(tensors, name, folder, ec.num_hidden_layers, ec.hidden_size, ec.intermediate_size)
     subs = config.get("configs") if config.get("architecture") == "union" else [config]
     comps = []

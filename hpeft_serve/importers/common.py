@@ -96,7 +96,7 @@ def pooler(backbone: Backbone) -> tuple[torch.Tensor, torch.Tensor]:
                               "needs them: use the Hugging Face folder the adapter was trained on")
     from safetensors import safe_open
     with safe_open(str(backbone.folder / "model.safetensors"), "pt") as f:
-        keys = {k.split("pooler.", 1)[-1]: k for k in f.keys() if "pooler.dense." in k}
+        keys = {k.split("pooler.", 1)[-1]: k for k in f.keys() if "pooler.dense." in k}  # noqa: SIM118
         if {"dense.weight", "dense.bias"} - set(keys):
             raise CheckpointError(f"backbone {backbone.folder} has no pooler weights (pooler.dense), which a BERT "
                                   "sequence-classification head runs on: save the backbone with its pooler")
@@ -140,7 +140,7 @@ def build(imp: Imported, backbone: Backbone) -> HybridModel:
         if tuple(imp.tensors[k].shape) != tuple(v.shape):
             raise CheckpointError(f"imported tensor {k} has shape {tuple(imp.tensors[k].shape)}, the model expects "
                                   f"{tuple(v.shape)}: the adapter was trained on a different backbone")
-    strip = lambda p: {k[len(p):]: v.to(want[k].dtype).contiguous() for k, v in imp.tensors.items()  # noqa: E731
+    strip = lambda p: {k[len(p):]: v.to(want[k].dtype).contiguous() for k, v in imp.tensors.items()
                        if k.startswith(p)}
     model.adapters.load_state_dict(strip("adapters."), strict=True)
     model.head.load_state_dict(strip("head."), strict=True)

@@ -21,16 +21,22 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import torch
-
 from ..backbone import Backbone
 from ..errors import CheckpointError
 from ..methods.config import LoRAConfig, MethodConfig, PrefixConfig
-from .common import Imported, check_float, labels_of, read_json, read_weights, static_head, take
+from .common import (
+    Imported,
+    check_float,
+    labels_of,
+    read_json,
+    read_weights,
+    static_head,
+    take,
+)
 
 PATHS = {"attention.self.query": "q", "attention.self.key": "k", "attention.self.value": "v",
          "attention.output.dense": "o", "intermediate.dense": "ffn_in", "output.dense": "ffn_out"}
-LORA_KEY = re.compile(r"^base_model\.model\.(?:(?:bert|roberta)\.)?encoder\.layer\.(\d+)\.(.+)\.lora_([AB])\.weight$")
+LORA_KEY = re.compile(r"^base_model\.model\.(bert\.|roberta\.)?encoder\.layer\.(\d+)\.(.+)\.lora_([AB])\.weight$")
 # options read below, and options with no effect at inference; any other option must be unset (null/false/empty)
 HANDLED = {"peft_type", "task_type", "r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern",
            "target_modules", "modules_to_save", "layers_to_transform", "layers_pattern", "exclude_modules",
@@ -69,10 +75,13 @@ def _lora(cfg: dict, tensors: dict, backbone: Backbone, folder: Path) -> tuple[l
     found: dict[tuple[int, str], dict] = {}
     for k in [k for k in tensors if ".lora_" in k]:
         m = LORA_KEY.match(k)
-        if not m or m.group(2) not in PATHS or int(m.group(1)) >= ec.num_hidden_layers:
+        if m and m.group(1) and m.group(1) != base + ".":
+            raise CheckpointError(f"{folder}: the LoRA tensors are for a {m.group(1)[:-1]} model, the backbone "
+                                  f"{backbone.name} is a {ec.model_type}: use the backbone it was trained on")
+        if not m or m.group(3) not in PATHS or int(m.group(2)) >= ec.num_hidden_layers:
             raise _refuse(folder, f"LoRA tensor {k} is not on a projection of the backbone's "
                           f"{ec.num_hidden_layers} encoder layers")
-        found.setdefault((int(m.group(1)), m.group(2)), {})[m.group(3)] = tensors.pop(k)
+        found.setdefault((int(m.group(2)), m.group(3)), {})[m.group(4)] = tensors.pop(k)
     if not found:
         raise _refuse(folder, "a LoRA config without LoRA tensors")
     groups: dict[tuple, list[int]] = {}

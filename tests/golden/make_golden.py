@@ -89,8 +89,18 @@ def perturb(model, match, seed: int) -> None:
 
 # ---------------------------------------------------------------- AdapterHub cases
 def adapterhub_cases():
-    from adapters import (CompacterConfig, CompacterPlusPlusConfig, ConfigUnion, LoRAConfig, MAMConfig,
-                          ParBnConfig, PrefixTuningConfig, SeqBnConfig, UniPELTConfig)
+    from adapters import (
+        CompacterConfig,
+        CompacterPlusPlusConfig,
+        ConfigUnion,
+        DoubleSeqBnConfig,
+        LoRAConfig,
+        MAMConfig,
+        ParBnConfig,
+        PrefixTuningConfig,
+        SeqBnConfig,
+        UniPELTConfig,
+    )
     small_prefix = dict(prefix_length=8, bottleneck_size=64)  # the MLP sizes keep the files small
     return [
         # case, backbone, config, config class, safetensors?, head ("flex" or "static"), labels
@@ -117,6 +127,8 @@ def adapterhub_cases():
          "flex", 2),
         ("ah-seqbn-legacy-bert", "bert", SeqBnConfig(non_linearity="gelu_new"),
          "SeqBnConfig (adapter-transformers form)", False, "flex", 2),
+        ("ah-doubleseqbn-roberta", "roberta", DoubleSeqBnConfig(reduction_factor=8, use_gating=True),
+         "DoubleSeqBnConfig (gated)", True, "flex", 2),
     ]
 
 
@@ -143,7 +155,7 @@ def make_adapterhub_case(case, arch, config, backbone: Path, safetensors: bool, 
         model.config.id2label, model.config.label2id = id2label, {v: k for k, v in id2label.items()}
     model.train_adapter(name)
     model.set_active_adapters(name)
-    perturb(model, lambda n: f".{name}." in n or n.startswith(f"heads.{name}.") or n.startswith("classifier."), seed)
+    perturb(model, lambda n: f".{name}." in n or n.startswith((f"heads.{name}.", "classifier.")), seed)
     folder = HERE / "cases" / case
     shutil.rmtree(folder, ignore_errors=True)
     model.save_adapter(str(folder), name, with_head=True, use_safetensors=safetensors)
