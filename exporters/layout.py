@@ -71,7 +71,9 @@ def _one_hot(act: str) -> "torch.Tensor":
     import torch
     act = {"swish": "silu"}.get(act, act)
     if act not in ACTS:
-        raise ValueError(f"activation {act!r} cannot be served from the shared layout (supported: {ACTS})")
+        from hpeft_serve.errors import ConfigError  # a ValueError too
+        raise ConfigError(f"activation {act!r} cannot be served from the shared layout (supported: {ACTS}): "
+                          "export this adapter with --merge")
     return torch.tensor([float(a == act) for a in ACTS])
 
 
