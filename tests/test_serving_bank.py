@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import threading
 
+import time
+
 import numpy as np
 import pytest
 
@@ -124,14 +126,22 @@ def test_adapters_from_an_fsspec_store(served):
     src = root / "export" / "packs"
     for f in src.iterdir():
         fs.pipe_file(f"/store/{f.name}", f.read_bytes())
-    rt = SharedRuntime(root / "export", store="memory://store")
-    assert "uni" in rt.store.names()
     ids, mask = (t.numpy() for t in _batches()[1])
+    ref = {n: _reference(cks[n], (ids, mask)) for n in ("uni", "comp", "sparse")}
+    rt = SharedRuntime(root / "export", store="memory://store")
+    assert rt.check_every_s == 1.0  # a remote store: a resident pack is checked at most once a second
+    assert "uni" in rt.store.names()
     out, errs, _ = rt.infer(ids, mask, ["uni", "comp", "uni", "sparse", "lora"])
     assert not any(errs)
-    assert np.abs(out[1] - _reference(cks["comp"], (ids[1:2], mask[1:2]))[0]).max() <= TOL
+    assert np.abs(out[1] - ref["comp"][1]).max() <= TOL
     for suffix in (".safetensors", ".json"):  # replace "uni" by the sparse adapter's pack (renamed)
         data = (src / f"sparse{suffix}").read_bytes()
         fs.pipe_file(f"/store/uni{suffix}", data.replace(b'"name": "sparse"', b'"name": "uni"') if suffix == ".json" else data)
-    out, errs, _ = rt.infer(ids, mask, ["uni"] * len(ids))
-    assert np.abs(np.stack(out) - _reference(cks["sparse"], (ids, mask))).max() <= TOL
+    # a remote store is checked at most every check_every_s (each check is two HEAD requests on s3):
+    # within it the resident version answers, after it the new one
+    out, errs, old_v = rt.infer(ids, mask, ["uni"] * len(ids))
+    assert np.abs(np.stack(out) - ref["uni"]).max() <= TOL
+    time.sleep(1.05)
+    out, errs, new_v = rt.infer(ids, mask, ["uni"] * len(ids))
+    assert np.abs(np.stack(out) - ref["sparse"]).max() <= TOL
+    assert set(old_v) != set(new_v) and len(set(new_v)) == 1

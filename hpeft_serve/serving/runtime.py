@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -197,7 +198,7 @@ def default_providers() -> list:
 
 class SharedRuntime:
     def __init__(self, export_dir: Path, budget_bytes: int = 1 << 30, threads: int = 0, providers=None,
-                 pinned: tuple[str, ...] = (), store: str | None = None):
+                 pinned: tuple[str, ...] = (), store: str | None = None, check_every_s: float | None = None):
         import onnxruntime as ort
         export_dir = Path(export_dir)
         info = json.loads((export_dir / "backbone.json").read_text())
@@ -212,13 +213,21 @@ class SharedRuntime:
                                             providers=providers or default_providers())
         self.bank = AdapterBank(self.layout, info["backbone"]["num_layers"], budget_bytes, pinned)
         self.store = PackStore(store or export_dir / "packs", info["backbone"]["sha256"])
+        # how often a resident adapter's pack is checked for a replacement: on every request for a local
+        # folder (a stat), at most once a second for a remote store (two HEAD requests per check)
+        self.check_every_s = check_every_s if check_every_s is not None else (0.0 if self.store.fs is None else 1.0)
+        self._checked: dict[str, float] = {}
 
     def ensure(self, names: list[str]) -> dict[str, str]:
         """Load adapters not yet resident, reload those whose pack changed in the store (hot swap), drop
         those whose pack was deleted; returns name -> error for those that cannot be served."""
         errors = {}
+        now = time.monotonic()
         for n in dict.fromkeys(names):
             resident = self.bank.pack(n)
+            if resident is not None and self.check_every_s and now - self._checked.get(n, -1e9) < self.check_every_s:
+                continue
+            self._checked[n] = now
             if resident is not None and resident.stamp is not None and self.store.stamp(n) == resident.stamp:
                 continue
             if resident is not None and self.store.stamp(n) is None:

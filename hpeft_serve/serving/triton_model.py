@@ -22,8 +22,10 @@ class TritonPythonModel:
             export = Path(args["model_repository"]) / args["model_version"] / export
         budget = int(float(params.get("BANK_BUDGET_MB", "1024")) * 2 ** 20)
         pinned = tuple(n for n in params.get("PINNED_ADAPTERS", "").split(",") if n)
+        check = params.get("STORE_CHECK_MS", "")
         self.runtime = SharedRuntime(export, budget_bytes=budget, pinned=pinned,
-                                     store=params.get("ADAPTER_STORE") or None)
+                                     store=params.get("ADAPTER_STORE") or None,
+                                     check_every_s=float(check) / 1000 if check else None)
         self.max_len = int(params.get("MAX_SEQ_LEN", "512"))
         # which adapters are resident, on Triton's metrics port (the gateway's GET /v1/adapters reads it)
         self.resident = pb_utils.MetricFamily(name="hpeft_adapter_resident", kind=pb_utils.MetricFamily.GAUGE,
