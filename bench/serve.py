@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import socket
 import statistics
 import sys
 import tempfile
@@ -31,6 +30,7 @@ import tritonclient.grpc as grpcclient
 
 from exporters.export import export_checkpoint
 from hpeft_serve.backbone import load_backbone
+from hpeft_serve.serving.client import free_ports, hpeft_inputs
 from hpeft_serve.serving.deploy import deploy
 from hpeft_serve.serving.runtime import SharedRuntime
 from hpeft_serve.serving.triton import TritonServer
@@ -64,16 +64,6 @@ instance_group [ {{ kind: KIND_CPU count: 1 }} ]
 '''
 
 
-def ports():
-    socks = [socket.socket() for _ in range(3)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    out = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return out
-
-
 def pss_mb(pid: int) -> float:
     """PSS of a process and its children (tritonserver + stubs), MB."""
     total = 0
@@ -86,13 +76,12 @@ def pss_mb(pid: int) -> float:
 
 
 def request(ids, mask, names=None):
+    if names is not None:
+        return hpeft_inputs(grpcclient, ids, mask, names)
     inp = [grpcclient.InferInput("input_ids", list(ids.shape), "INT64"),
            grpcclient.InferInput("attention_mask", list(mask.shape), "INT64")]
     inp[0].set_data_from_numpy(ids)
     inp[1].set_data_from_numpy(mask)
-    if names is not None:
-        inp.append(grpcclient.InferInput("adapter", [len(names), 1], "BYTES"))
-        inp[2].set_data_from_numpy(np.array([[n.encode()] for n in names], dtype=object))
     return inp
 
 
@@ -162,7 +151,7 @@ def main() -> int:
         return repo
 
     def server(repo: Path, ready_model: str) -> TritonServer:
-        http, grpc, metrics = ports()
+        http, grpc, metrics = free_ports()
         s = TritonServer(repo, http, grpc, metrics, work=work / "triton", ready_model=ready_model)
         s.url_grpc = f"127.0.0.1:{grpc}"
         return s

@@ -17,7 +17,6 @@ import json
 import os
 import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -37,6 +36,7 @@ from export import make_ckpt  # noqa: E402
 from exporters.export import export_checkpoint  # noqa: E402
 from hpeft_serve import checkpoint  # noqa: E402
 from hpeft_serve.backbone import load_backbone  # noqa: E402
+from hpeft_serve.serving.client import free_ports  # noqa: E402
 from hpeft_serve.serving.deploy import deploy  # noqa: E402
 
 ADAPTERS = {"uni": "unipelt", "lora": "lora", "cpp": "compacter_pp", "sparse": "sparse_adapter"}
@@ -44,16 +44,6 @@ TEXTS = [["a wonderful, moving film", "dull"],
          ["the plot was thin but the actors carried it with charm and wit", "I walked out after twenty minutes"]]
 TOL = 1e-5
 TOKEN = "soak-token"
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    out = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return out
 
 
 def call(url: str, body: bytes, method: str = "POST", headers: dict | None = None) -> tuple[int, dict]:

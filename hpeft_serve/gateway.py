@@ -35,6 +35,7 @@ from pydantic import BaseModel, Field
 
 from .errors import CheckpointError, HpeftError
 from .names import NAME, check_name
+from .serving.client import hpeft_inputs
 from .serving.runtime import PackStore, check_pack, safetensors_header
 
 MODEL = "hpeft"
@@ -167,13 +168,8 @@ class Gateway:
         with self._tok_lock:  # a fast tokenizer is not safe to call from several threads at once
             enc = self.tokenizer()(texts, padding=True, truncation=True, max_length=self.s.max_tokens,
                                    return_tensors="np", return_length=True)
-        ids, mask = enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
-        inputs = [grpcclient.InferInput("input_ids", list(ids.shape), "INT64"),
-                  grpcclient.InferInput("attention_mask", list(mask.shape), "INT64"),
-                  grpcclient.InferInput("adapter", [len(texts), 1], "BYTES")]
-        inputs[0].set_data_from_numpy(ids)
-        inputs[1].set_data_from_numpy(mask)
-        inputs[2].set_data_from_numpy(np.array([[adapter.encode()]] * len(texts), dtype=object))
+        inputs = hpeft_inputs(grpcclient, enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64),
+                              [adapter] * len(texts))
         try:
             res = self.client().infer(MODEL, inputs, client_timeout=60, headers={"x-hpeft-adapter": adapter})
         except InferenceServerException as e:

@@ -58,18 +58,14 @@ def main() -> int:
     from transformers import AutoTokenizer
 
     from hpeft_serve.assets import minilm_folder
+    from hpeft_serve.serving.client import hpeft_inputs
     tok = AutoTokenizer.from_pretrained(str(minilm_folder()))
     http, grpc = httpclient.InferenceServerClient(args.http), grpcclient.InferenceServerClient(args.grpc)
 
     def triton_call(mod, client, adapter, texts):
         enc = tok(texts, padding=True, return_tensors="np")
-        ids, mask = enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
-        inputs = [mod.InferInput("input_ids", list(ids.shape), "INT64"),
-                  mod.InferInput("attention_mask", list(mask.shape), "INT64"),
-                  mod.InferInput("adapter", [len(texts), 1], "BYTES")]
-        inputs[0].set_data_from_numpy(ids)
-        inputs[1].set_data_from_numpy(mask)
-        inputs[2].set_data_from_numpy(np.array([[adapter.encode()]] * len(texts), dtype=object))
+        inputs = hpeft_inputs(mod, enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64),
+                              [adapter] * len(texts))
         return client.infer("hpeft", inputs).as_numpy("logits")
 
     rows = []

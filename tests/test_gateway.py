@@ -20,11 +20,11 @@ import pytest
 
 from exporters.export import export_checkpoint
 from hpeft_serve.gateway import GatewayThread, Settings
+from hpeft_serve.serving.client import free_ports
 from hpeft_serve.serving.deploy import deploy
 from hpeft_serve.serving.triton import TritonServer
 
 from .test_export import _make_ckpt, _reference
-from .test_triton import _free_ports
 
 TOL = 1e-5
 TOKEN = "test-admin-token"
@@ -66,7 +66,7 @@ def stack(tmp_path_factory, tiny_bert, tiny_roberta):
     export_checkpoint(cks["lora-rob"], root / "upload-rob", "onnx", log=lambda *_: None)
     repo = root / "repo"
     deploy(root / "export", repo, log=lambda *_: None)
-    http, grpc, metrics, gport = _free_ports(4)
+    http, grpc, metrics, gport = free_ports(4)
     state = {"root": root, "repo": repo, "cks": cks, "ports": (http, grpc, metrics)}
     state["triton"] = TritonServer(repo, http, grpc, metrics, work=root / "work").start()
     settings = Settings(repo=str(repo), triton=f"127.0.0.1:{grpc}", triton_metrics=f"http://127.0.0.1:{metrics}/metrics",

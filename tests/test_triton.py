@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import threading
 import urllib.error
 import urllib.request
@@ -21,6 +20,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from exporters.export import export_checkpoint
+from hpeft_serve.serving.client import free_ports, hpeft_inputs
 from hpeft_serve.serving.deploy import deploy
 from hpeft_serve.serving.triton import TritonServer
 
@@ -29,17 +29,6 @@ from .test_export import _batches, _make_ckpt, _reference
 TOL = 1e-5
 METHODS = {"uni": "unipelt", "mam": "mam", "comp": "compacter", "sparse": "sparse_adapter", "s4": "s4"}
 REPO_SRC = Path(__file__).resolve().parent.parent / "model_repository"
-
-
-def _free_ports(n=3):
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +40,7 @@ def server(tmp_path_factory, tiny_bert):
         export_checkpoint(ck, root / "export", "onnx", log=lambda *_: None)
     repo = root / "repo"  # a new repository: deploy writes the model's config and model.py
     deploy(root / "export", repo, log=lambda *_: None)
-    http, grpc, metrics = _free_ports()
+    http, grpc, metrics = free_ports()
     with TritonServer(repo, http, grpc, metrics, work=root / "work") as s:
         yield {"root": root, "repo": repo, "cks": cks, "server": s, "grpc": f"127.0.0.1:{grpc}",
                "http": f"http://127.0.0.1:{http}"}
@@ -66,13 +55,7 @@ def test_the_committed_repository_is_what_deploy_writes(tmp_path):
 
 def _grpc(srv, ids, mask, names, ids_dtype="INT64"):
     client = grpcclient.InferenceServerClient(srv["grpc"])
-    inputs = [grpcclient.InferInput("input_ids", list(ids.shape), ids_dtype),
-              grpcclient.InferInput("attention_mask", list(mask.shape), "INT64"),
-              grpcclient.InferInput("adapter", [len(names), 1], "BYTES")]
-    inputs[0].set_data_from_numpy(ids)
-    inputs[1].set_data_from_numpy(mask)
-    inputs[2].set_data_from_numpy(np.array([[n.encode()] for n in names], dtype=object))
-    return client.infer("hpeft", inputs).as_numpy("logits")
+    return client.infer("hpeft", hpeft_inputs(grpcclient, ids, mask, names, ids_dtype)).as_numpy("logits")
 
 
 def _rest(srv, ids, mask, names):

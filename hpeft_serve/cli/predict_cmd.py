@@ -22,15 +22,11 @@ def run(args) -> int:
 
     from ..backbone import load_backbone
     from ..errors import HpeftError
+    from ..serving.client import hpeft_inputs
     enc = load_backbone(args.backbone).tokenizer()(args.texts, padding=True, truncation=True,
                                                    max_length=args.max_length, return_tensors="np")
-    ids, mask = enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
-    inputs = [grpcclient.InferInput("input_ids", list(ids.shape), "INT64"),
-              grpcclient.InferInput("attention_mask", list(mask.shape), "INT64"),
-              grpcclient.InferInput("adapter", [len(ids), 1], "BYTES")]
-    inputs[0].set_data_from_numpy(ids)
-    inputs[1].set_data_from_numpy(mask)
-    inputs[2].set_data_from_numpy(np.array([[args.adapter.encode()]] * len(ids), dtype=object))
+    inputs = hpeft_inputs(grpcclient, enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64),
+                          [args.adapter] * len(args.texts))
     try:
         logits = grpcclient.InferenceServerClient(args.url).infer("hpeft", inputs).as_numpy("logits")
     except InferenceServerException as e:
