@@ -1,12 +1,14 @@
 """Serving through the real tritonserver, MiniLM on CPU (README table): the shared-backbone model `hpeft`
-against one merged model per adapter in the same server, in the same run.
+against a merged model (`hpeft export --merge` + `hpeft deploy`, dynamic batching) in the same server, in
+the same run, measured in alternating rounds.
 
 - memory (PSS of tritonserver + its stub processes) with 1, 10 and 100 adapters resident (merged: 1 and 10;
   100 merged models would need 100 stub processes of ~200 MB each on this 24 GB machine);
 - hot swap: from a new pack written into the store to its first answer;
-- throughput with 8 adapters mixed in the batches vs one merged model (4 concurrent gRPC clients);
-- latency p50/p99 at batch 1 (gRPC) vs in-process onnxruntime on the same graph, measured in alternating
-  rounds so that both see the same machine load;
+- throughput with 8 adapters mixed in the batches vs one merged model (4 concurrent gRPC clients; the
+  median of 3 alternating rounds);
+- latency p50/p99 at batch 1 (gRPC) vs in-process onnxruntime on the same graph, and the merged model,
+  measured in alternating rounds so that all see the same machine load;
 - the same 100 adapters under a bank budget (BANK_BUDGET_MB, LRU): memory, and the latency of a request
   whose adapter is not resident (loaded from the store on the way).
 
@@ -31,43 +33,19 @@ import tritonclient.grpc as grpcclient
 from exporters.export import export_checkpoint
 from hpeft_serve.backbone import load_backbone
 from hpeft_serve.serving.client import free_ports, hpeft_inputs
-from hpeft_serve.serving.deploy import deploy
+from hpeft_serve.serving.deploy import MERGED_CONFIG, MERGED_PY, deploy
 from hpeft_serve.serving.runtime import SharedRuntime
 from hpeft_serve.serving.triton import TritonServer
 
 sys.path.insert(0, str(Path(__file__).parent))
 from export import make_ckpt  # noqa: E402
 
-MERGED_PY = '''import json
-import numpy as np, onnxruntime as ort
-import triton_python_backend_utils as pb_utils
-class TritonPythonModel:
-    def initialize(self, args):
-        d = args["model_repository"] + "/" + args["model_version"]
-        self.s = ort.InferenceSession(d + "/model.onnx", providers=["CPUExecutionProvider"])
-    def execute(self, requests):
-        out = []
-        for r in requests:
-            ids = pb_utils.get_input_tensor_by_name(r, "input_ids").as_numpy()
-            mask = pb_utils.get_input_tensor_by_name(r, "attention_mask").as_numpy()
-            y = self.s.run(["logits"], {"input_ids": ids, "attention_mask": mask})[0]
-            out.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("logits", y)]))
-        return out
-'''
-MERGED_CFG = '''name: "{name}"
-backend: "python"
-max_batch_size: 0
-input [ {{ name: "input_ids" data_type: TYPE_INT64 dims: [ -1, -1 ] }},
-        {{ name: "attention_mask" data_type: TYPE_INT64 dims: [ -1, -1 ] }} ]
-output [ {{ name: "logits" data_type: TYPE_FP32 dims: [ -1, -1 ] }} ]
-instance_group [ {{ kind: KIND_CPU count: 1 }} ]
-'''
-
-
-def pss_mb(pid: int) -> float:
-    """PSS of a process and its children (tritonserver + stubs), MB."""
+def pss_mb(pid: int, skip: str | None = None) -> float:
+    """PSS of a process and its children (tritonserver + stubs; not the stubs whose command line holds
+    `skip`), MB."""
     total = 0
-    pids = [pid] + [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    kids = [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    pids = [pid] + [p for p in kids if not skip or skip not in Path(f"/proc/{p}/cmdline").read_text()]
     for p in pids:
         for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
             if line.startswith("Pss:"):
@@ -140,14 +118,14 @@ def main() -> int:
     mask = np.ones_like(ids)
     res: dict = {"memory_mb": {}, "hot_swap_ms": [], "throughput": {}, "latency_ms": {}}
 
-    def merged_repo(n: int) -> Path:
-        repo = work / f"repo-merged-{n}"
+    def add_merged(repo: Path, n: int) -> Path:
+        """n merged models m0..m{n-1} as `hpeft deploy` writes them (dynamic batching, one stub each)."""
         for i in range(n):
             d = repo / f"m{i}" / "1"
             d.mkdir(parents=True, exist_ok=True)
             shutil.copy(work / "merged" / "a0.onnx", d / "model.onnx")
             (d / "model.py").write_text(MERGED_PY)
-            (repo / f"m{i}" / "config.pbtxt").write_text(MERGED_CFG.format(name=f"m{i}"))
+            (repo / f"m{i}" / "config.pbtxt").write_text(MERGED_CONFIG.format(name=f"m{i}", method=args.method))
         return repo
 
     def server(repo: Path, ready_model: str) -> TritonServer:
@@ -158,13 +136,15 @@ def main() -> int:
 
     repo = work / "repo"
     deploy(work / "export", repo, log=lambda *_: None)
+    add_merged(repo, 1)
     with server(repo, "hpeft") as srv:
+        time.sleep(3)  # m0 loads after hpeft is ready
         url = srv.url_grpc
         client = grpcclient.InferenceServerClient(url)
         for n in (1, 10, 100):
             for i in range(n):
                 client.infer("hpeft", request(ids, mask, [f"a{i}"]))
-            res["memory_mb"][f"shared model, {n} adapters resident"] = pss_mb(srv.proc.pid)
+            res["memory_mb"][f"shared model, {n} adapters resident"] = pss_mb(srv.proc.pid, skip="/m0/1/")
         store = repo / "hpeft" / "1" / "export" / "packs"
         for k in range(10):  # hot swap: a new pack written into the store -> its first answer
             name = f"hot{k}"
@@ -177,25 +157,35 @@ def main() -> int:
                 (store / f".{name}{suffix}.tmp").rename(store / f"{name}{suffix}")
             client.infer("hpeft", request(ids, mask, [name]))
             res["hot_swap_ms"].append(1000 * (time.perf_counter() - t))
+        # shared vs merged in the same server, in alternating rounds, so that both see the same machine
+        runs = {}
         for b in (1, 8):
             bi, bm = np.repeat(ids, b, 0), np.repeat(mask, b, 0)
-            res["throughput"][f"shared, 8 adapters mixed, batch {b}"] = throughput(
-                url, "hpeft", bi, bm, lambda i, b=b: [f"a{(i + r) % 8}" for r in range(b)], args.seconds)
+            runs[f"shared, 8 adapters mixed, batch {b}"] = ("hpeft", bi, bm, lambda i, b=b: [f"a{(i + r) % 8}" for r in range(b)])
+            runs[f"merged model, batch {b}"] = ("m0", bi, bm, lambda i: None)
+        rounds = {k: [] for k in runs}
+        for _ in range(3):
+            for k, (model, bi, bm, names) in runs.items():
+                rounds[k].append(throughput(url, model, bi, bm, names, args.seconds / 3))
+        res["throughput"] = {k: statistics.median(v) for k, v in rounds.items()}
         rt = SharedRuntime(work / "export")
         rt.infer(ids, mask, ["a1"])
-        served, local = [], []
-        for _ in range(6):  # alternating rounds: both see the same load
+        served, local, merged = [], [], []
+        for _ in range(6):  # alternating rounds: all three see the same load
             served += latency(client, "hpeft", ids, mask, ["a1"], 50)
+            merged += latency(client, "m0", ids, mask, None, 50)
             for _ in range(50):
                 t = time.perf_counter()
                 rt.infer(ids, mask, ["a1"])
                 local.append(1000 * (time.perf_counter() - t))
         res["latency_ms"]["shared model via gRPC"] = served
         res["latency_ms"]["shared in-process (SharedRuntime)"] = local
+        res["latency_ms"]["merged model via gRPC"] = merged
         del rt
     cfg = repo / "hpeft" / "config.pbtxt"
     cfg.write_text(cfg.read_text().replace('key: "BANK_BUDGET_MB" value { string_value: "1024" }',
                                            f'key: "BANK_BUDGET_MB" value {{ string_value: "{args.budget_mb}" }}'))
+    shutil.rmtree(repo / "m0")
     with server(repo, "hpeft") as srv:
         client = grpcclient.InferenceServerClient(srv.url_grpc)
         cold = []
@@ -207,16 +197,9 @@ def main() -> int:
         res["memory_mb"][f"shared model, 100 adapters in use, bank budget {args.budget_mb} MB (LRU)"] = pss_mb(srv.proc.pid)
         res["latency_ms"][f"adapter not resident (budget {args.budget_mb} MB, round robin over 100)"] = cold[100:]
     for n in (1, 10):
-        with server(merged_repo(n), "m0") as srv:
+        with server(add_merged(work / f"repo-merged-{n}", n), "m0") as srv:
             time.sleep(2 * n)  # the other merged models load after m0 is ready
             res["memory_mb"][f"{n} merged model(s), one per adapter"] = pss_mb(srv.proc.pid)
-            if n == 1:
-                client = grpcclient.InferenceServerClient(srv.url_grpc)
-                for b in (1, 8):
-                    bi, bm = np.repeat(ids, b, 0), np.repeat(mask, b, 0)
-                    res["throughput"][f"merged model, batch {b}"] = throughput(
-                        srv.url_grpc, "m0", bi, bm, lambda i: None, args.seconds)
-                res["latency_ms"]["merged model via gRPC"] = latency(client, "m0", ids, mask, None, 300)
     res["method"], res["pack_mb"] = args.method, (packs / "a0.safetensors").stat().st_size / 1e6
     report(res)
     out = args.out or Path(f"bench/results/serve-{args.method}.json")

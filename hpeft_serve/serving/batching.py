@@ -26,5 +26,7 @@ def collect(requests, read, error_response) -> tuple[list, list]:
 
 def pad_concat(arrays: list[np.ndarray]) -> np.ndarray:
     """[batch_i, seq_i] arrays -> one [sum batch_i, max seq_i] array, right-padded with zeros."""
+    if len(arrays) == 1:
+        return arrays[0]
     seq = max(a.shape[1] for a in arrays)
     return np.concatenate([np.pad(a, ((0, 0), (0, seq - a.shape[1]))) for a in arrays])

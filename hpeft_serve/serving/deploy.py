@@ -85,7 +85,7 @@ input [
   {{ name: "attention_mask" data_type: TYPE_INT64 dims: [ -1 ] allow_ragged_batch: true }}
 ]
 output [ {{ name: "logits" data_type: TYPE_FP32 dims: [ -1 ] }} ]
-dynamic_batching {{ max_queue_delay_microseconds: 500 }}
+dynamic_batching {{ max_queue_delay_microseconds: 0 }}
 instance_group [ {{ kind: KIND_CPU count: 1 }} ]
 parameters {{ key: "MAX_SEQ_LEN" value {{ string_value: "512" }} }}
 """

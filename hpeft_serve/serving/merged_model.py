@@ -8,16 +8,15 @@ import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 
 from hpeft_serve.serving.batching import check_tokens, collect, pad_concat
+from hpeft_serve.serving.runtime import default_providers
 
 
 class TritonPythonModel:
     def initialize(self, args):
         cfg = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in cfg.get("parameters", {}).items()}
-        so = ort.SessionOptions()
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         path = Path(args["model_repository"]) / args["model_version"] / "model.onnx"
-        self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(str(path), providers=default_providers())
         self.max_len = int(params.get("MAX_SEQ_LEN", "512"))
 
     def _read(self, request):
