@@ -242,3 +242,26 @@ def test_report_max_diffs():
         got = {k: v for k, v in MAX_DIFF.items() if k.startswith(kind)}
         if got:
             print(f"\n{kind}: max abs diff {max(got.values()):.2e} over {len(got)} checks")
+
+
+def test_imported_adapters_served_by_tritonserver_give_the_library_logits(imported, tmp_path):
+    """An imported checkpoint is a normal checkpoint: exported, deployed and served by the real tritonserver
+    (the BERT cases, several libraries and methods in one graph), each answers the library's logits."""
+    import tritonclient.grpc as grpcclient
+
+    from hpeft_serve.serving.client import free_ports, hpeft_inputs
+    from hpeft_serve.serving.deploy import deploy
+    from hpeft_serve.serving.triton import TritonServer
+    cases = [c for c in CASES if MANIFEST[c]["backbone"] == "bert" and c not in SHIFTED]
+    assert {MANIFEST[c]["library"] for c in cases} == {"adapterhub", "peft"}
+    for c in cases:
+        export_checkpoint(imported[c], tmp_path / "export", "onnx", log=lambda *_: None)
+    deploy(tmp_path / "export", tmp_path / "repo", log=lambda *_: None)
+    http, grpc, metrics = free_ports()
+    with TritonServer(tmp_path / "repo", http, grpc, metrics, work=tmp_path / "work"):
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc}")
+        for c in cases:
+            e = _expected(c)
+            ids, mask = e["input_ids"].numpy(), e["attention_mask"].numpy()
+            got = client.infer("hpeft", hpeft_inputs(grpcclient, ids, mask, [c] * len(ids))).as_numpy("logits")
+            _check(f"tritonserver {c}", got, e["logits"])
