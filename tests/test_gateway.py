@@ -297,3 +297,41 @@ def test_triton_down_is_503_and_recovers_with_uploads_kept(stack):
     _until_ok(stack, "kept", stack["cks"]["uni2"], seconds=30)  # the upload survived the restart
     _check_answer(stack, "uni", stack["cks"]["uni"])
     assert _call(f"{url}/healthz")[0] == 200
+
+
+def test_hpeft_serve_restarts_a_dead_tritonserver(stack, tmp_path):
+    """`hpeft serve` (the CLI, as a user runs it): tritonserver killed -> restarted; the gateway answers 503
+    meanwhile, then the right answers; SIGTERM stops both."""
+    import subprocess
+    import sys
+    http, grpc, metrics, gport = free_ports(4)
+    env = dict(os.environ, HPEFT_ADMIN_TOKEN=TOKEN)
+    hpeft = Path(sys.executable).with_name("hpeft")
+    proc = subprocess.Popen([str(hpeft), "serve", "--repo", str(stack["repo"]), "--http-port", str(http),
+                             "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--gateway-port", str(gport)],
+                            env=env, stdout=open(tmp_path / "serve.log", "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    mine = dict(stack, url=f"http://127.0.0.1:{gport}")
+    try:
+        t0 = time.monotonic()
+        while not (_port_open(gport) and _call(f"{mine['url']}/healthz")[0] == 200):
+            assert proc.poll() is None and time.monotonic() - t0 < 120, (tmp_path / "serve.log").read_text()
+            time.sleep(0.5)
+        _check_answer(mine, "uni", stack["cks"]["uni"])
+        kids = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        triton = [int(p) for p in kids if "tritonserver" in Path(f"/proc/{p}/cmdline").read_text()]
+        assert len(triton) == 1
+        os.kill(triton[0], signal.SIGKILL)
+        codes = _until_ok(mine, "uni", stack["cks"]["uni"], seconds=120)
+        assert 503 in codes, codes  # the gateway said so while Triton was away
+        assert "restarting it" in (tmp_path / "serve.log").read_text()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    assert not _port_open(gport) and not _port_open(grpc)
+
+
+def _port_open(port: int) -> bool:
+    import socket
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0

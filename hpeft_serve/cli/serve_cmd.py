@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from pathlib import Path
 
 
@@ -20,6 +21,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+    from ..errors import HpeftError
     from ..serving.triton import TritonServer
     server = TritonServer(args.repo, args.http_port, args.grpc_port, args.metrics_port, address=args.address)
     server.start(args.timeout)
@@ -33,11 +35,24 @@ def run(args) -> int:
         raise
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
+    restarts: list[float] = []
     try:
         while not done.wait(1.0):
-            if server.proc.poll() is not None:
-                print(f"tritonserver exited ({server.proc.returncode}); log {server.log}")
+            if server.proc.poll() is None:
+                continue
+            code = server.proc.returncode
+            restarts = [t for t in restarts if time.monotonic() - t < 300] + [time.monotonic()]
+            if len(restarts) > 3:
+                print(f"tritonserver exited ({code}) a fourth time in 5 minutes: giving up; log {server.log}")
                 return 1
+            print(f"tritonserver exited ({code}); restarting it (the gateway answers 503 meanwhile); "
+                  f"log {server.log}.1", flush=True)
+            try:
+                server.start(args.timeout)
+            except HpeftError as e:
+                print(f"error: the restart failed: {e}")
+                return 1
+            print("tritonserver is back", flush=True)
     except KeyboardInterrupt:
         pass
     finally:

@@ -110,6 +110,10 @@ class TritonServer:
         env = environment(inst)
         check_libraries(inst, env)
         self.work.mkdir(parents=True, exist_ok=True)
+        if self.proc is not None:  # a restart: what is left of the last process goes, its log is kept
+            self.reap()
+            if self.log.exists():
+                os.replace(self.log, self.log.with_suffix(".log.1"))
         logf = open(self.log, "w")
         self.proc = subprocess.Popen(self.command(inst), stdout=logf, stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True)
@@ -134,6 +138,13 @@ class TritonServer:
             time.sleep(0.2)
         self.stop()
         raise HpeftError(f"tritonserver was not ready after {timeout:.0f}s; log: {self.log}")
+
+    def reap(self) -> None:
+        """After tritonserver died: end its process group (stub processes it left behind)."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
     def stop(self, timeout: float = 15.0) -> None:
         if self.proc is None or self.proc.poll() is not None:
