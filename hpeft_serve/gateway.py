@@ -97,7 +97,7 @@ class Gateway:
         self.info = self._backbone_info()
         self.store = PackStore(settings.store or f"{settings.export}/packs", self.info["backbone"]["sha256"])
         self._tokenizer, self._tok_lock = None, threading.Lock()
-        self._labels: dict[str, tuple] = {}
+        self._labels: dict[tuple[str, str], tuple] = {}
         self._client = None
         self._recovering = threading.Lock()  # held while model hpeft reloads after its stub process died
         self.tokenizer()  # fail at start, not on the first request
@@ -147,13 +147,17 @@ class Gateway:
         return None
 
     # ------------------------------------------------------------------ predict
-    def labels(self, name: str) -> tuple:
-        stamp = self.store.stamp(name)
-        hit = self._labels.get(name)
-        if hit is None or hit[0] != stamp:
-            hit = (stamp, tuple((self.store.meta(name) or {}).get("labels", ())))
-            self._labels[name] = hit
-        return hit[1]
+    def labels(self, name: str, version: str) -> tuple:
+        """The labels of the pack version that answered (read from the store once per version: no store
+        round trip on the request path)."""
+        key = (name, version)
+        if key in self._labels:
+            return self._labels[key]
+        meta = self.store.meta(name) or {}
+        labels = tuple(meta.get("labels", ()))
+        if meta.get("sha256", "")[:16] == version:  # the store may already hold a newer version: keep that out
+            self._labels[key] = labels
+        return labels
 
     def predict(self, adapter: str, texts: list[str]) -> dict:
         import tritonclient.grpc as grpcclient
@@ -177,7 +181,7 @@ class Gateway:
                 self.recover()
             raise _triton_error(e, adapter) from None
         logits, version = res.as_numpy("logits"), res.as_numpy("adapter_version").reshape(-1)[0].decode()
-        labels = self.labels(adapter)
+        labels = self.labels(adapter, version)
         out = []
         for row in logits:
             row = row[:len(labels)] if labels else row
@@ -262,7 +266,6 @@ class Gateway:
     def delete(self, name: str) -> dict:
         if not NAME.fullmatch(name) or not self.store.delete(name):
             raise GatewayError(404, f"unknown adapter {name!r}")
-        self._labels.pop(name, None)
         return {"name": name, "deleted": True}
 
 

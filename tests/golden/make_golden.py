@@ -180,7 +180,7 @@ def legacy_edits(case: str, folder: Path, name: str) -> None:
         c["invertible_adapter"] = {"block_type": "nice", "non_linearity": "relu", "reduction_factor": 2}
         cfg["type"] = "text_task"
         weights = folder / "pytorch_adapter.bin"
-        sd = torch.load(weights)
+        sd = torch.load(weights, weights_only=True)
         sd = {k.replace(".output.adapters.", ".output.layer_text_task_adapters."): v for k, v in sd.items()}
         torch.save(sd, weights)
     cfg_file.write_text(json.dumps(cfg, indent=2, sort_keys=True))
