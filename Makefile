@@ -16,7 +16,7 @@ bench-export: install
 	$(VENV)/bin/python bench/export.py
 
 test: install
-	$(VENV)/bin/python -m pytest -q tests
+	$(VENV)/bin/python -m pytest tests
 
 bench-quality: install
 	$(VENV)/bin/python bench/quality.py

@@ -6,8 +6,10 @@ Two steps, so that the GPU machine needs no torch and no training:
     python bench/gpu_check.py prepare OUT   # here (torch): tiny-BERT adapters of every method, one shared
                                             # export, a mixed padded batch and its PyTorch logits
     python bench/gpu_check.py check OUT     # on the GPU host (numpy + onnxruntime-gpu only): prints a table
+    python bench/gpu_check.py triton OUT    # on the GPU host with nvidia-pytriton + tritonclient too: the
+                                            # same batch through the real tritonserver, model hpeft on CUDA
 
-`check` exits 1 when CUDA is not the provider in use or a difference exceeds 1e-5.
+`check` and `triton` exit 1 when CUDA is not the provider in use or a difference exceeds 1e-5.
 """
 
 from __future__ import annotations
@@ -99,11 +101,46 @@ def check(out: Path) -> int:
     return 0 if ok else 1
 
 
+def triton(out: Path) -> int:
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    from hpeft_serve.serving.client import free_ports, hpeft_inputs
+    from hpeft_serve.serving.deploy import deploy
+    from hpeft_serve.serving.triton import TritonServer
+
+    b = np.load(out / "batch.npz")
+    names = json.loads((out / "batch.json").read_text())["adapters"]
+    repo = out / "repo"
+    deploy(out / "export", repo)
+    http, grpc, metrics = free_ports()
+    with TritonServer(repo, http, grpc, metrics, work=out / "triton") as server:
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc}")
+        logits = client.infer("hpeft", hpeft_inputs(grpcclient, b["input_ids"], b["attention_mask"], names)).as_numpy("logits")
+        times = []
+        one = hpeft_inputs(grpcclient, b["input_ids"][:1], b["attention_mask"][:1], names[:1])
+        for _ in range(50):
+            t0 = time.perf_counter()
+            client.infer("hpeft", one)
+            times.append((time.perf_counter() - t0) * 1e3)
+        log = server.log.read_text(errors="replace")
+    providers = [line for line in log.splitlines() if "onnxruntime providers" in line]
+    diff = float(max(np.abs(l[:len(r)] - r).max() for l, r in zip(logits, b["logits"])))
+    on_cuda = bool(providers) and "CUDAExecutionProvider" in providers[-1]
+    used = providers[-1].split("hpeft: ")[-1].rstrip('"') if providers else "?"
+    print(f"\ntritonserver (nvidia-pytriton wheel), model hpeft: {used}")
+    print(f"| mixed batch {tuple(b['input_ids'].shape)}, {len(set(names))} adapters, gRPC | max abs diff vs PyTorch "
+          f"{diff:.2e} | batch-1 p50 {statistics.median(times):.2f} ms |")
+    ok = on_cuda and diff <= TOL
+    print("PASS" if ok else "FAIL")
+    return 0 if ok else 1
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 3 or sys.argv[1] not in ("prepare", "check"):
+    if len(sys.argv) != 3 or sys.argv[1] not in ("prepare", "check", "triton"):
         sys.exit(__doc__)
     out = Path(sys.argv[2])
     if sys.argv[1] == "prepare":
         prepare(out)
     else:
-        sys.exit(check(out))
+        sys.exit({"check": check, "triton": triton}[sys.argv[1]](out))

@@ -27,6 +27,7 @@ class TritonPythonModel:
                                      store=params.get("ADAPTER_STORE") or None,
                                      check_every_s=float(check) / 1000 if check else None)
         self.max_len = int(params.get("MAX_SEQ_LEN", "512"))
+        pb_utils.Logger.log_info(f"hpeft: graph {export}, onnxruntime providers {self.runtime.session.get_providers()}")
         # which adapters are resident, on Triton's metrics port (the gateway's GET /v1/adapters reads it)
         self.resident = pb_utils.MetricFamily(name="hpeft_adapter_resident", kind=pb_utils.MetricFamily.GAUGE,
                                               description="1 while the adapter is loaded in the bank, else 0")
