@@ -361,7 +361,7 @@ def create_app(settings: Settings | None = None):
         requests_total.labels(label, "200").inc()
         inputs_total.labels(label).inc(len(req.inputs))
         latency.labels(label).observe(dt)
-        return out | {"latency_ms": round(dt * 1000, 2)}
+        return JSONResponse(out | {"latency_ms": round(dt * 1000, 2)})  # already plain JSON types: no re-encoding
 
     @app.get("/v1/adapters", summary="the adapters in the store")
     def adapters():
