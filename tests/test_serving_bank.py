@@ -35,9 +35,11 @@ def served(tmp_path_factory, tiny_bert):
     return root, cks
 
 
-def test_mixed_batch_and_unknown_adapter(served):
+@pytest.mark.parametrize("bind", [False, True], ids=["fed", "bound"])
+def test_mixed_batch_and_unknown_adapter(served, bind):
+    """`bound`: the bank bound once as OrtValues (what runs on a GPU), refreshed only when it changes."""
     root, cks = served
-    rt = SharedRuntime(root / "export")
+    rt = SharedRuntime(root / "export", bind_bank=bind)
     ids, mask = (t.numpy() for t in _batches()[1])
     names = ["uni", "comp", "nope", "sparse", "uni"]
     out, errs, _ = rt.infer(ids, mask, names)
@@ -49,9 +51,11 @@ def test_mixed_batch_and_unknown_adapter(served):
     assert set(rt.bank.names()) == {"uni", "comp", "sparse"}  # loaded on first use
 
 
-def test_replacement_is_atomic_under_concurrent_requests(served, tmp_path):
+@pytest.mark.parametrize("bind", [False, True], ids=["fed", "bound"])
+def test_replacement_is_atomic_under_concurrent_requests(served, tmp_path, bind):
     root, cks = served
-    rt = SharedRuntime(root / "export")
+    # versions are put into the bank directly here: the store is not looked at again (no reload from it)
+    rt = SharedRuntime(root / "export", bind_bank=bind, check_every_s=1e9)
     v1 = rt.store.load("lora")
     ids, mask = (t.numpy() for t in _batches()[0])
     ref1 = _reference(cks["lora"], (ids, mask))
@@ -85,6 +89,10 @@ def test_replacement_is_atomic_under_concurrent_requests(served, tmp_path):
         t.join()
     assert not bad, "a request saw a mix of two versions"
     assert seen["v1"] + seen["v2"] > 0
+    for version, ref in ((v2, ref2), (v1, ref1), (v2, ref2)):  # after a replace, the next answer is the new one
+        rt.bank.put(version)
+        out, _, versions = rt.infer(ids, mask, ["lora"] * len(ids))
+        assert np.abs(np.stack(out) - ref).max() <= TOL and set(versions) == {version.version}
 
 
 def test_lru_eviction_spares_pinned(served):

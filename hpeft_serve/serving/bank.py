@@ -85,6 +85,7 @@ class AdapterBank:
         self._sizes: dict[str, int] | None = None
         self._arrays: dict[str, np.ndarray] = {}
         self._capacity = 0
+        self.generation = 0  # +1 whenever the arrays' contents change (a device copy of them is then stale)
 
     # ------------------------------------------------------------------ reading
     @contextmanager
@@ -132,6 +133,7 @@ class AdapterBank:
             old = self._slots.get(pack.name)
             slot = self._free_slot(exclude=old)
             self._write(slot, pack)
+            self.generation += 1
             self._slots = {**self._slots, pack.name: slot}  # publish: readers see old or new, never a mix
             with self._lru:  # keep the metadata only: the tensors live in the slot
                 self._packs[pack.name] = Pack(pack.name, {}, pack.sizes, pack.version, pack.labels, pack.stamp)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -198,7 +199,8 @@ def default_providers() -> list:
 
 class SharedRuntime:
     def __init__(self, export_dir: Path, budget_bytes: int = 1 << 30, threads: int = 0, providers=None,
-                 pinned: tuple[str, ...] = (), store: str | None = None, check_every_s: float | None = None):
+                 pinned: tuple[str, ...] = (), store: str | None = None, check_every_s: float | None = None,
+                 bind_bank: bool | None = None):
         import onnxruntime as ort
         export_dir = Path(export_dir)
         info = json.loads((export_dir / "backbone.json").read_text())
@@ -211,6 +213,11 @@ class SharedRuntime:
         self.session = ort.InferenceSession(str(export_dir / info["graph"]), so,
                                             providers=providers or default_providers())
         self.bank = AdapterBank(self.layout, info["backbone"]["num_layers"], budget_bytes, pinned)
+        # on a GPU the bank lives on the device and is copied there only when it changes, not on every forward
+        self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+        self.bind_bank = self.device == "cuda" if bind_bank is None else bind_bank
+        self._bound: dict[str, tuple[int, object]] = {}  # graph input -> (bank generation, OrtValue)
+        self._bound_lock = threading.Lock()
         self.store = PackStore(store or export_dir / "packs", info["backbone"]["sha256"])
         # how often a resident adapter's pack is checked for a replacement: on every request for a local
         # folder (a stat), at most once a second for a remote store (two HEAD requests per check)
@@ -246,6 +253,26 @@ class SharedRuntime:
                 errors[n] = str(e)
         return errors
 
+    def _run_bound(self, feed: dict, bank: dict) -> np.ndarray:
+        """One forward with the bank's tensors bound as device OrtValues, refreshed when the bank's generation
+        changed (called under the bank's read lock: no write can change it meanwhile)."""
+        import onnxruntime as ort
+        binding = self.session.io_binding()
+        for n, a in feed.items():
+            binding.bind_cpu_input(n, np.ascontiguousarray(a))
+        generation = self.bank.generation
+        with self._bound_lock:
+            for n, a in bank.items():
+                hit = self._bound.get(n)
+                if hit is None or hit[0] != generation:
+                    # a snapshot on either device (on the CPU too, so that the CPU runs what the GPU runs)
+                    hit = (generation, ort.OrtValue.ortvalue_from_numpy(np.array(a), self.device, 0))
+                    self._bound[n] = hit
+                binding.bind_ortvalue_input(n, hit[1])
+        binding.bind_output("logits", "cpu")
+        self.session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()[0]
+
     def infer(self, input_ids: np.ndarray, attention_mask: np.ndarray, names: list[str]):
         """(logits per row or None, error per row or None, version per row or None): one forward for all
         rows that can run; a row's version is that of the weights that computed it."""
@@ -259,8 +286,8 @@ class SharedRuntime:
         sub = [names[r] for r in ok]
         with self.bank.reading(sub) as (index, arrays, bank_errs):
             feed = {"input_ids": input_ids[ok], "attention_mask": attention_mask[ok], "adapter_index": index}
-            feed |= {n: arrays[n] for n in self.inputs if n in arrays}
-            logits = self.session.run(["logits"], feed)[0]
+            bank = {n: arrays[n] for n in self.inputs if n in arrays}
+            logits = self._run_bound(feed, bank) if self.bind_bank else self.session.run(["logits"], feed | bank)[0]
             resident = {n: (self.bank.version(n), len(self.bank.labels(n))) for n in set(sub)
                         if self.bank.version(n) is not None}
         for j, r in enumerate(ok):
