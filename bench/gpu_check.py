@@ -143,7 +143,7 @@ def bank_on_device(out: Path, b, names: list[str], providers, copies: int = 60) 
     print(f"\n| GPU, {rows[0][1]} adapters resident | bank MB | p50 ms, batch {tuple(ids.shape)} mixed |\n|---|---|---|")
     for label, _, mb, ms in rows:
         print(f"| {label} | {mb:.0f} | {ms:.2f} |")
-    print(f"bound vs fed max abs diff {diff:.1e}; bound vs PyTorch {ref:.2e}")
+    print(f"\nbound vs fed max abs diff {diff:.1e}; bound vs PyTorch {ref:.2e}")
     return diff <= TOL and ref <= TOL
 
 
@@ -174,7 +174,7 @@ def triton(out: Path) -> int:
     diff = float(max(np.abs(l[:len(r)] - r).max() for l, r in zip(logits, b["logits"])))
     on_cuda = bool(providers) and "CUDAExecutionProvider" in providers[-1]
     used = providers[-1].split("hpeft: ")[-1].rstrip('"') if providers else "?"
-    print(f"\ntritonserver (nvidia-pytriton wheel), model hpeft: {used}")
+    print(f"\ntritonserver (nvidia-pytriton wheel), model hpeft: {used}\n")
     print(f"| mixed batch {tuple(b['input_ids'].shape)}, {len(set(names))} adapters, gRPC | max abs diff vs PyTorch "
           f"{diff:.2e} | batch-1 p50 {statistics.median(times):.2f} ms |")
     ok = on_cuda and diff <= TOL
