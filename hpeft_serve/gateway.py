@@ -171,7 +171,7 @@ class Gateway:
                 raise GatewayError(413, f"input {i} has {len(t)} characters; at most {self.s.max_chars}")
         with self._tok_lock:  # a fast tokenizer is not safe to call from several threads at once
             enc = self.tokenizer()(texts, padding=True, truncation=True, max_length=self.s.max_tokens,
-                                   return_tensors="np", return_length=True)
+                                   return_tensors="np")
         inputs = hpeft_inputs(grpcclient, enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64),
                               [adapter] * len(texts))
         try:
@@ -189,7 +189,7 @@ class Gateway:
             k = int(row.argmax())
             out.append({"label": labels[k] if labels else k, "scores": [round(float(p), 6) for p in z / z.sum()],
                         "logits": [float(x) for x in row]})
-        truncated = [int(n) >= self.s.max_tokens for n in enc["length"]]
+        truncated = [int(n) >= self.s.max_tokens for n in enc["attention_mask"].sum(1)]  # cut to max_tokens
         return {"adapter": adapter, "version": version, "outputs": out,
                 **({"truncated": truncated} if any(truncated) else {})}
 

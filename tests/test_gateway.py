@@ -110,6 +110,18 @@ def test_predict_equals_the_pytorch_forward(stack):
     _check_answer(stack, "comp", stack["cks"]["comp"])  # 3 labels, another method, same backbone graph
 
 
+def test_long_inputs_are_truncated_and_flagged(stack):
+    from hpeft_serve.gateway import Gateway
+    gw = Gateway(Settings(repo=str(stack["repo"]), triton=stack["gateway"].app.state.gateway.s.triton, max_tokens=16))
+    texts = ["short", "a long review that goes on and on " * 10]
+    out = gw.predict("uni", texts)
+    assert out["truncated"] == [False, True]
+    enc = gw.tokenizer()(texts, padding=True, truncation=True, max_length=16, return_tensors="np")
+    ref = _reference(stack["cks"]["uni"], (enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)))
+    assert np.abs(np.array([o["logits"] for o in out["outputs"]], np.float32) - ref).max() <= TOL
+    assert "truncated" not in gw.predict("uni", ["short"])
+
+
 def test_adapters_list_health_metrics_and_docs(stack):
     _check_answer(stack, "uni", stack["cks"]["uni"])
     code, out = _call(f"{stack['url']}/v1/adapters")
