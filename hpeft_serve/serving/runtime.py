@@ -265,8 +265,10 @@ class SharedRuntime:
             for n, a in bank.items():
                 hit = self._bound.get(n)
                 if hit is None or hit[0] != generation:
-                    # a snapshot on either device (on the CPU too, so that the CPU runs what the GPU runs)
-                    hit = (generation, ort.OrtValue.ortvalue_from_numpy(np.array(a), self.device, 0))
+                    # a snapshot: a device copy on the GPU; on the CPU an explicit copy (an OrtValue would share
+                    # the bank's memory), so that the CPU runs what the GPU runs
+                    snap = np.array(a) if self.device == "cpu" else a
+                    hit = (generation, ort.OrtValue.ortvalue_from_numpy(snap, self.device, 0))
                     self._bound[n] = hit
                 binding.bind_ortvalue_input(n, hit[1])
         binding.bind_output("logits", "cpu")
