@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 
@@ -122,7 +121,6 @@ def write_pack(tensors: dict, sizes: dict, cfg: dict, folder: Path) -> list[str]
     records the tensors' sha256), each written to a temp name and renamed: a reader never sees a
     half-written file, and a json that does not match its tensors means an update is under way."""
     from safetensors.torch import save as save_bytes
-    folder.mkdir(parents=True, exist_ok=True)
     name = cfg["name"]
     meta = {"format": "hpeft-pack", "layout_version": LAYOUT_VERSION, "name": name, "method": cfg["method"],
             "labels": cfg["labels"], "backbone": cfg["backbone"], "sizes": sizes, "method_config": cfg["method_config"]}
@@ -130,11 +128,8 @@ def write_pack(tensors: dict, sizes: dict, cfg: dict, folder: Path) -> list[str]
     data = save_bytes({k: v.contiguous() for k, v in tensors.items()},
                       metadata={"format": "hpeft-pack", "hpeft_pack": json.dumps(meta)})
     meta["sha256"] = hashlib.sha256(data).hexdigest()
-    for suffix, payload in ((".safetensors", data), (".json", (json.dumps(meta, indent=2) + "\n").encode())):
-        tmp = folder / f".{name}{suffix}.tmp"
-        tmp.write_bytes(payload)
-        tmp.chmod(0o644)
-        os.replace(tmp, folder / f"{name}{suffix}")
+    from hpeft_serve.serving.runtime import PackStore
+    PackStore(folder, cfg["backbone"]["sha256"]).write(name, data, meta)
     return [f"packs/{name}.safetensors", f"packs/{name}.json"]
 
 

@@ -31,12 +31,13 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
+from exporters.layout import Layout
 from pydantic import BaseModel, Field
 
 from .errors import CheckpointError, HpeftError
 from .names import NAME, check_name
 from .serving.client import hpeft_inputs
-from .serving.runtime import PackStore, check_pack, safetensors_header
+from .serving.runtime import MissingSlots, PackStore, check_pack, check_slots, safetensors_header
 
 MODEL = "hpeft"
 ENV = {"repo": "HPEFT_REPO", "triton": "HPEFT_TRITON_GRPC", "triton_metrics": "HPEFT_TRITON_METRICS",
@@ -251,10 +252,9 @@ class Gateway:
                 raise CheckpointError("the pack's hpeft_pack metadata is not JSON") from None
             info = self._backbone_info()  # the graph may have been re-exported for more slot kinds
             tensors = check_pack(name, meta, raw, info["backbone"]["sha256"])
-            from exporters.layout import Layout, needs
-            if not Layout.from_dict(info["layout"]).covers(needs(tensors, meta["sizes"])):
-                raise GatewayError(409, f"adapter {name!r} needs slots the deployed graph lacks: deploy its export "
-                                   "with `hpeft deploy`, which extends the graph")
+            check_slots(name, Layout.from_dict(info["layout"]), tensors, meta["sizes"])
+        except MissingSlots as e:
+            raise GatewayError(409, str(e)) from None
         except CheckpointError as e:
             raise GatewayError(400, str(e)) from None
         replaced = self.store.stamp(name) is not None

@@ -26,6 +26,16 @@ from .bank import AdapterBank, Pack
 SIZE_KEYS = ("L", "d", "f", "P", "n", "C", "r")
 
 
+class MissingSlots(CheckpointError):
+    """A valid pack that needs slot kinds the deployed graph does not take."""
+
+
+def check_slots(name: str, layout: Layout, tensors: dict, sizes: dict) -> None:
+    if not layout.covers(needs(tensors, sizes)):
+        raise MissingSlots(f"adapter {name!r} needs slots the deployed graph lacks: deploy its export with "
+                           "`hpeft deploy`, which extends the graph")
+
+
 class PackUpdating(CheckpointError):
     """A pack's files are being replaced (its json does not match its tensors yet): try again shortly."""
 
@@ -234,17 +244,16 @@ class SharedRuntime:
             if resident is not None and self.check_every_s and now - self._checked.get(n, -1e9) < self.check_every_s:
                 continue
             self._checked[n] = now
-            if resident is not None and resident.stamp is not None and self.store.stamp(n) == resident.stamp:
+            stamp = self.store.stamp(n) if resident is not None else None
+            if resident is not None and resident.stamp is not None and stamp == resident.stamp:
                 continue
-            if resident is not None and self.store.stamp(n) is None:
+            if resident is not None and stamp is None:
                 self.bank.remove(n)
                 errors[n] = f"unknown adapter {n!r}: its pack was removed"
                 continue
             try:
                 pack = self.store.load(n)
-                if not self.layout.covers(needs(pack.tensors, pack.sizes)):
-                    raise CheckpointError(f"adapter {n!r} needs slots the deployed graph lacks: deploy its export "
-                                          "again (hpeft deploy), which extends the graph")
+                check_slots(n, self.layout, pack.tensors, pack.sizes)
                 self.bank.put(pack)
             except PackUpdating:
                 if resident is None:
