@@ -128,7 +128,7 @@ def write_pack(tensors: dict, sizes: dict, cfg: dict, folder: Path) -> list[str]
     data = save_bytes({k: v.contiguous() for k, v in tensors.items()},
                       metadata={"format": "hpeft-pack", "hpeft_pack": json.dumps(meta)})
     meta["sha256"] = hashlib.sha256(data).hexdigest()
-    from hpeft_serve.serving.runtime import PackStore
+    from hpeft_serve.pack.store import PackStore
     PackStore(folder, cfg["backbone"]["sha256"]).write(name, data, meta)
     return [f"packs/{name}.safetensors", f"packs/{name}.json"]
 

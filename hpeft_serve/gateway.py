@@ -31,13 +31,14 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
-from exporters.layout import Layout
 from pydantic import BaseModel, Field
 
 from .errors import CheckpointError, HpeftError
 from .names import NAME, check_name
 from .serving.client import hpeft_inputs
-from .serving.runtime import MissingSlots, PackStore, check_pack, check_slots, safetensors_header
+from .pack.check import MissingSlots, check_pack, check_slots, safetensors_header
+from .pack.layout import Layout
+from .pack.store import PackStore
 
 MODEL = "hpeft"
 ENV = {"repo": "HPEFT_REPO", "triton": "HPEFT_TRITON_GRPC", "triton_metrics": "HPEFT_TRITON_METRICS",

@@ -61,7 +61,7 @@ def test_replacement_is_atomic_under_concurrent_requests(served, tmp_path, bind)
     ref1 = _reference(cks["lora"], (ids, mask))
     # a second version of "lora" (rank 16: the slots grow) exported into another folder's store
     export_checkpoint(cks["lora_v2"], tmp_path, "onnx", log=lambda *_: None)
-    from hpeft_serve.serving.runtime import PackStore
+    from hpeft_serve.pack.store import PackStore
     v2 = PackStore(tmp_path / "packs", rt.store.sha).load("lora")
     ref2 = _reference(cks["lora_v2"], (ids, mask))
     assert np.abs(ref1 - ref2).max() > 1e-3  # the versions really differ

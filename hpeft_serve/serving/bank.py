@@ -3,7 +3,7 @@
 Kept apart, as in vLLM's LoRA manager: validated packs on the host (PackStore); preallocated slots
 (`put` writes one slot, `remove` frees it); an LRU of unpinned adapters evicted to stay under a memory
 budget. Sizes (ranks, prefix length, widths, labels) grow the slots when a larger pack arrives; smaller
-packs are zero-padded (exact, see exporters/layout.py).
+packs are zero-padded (exact, see hpeft_serve/pack/layout.py).
 
 Atomicity: a forward reads the bank under a shared lock (`reading()`), a writer takes it exclusively only
 to write its slot and publish the new name -> slot map, so a request sees an adapter's old or new weights,
@@ -15,23 +15,11 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import numpy as np
 
-from exporters.layout import FILL, Layout, bank_sizes, input_names, per_layer, place, resolve_shape, spec
-
-
-@dataclass(frozen=True)
-class Pack:
-    """One adapter in the shared layout: tensors (numpy, no K axis), its sizes, a version string."""
-
-    name: str
-    tensors: dict[str, np.ndarray]
-    sizes: dict[str, int]
-    version: str
-    labels: tuple[str, ...] = ()
-    stamp: tuple | None = None  # the store files' (mtime, size) when read: a change means a new version
+from ..pack.layout import FILL, Layout, bank_sizes, input_names, per_layer, place, resolve_shape, spec
+from ..pack.store import Pack
 
 
 class RWLock:

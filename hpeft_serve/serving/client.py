@@ -1,8 +1,10 @@
 """The client side of model `hpeft`: its inputs (token ids, mask, one adapter name per row) for
-tritonclient.grpc or tritonclient.http, and free loopback ports for servers started by tests and benches."""
+tritonclient.grpc or tritonclient.http, the key header that Triton's restricted APIs (model control,
+shared memory, trace, logging) need, and free loopback ports for servers started by tests and benches."""
 
 from __future__ import annotations
 
+import os
 import socket
 
 import numpy as np
@@ -17,6 +19,19 @@ def hpeft_inputs(mod, ids: np.ndarray, mask: np.ndarray, names: list[str], ids_d
     inputs[1].set_data_from_numpy(mask)
     inputs[2].set_data_from_numpy(np.array([[n.encode()] for n in names], dtype=object))
     return inputs
+
+
+# Triton's state-changing APIs answer only requests that carry this header with the server's key
+# (tritonserver --http-restricted-api / --grpc-restricted-protocol). The key comes from HPEFT_TRITON_KEY;
+# it is not the gateway's admin token, which never enters tritonserver's environment.
+TRITON_KEY_HEADER = "hpeft-triton-key"
+TRITON_KEY_ENV = "HPEFT_TRITON_KEY"
+
+
+def triton_key_headers(key: str | None = None) -> dict[str, str]:
+    """Headers for a model-control call (load, unload, ...): the given key, else HPEFT_TRITON_KEY."""
+    key = key if key is not None else os.environ.get(TRITON_KEY_ENV, "")
+    return {TRITON_KEY_HEADER: key} if key else {}
 
 
 def free_ports(n: int = 3) -> list[int]:

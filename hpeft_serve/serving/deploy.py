@@ -39,7 +39,7 @@ def write_model(repo: Path) -> None:
 
 def _place_graph(export_dir: Path, info: dict, target: Path, log) -> bool:
     """Make target's graph serve both what it served and what `export_dir` needs; True if it changed."""
-    from exporters.layout import Layout
+    from ..pack.layout import Layout
     old_f = target / "backbone.json"
     old = json.loads(old_f.read_text()) if old_f.is_file() else None
     if old is not None and old.get("backbone", {}).get("sha256") != info["backbone"]["sha256"]:
