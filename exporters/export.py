@@ -69,9 +69,12 @@ def _shared_args(encoder, layout: Layout) -> tuple:
     return (ids, mask, torch.tensor([0, 1, 1]), *(feed[n] for n in input_names(layout, ec.num_hidden_layers)))
 
 
-def _graph_info(backbone: dict, fmt: str, graph: str, layout: Layout) -> dict:
+def _graph_info(backbone: dict, fmt: str, graph: str, layout: Layout, ec) -> dict:
+    # the sizes every pack and request is checked against (hpeft_serve.pack.check, the runtime's token check)
+    dims = {"L": ec.num_hidden_layers, "d": ec.hidden_size, "f": ec.intermediate_size, "vocab": ec.vocab_size,
+            "max_positions": ec.max_position_embeddings}
     return {"format": "hpeft-shared-backbone", "layout_version": LAYOUT_VERSION, "export_format": fmt,
-            "graph": graph, "backbone": backbone, "layout": layout.to_dict(),
+            "graph": graph, "backbone": backbone, "dims": dims, "layout": layout.to_dict(),
             "inputs": shared_inputs(layout, backbone["num_layers"]),
             "outputs": ["logits"], "bank": {n: [str(s) for s in spec()[n]] for n in layout.names()}}
 
@@ -112,7 +115,7 @@ def write_shared_graph(encoder, backbone: dict, layout: Layout, out: Path, fmt: 
             raise RuntimeError(f"shared graph inputs {got} differ from the layout's {names}")
     else:
         export_torchscript(shared, args, out / graph)
-    (out / "backbone.json").write_text(json.dumps(_graph_info(backbone, fmt, graph, layout), indent=2) + "\n")
+    (out / "backbone.json").write_text(json.dumps(_graph_info(backbone, fmt, graph, layout, encoder.config), indent=2) + "\n")
     return [graph] + (["backbone.onnx.data"] if fmt == "onnx" else [])
 
 
@@ -129,7 +132,7 @@ def write_pack(tensors: dict, sizes: dict, cfg: dict, folder: Path) -> list[str]
                       metadata={"format": "hpeft-pack", "hpeft_pack": json.dumps(meta)})
     meta["sha256"] = hashlib.sha256(data).hexdigest()
     from hpeft_serve.pack.store import PackStore
-    PackStore(folder, cfg["backbone"]["sha256"]).write(name, data, meta)
+    PackStore(folder).write(name, data, meta)
     return [f"packs/{name}.safetensors", f"packs/{name}.json"]
 
 

@@ -15,7 +15,7 @@ written tensors-first, json-last, so the model picks the new version up on its n
 sees the old or the new adapter, never a mix). Nothing here unpickles anything.
 
 Settings come from arguments or the environment: HPEFT_REPO, HPEFT_TRITON_GRPC, HPEFT_TRITON_METRICS,
-HPEFT_ADAPTER_STORE, HPEFT_ADMIN_TOKEN, HPEFT_MAX_UPLOAD_MB, HPEFT_MAX_INPUTS, HPEFT_MAX_CHARS,
+HPEFT_ADAPTER_STORE, HPEFT_ADMIN_TOKEN, HPEFT_TRITON_KEY, HPEFT_MAX_UPLOAD_MB, HPEFT_MAX_INPUTS, HPEFT_MAX_CHARS,
 HPEFT_MAX_TOKENS.
 """
 
@@ -35,14 +35,14 @@ from pydantic import BaseModel, Field
 
 from .errors import CheckpointError, HpeftError
 from .names import NAME, check_name
-from .serving.client import hpeft_inputs
+from .serving.client import TRITON_KEY_ENV, hpeft_inputs, triton_key_headers
 from .pack.check import MissingSlots, check_pack, check_slots, safetensors_header
 from .pack.layout import Layout
 from .pack.store import PackStore
 
 MODEL = "hpeft"
 ENV = {"repo": "HPEFT_REPO", "triton": "HPEFT_TRITON_GRPC", "triton_metrics": "HPEFT_TRITON_METRICS",
-       "store": "HPEFT_ADAPTER_STORE", "admin_token": "HPEFT_ADMIN_TOKEN", "max_upload_mb": "HPEFT_MAX_UPLOAD_MB",
+       "store": "HPEFT_ADAPTER_STORE", "admin_token": "HPEFT_ADMIN_TOKEN", "triton_key": TRITON_KEY_ENV, "max_upload_mb": "HPEFT_MAX_UPLOAD_MB",
        "max_inputs": "HPEFT_MAX_INPUTS", "max_chars": "HPEFT_MAX_CHARS", "max_tokens": "HPEFT_MAX_TOKENS"}
 
 
@@ -53,6 +53,7 @@ class Settings:
     triton_metrics: str = ""  # http://HOST:PORT/metrics; default: Triton's host, port 8002
     store: str = ""  # the adapter store; default REPO/hpeft/1/export/packs
     admin_token: str = ""  # bearer token for PUT/DELETE; empty: writes are refused
+    triton_key: str = ""  # the key Triton's restricted APIs need (model reload after a dead stub)
     max_upload_mb: float = 64.0
     max_inputs: int = 64
     max_chars: int = 20_000
@@ -97,7 +98,7 @@ class Gateway:
     def __init__(self, settings: Settings):
         self.s = settings
         self.info = self._backbone_info()
-        self.store = PackStore(settings.store or f"{settings.export}/packs", self.info["backbone"]["sha256"])
+        self.store = PackStore(settings.store or f"{settings.export}/packs", self.info)
         self._tokenizer, self._tok_lock = None, threading.Lock()
         self._labels: dict[tuple[str, str], tuple] = {}
         self._client = None
@@ -204,8 +205,9 @@ class Gateway:
 
         def reload():
             try:  # a load of a loaded model whose files did not change is a no-op: unload first
-                self.client().unload_model(MODEL, client_timeout=60)
-                self.client().load_model(MODEL, client_timeout=300)
+                key = triton_key_headers(self.s.triton_key)
+                self.client().unload_model(MODEL, headers=key, client_timeout=60)
+                self.client().load_model(MODEL, headers=key, client_timeout=300)
             except Exception:  # noqa: BLE001 - Triton itself may be gone; /healthz tells
                 pass
             finally:
@@ -252,7 +254,7 @@ class Gateway:
             except json.JSONDecodeError:
                 raise CheckpointError("the pack's hpeft_pack metadata is not JSON") from None
             info = self._backbone_info()  # the graph may have been re-exported for more slot kinds
-            tensors = check_pack(name, meta, raw, info["backbone"]["sha256"])
+            tensors = check_pack(name, meta, raw, info)
             check_slots(name, Layout.from_dict(info["layout"]), tensors, meta["sizes"])
         except MissingSlots as e:
             raise GatewayError(409, str(e)) from None

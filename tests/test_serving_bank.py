@@ -62,7 +62,7 @@ def test_replacement_is_atomic_under_concurrent_requests(served, tmp_path, bind)
     # a second version of "lora" (rank 16: the slots grow) exported into another folder's store
     export_checkpoint(cks["lora_v2"], tmp_path, "onnx", log=lambda *_: None)
     from hpeft_serve.pack.store import PackStore
-    v2 = PackStore(tmp_path / "packs", rt.store.sha).load("lora")
+    v2 = PackStore(tmp_path / "packs", rt.store.graph).load("lora")
     ref2 = _reference(cks["lora_v2"], (ids, mask))
     assert np.abs(ref1 - ref2).max() > 1e-3  # the versions really differ
     rt.bank.put(v1)

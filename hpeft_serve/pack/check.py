@@ -41,9 +41,11 @@ def safetensors_header(raw: bytes) -> dict:
     return header
 
 
-def check_pack(name: str, meta: dict, raw: bytes, backbone_sha256: str) -> dict[str, np.ndarray]:
-    """Validate a pack (its json `meta` and safetensors bytes `raw`) against the served backbone and the
-    layout: every tensor present, float32, finite, of the shape its sizes give. Returns the tensors."""
+def check_pack(name: str, meta: dict, raw: bytes, graph: dict) -> dict[str, np.ndarray]:
+    """Validate a pack (its json `meta` and safetensors bytes `raw`) against the served graph (`graph`: its
+    backbone.json) and the layout: every tensor present, float32, finite, of the shape its sizes give.
+    Returns the tensors."""
+    backbone_sha256 = graph["backbone"]["sha256"]
     from safetensors import SafetensorError
     from safetensors.numpy import load as load_bytes
     if meta.get("format") != "hpeft-pack" or meta.get("layout_version") != LAYOUT_VERSION:

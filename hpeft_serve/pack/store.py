@@ -36,8 +36,10 @@ class PackStore:
     memory://, ... with the matching fsspec package installed); validated against the graph's backbone
     and layout version."""
 
-    def __init__(self, location, backbone_sha256: str):
-        self.location, self.sha = str(location), backbone_sha256
+    def __init__(self, location, graph: dict | None = None):
+        """`graph`: the served graph's backbone.json, which packs are checked against on load (None: a store
+        that is only written to, as `hpeft export` does)."""
+        self.location, self.graph = str(location), graph
         if "://" in self.location:
             import fsspec
             self.fs, self.root = fsspec.core.url_to_fs(self.location)
@@ -87,7 +89,7 @@ class PackStore:
             raise CheckpointError(f"adapter {name!r}: its json is not valid ({e})") from None
         if meta.get("sha256") and hashlib.sha256(raw).hexdigest() != meta["sha256"]:
             raise PackUpdating(f"adapter {name!r} is being replaced; try again")
-        tensors = check_pack(name, meta, raw, self.sha)
+        tensors = check_pack(name, meta, raw, self.graph)
         version = meta.get("sha256") or hashlib.sha256(raw).hexdigest()
         return Pack(name, tensors, meta["sizes"], version[:16], tuple(meta.get("labels", ())), stamp)
 

@@ -50,7 +50,7 @@ class SharedRuntime:
         self.bind_bank = self.device == "cuda" if bind_bank is None else bind_bank
         self._bound: dict[str, tuple[int, object]] = {}  # graph input -> (bank generation, OrtValue)
         self._bound_lock = threading.Lock()
-        self.store = PackStore(store or export_dir / "packs", info["backbone"]["sha256"])
+        self.store = PackStore(store or export_dir / "packs", info)
         # how often a resident adapter's pack is checked for a replacement: on every request for a local
         # folder (a stat), at most once a second for a remote store (two HEAD requests per check)
         self.check_every_s = check_every_s if check_every_s is not None else (0.0 if self.store.fs is None else 1.0)
