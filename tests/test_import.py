@@ -219,6 +219,29 @@ def test_bin_loader_keeps_values_and_refuses_non_state_dicts(tmp_path):
         load_state_dict(tmp_path / "nopkl.bin")
 
 
+def _rezip(src: Path, dst: Path, compression=zipfile.ZIP_DEFLATED, edit=lambda name, data: data) -> None:
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", compression) as zout:
+        for info in zin.infolist():
+            zout.writestr(info.filename, edit(info.filename, zin.read(info)))
+
+
+def test_bin_sizes_are_checked_before_anything_is_inflated(tmp_path):
+    """A zip bomb (64 MiB of storage deflated to ~64 KiB, records consistent with it) and a storage whose
+    declared size disagrees with its record are refused by the sizes the archive declares, unread."""
+    torch.save({"w": torch.zeros(16 << 20)}, tmp_path / "big.bin")
+    _rezip(tmp_path / "big.bin", tmp_path / "bomb.bin")
+    assert (tmp_path / "bomb.bin").stat().st_size < (1 << 20)
+    with pytest.raises(CheckpointError, match="before it is inflated"):
+        load_state_dict(tmp_path / "bomb.bin")
+    torch.save({"w": torch.arange(8.0)}, tmp_path / "small.bin")
+    _rezip(tmp_path / "small.bin", tmp_path / "short.bin", zipfile.ZIP_STORED,
+           lambda name, data: data[:-4] if "/data/" in name else data)  # one value fewer than the record says
+    with pytest.raises(CheckpointError, match="declares 28 bytes for 8 values"):
+        load_state_dict(tmp_path / "short.bin")
+    _rezip(tmp_path / "small.bin", tmp_path / "same.bin", zipfile.ZIP_STORED)
+    assert torch.equal(load_state_dict(tmp_path / "same.bin")["w"], torch.arange(8.0))  # a faithful copy still loads
+
+
 def test_cli_imports_then_exports_and_refuses_with_status_2(tmp_path):
     ck, ex = tmp_path / "rt-unipelt", tmp_path / "export"
     script = "import sys; from hpeft_serve.cli import main; a = sys.argv[1:]; sys.exit(main(a[:7]) or main(a[7:]))"

@@ -5,7 +5,10 @@ global the file names, so the pickle is read by an Unpickler whose `find_class` 
 dict of tensors needs -- the tensor rebuild functions, the storage types and OrderedDict -- each mapped to
 a function of this module that builds a tensor from the zip's bytes. Anything else (os.system, eval, a
 class of some package) is refused with a CheckpointError before it is called. The legacy (pre-zip)
-format is refused too.
+format is refused too. Sizes are checked before anything is inflated: torch.save stores its entries
+uncompressed, so an archive that declares more bytes than it could hold (a zip bomb: 0.5 MiB that inflates
+to 512 MiB) is refused by its declared sizes, and each storage must declare exactly the bytes its record
+says it holds.
 """
 
 from __future__ import annotations
@@ -74,16 +77,31 @@ class _Unpickler(pickle.Unpickler):
             raise CheckpointError(f"{self.source}: unexpected persistent record {str(pid)[:80]}")
         _, stype, key, _location, numel = pid
         if key not in self.storages:
+            entry = f"{self.root}/data/{key}"
             try:
-                raw = self.zf.read(f"{self.root}/data/{key}")
+                declared = self.zf.getinfo(entry).file_size
             except KeyError:
                 raise CheckpointError(f"{self.source}: storage {key} is missing: the file is truncated or corrupt") \
                     from None
+            want = numel * torch.empty(0, dtype=stype.dtype).element_size() if isinstance(numel, int) else -1
+            if declared != want:
+                raise CheckpointError(f"{self.source}: storage {key} declares {declared} bytes for {numel} values "
+                                      f"of {stype.dtype}: the file is corrupt or crafted; it was not inflated")
+            raw = self.zf.read(entry)
             t = torch.frombuffer(bytearray(raw), dtype=stype.dtype) if raw else torch.empty(0, dtype=stype.dtype)
             if t.numel() != numel:
                 raise CheckpointError(f"{self.source}: storage {key} holds {t.numel()} values, not {numel}")
             self.storages[key] = t
         return self.storages[key]
+
+
+def _check_declared_sizes(zf: zipfile.ZipFile, path: Path) -> None:
+    """Refuse an archive whose entries declare more uncompressed bytes than the file could store."""
+    declared, on_disk = sum(i.file_size for i in zf.infolist()), path.stat().st_size
+    if declared > 2 * on_disk + (1 << 20):
+        raise CheckpointError(f"{path} declares {declared / 2 ** 20:.1f} MiB of contents in a {on_disk / 2 ** 20:.1f} "
+                              "MiB file (torch.save stores entries uncompressed): a compressed or crafted archive "
+                              "is refused before it is inflated")
 
 
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -94,6 +112,7 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
                               "to safetensors with a torch you trust")
     try:
         with zipfile.ZipFile(path) as zf:
+            _check_declared_sizes(zf, path)
             pkls = [n for n in zf.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
             if len(pkls) != 1:
                 raise CheckpointError(f"{path} has no single data.pkl: not a torch.save file")
