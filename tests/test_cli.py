@@ -30,6 +30,26 @@ def test_help_lists_the_commands():
     assert "sparse_adapter" in hpeft("train", "--help").stdout
 
 
+def test_help_imports_only_the_command_it_describes():
+    code = ("import sys; from hpeft_serve.cli import build_parser; build_parser(); a = set(sys.modules); "
+            "build_parser('train'); b = set(sys.modules); "
+            "print(sorted(m for m in a if m.startswith('hpeft_serve.cli.')), 'train_cmd' in str(b), 'deploy_cmd' in str(b))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, check=True).stdout
+    assert out.split() == ["[]", "True", "False"], out
+
+
+def test_every_setting_has_help_from_its_docstring():
+    import dataclasses
+
+    from hpeft_serve.methods.config import COMPONENTS, MethodConfig, settings_help
+    fields = {f.name for cls in (*COMPONENTS.values(), MethodConfig) for f in dataclasses.fields(cls)}
+    helped = settings_help()
+    assert fields - {"type", "extra", "method", "components"} == set(helped)  # a new field needs a docstring
+    assert "rank of the update" in helped["r"] and "[lora, default 8]" in helped["r"]
+    out = hpeft("train", "--help").stdout
+    assert "sparsity:" in out and "fraction of weights pruned" in out
+
+
 def test_env_prints_versions():
     out = hpeft("env").stdout
     assert "torch " in out and "2.13.0" in out and "transformers" in out and "onnxruntime" in out

@@ -19,19 +19,22 @@ COMMANDS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only `command`'s module is imported (for its arguments): `hpeft --help` imports none."""
     p = argparse.ArgumentParser(prog="hpeft", description="Hybrid PEFT adapters: train, export and serve many "
                                 "task adapters on one frozen backbone.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_ in COMMANDS.items():
         sp = sub.add_parser(name, help=help_, description=help_)
         sp.set_defaults(_module=name)
-        importlib.import_module(f"hpeft_serve.cli.{name}_cmd").add_arguments(sp)
+        if name == command:
+            importlib.import_module(f"hpeft_serve.cli.{name}_cmd").add_arguments(sp)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(next((a for a in argv if not a.startswith("-")), None))
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
         parser.print_help()

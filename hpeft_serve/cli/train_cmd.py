@@ -6,7 +6,12 @@ from pathlib import Path
 
 
 def add_arguments(p) -> None:
+    import argparse
+    from ..methods.config import settings_help
     from ..methods.presets import method_names
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = "settings for --set KEY=VALUE (a setting applies to every component of the method that has it):\n" + \
+        "\n".join(f"  {k}: {v}" for k, v in settings_help().items())
     p.add_argument("--backbone", default="minilm", help="minilm, tiny-bert, tiny-roberta or a Hugging Face folder")
     p.add_argument("--method", required=True, choices=method_names(), metavar="METHOD",
                    help="one of: " + ", ".join(method_names()))
@@ -21,7 +26,7 @@ def add_arguments(p) -> None:
     p.add_argument("--lr", type=float, default=None, help="adapter learning rate (default: the method's)")
     p.add_argument("--pooling", choices=("mean", "cls"), default="mean", help="head input: token mean or first token")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a method setting, e.g. --set r=16 --set sparsity=0.6 --set pruner=grasp")
+                   help="override a method setting, e.g. --set r=16 --set sparsity=0.6 --set pruner=grasp (list below)")
     p.add_argument("--name", default=None, help="adapter name (default: the --out folder's name); letters, "
                    "digits, '.', '_', '-'")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

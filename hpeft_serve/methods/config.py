@@ -2,13 +2,17 @@
 each on a set of layers. Presets (presets.json) name the hybrids of the papers; a checkpoint records the
 resolved components, so loading never depends on a preset that may change.
 
-Field docstrings double as the help of `hpeft train --set KEY=VALUE`.
+Field docstrings are the help of `hpeft train --set KEY=VALUE` (read from this file's source by
+`settings_help`, since Python keeps no attribute docstrings at run time).
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
 
 from ..errors import ConfigError
 
@@ -47,6 +51,7 @@ class PrefixConfig:
     gate: bool = False
     """UniPELT gate on the prefix keys and values"""
     layers: tuple[int, ...] | None = None
+    """layer indices (None: all)"""
     shift_positions: bool = False
     """Hugging Face peft: the prefix is passed as past key/values, so token positions start after it"""
     type: str = "prefix"
@@ -63,6 +68,7 @@ class BottleneckConfig:
     bottleneck: int | None = None
     """bottleneck width; overrides reduction_factor"""
     activation: str = "relu"
+    """non-linearity between the down and up projections: relu, gelu, gelu_new, silu, tanh, leakyrelu"""
     scaling: float = 1.0
     """the adapter output is multiplied by this (He et al.'s scaled parallel adapter: 4)"""
     ln_before: bool = True
@@ -80,6 +86,7 @@ class BottleneckConfig:
     pruner: str = "snip"
     """SparseAdapter pruning score: rand, mag, snip, grasp"""
     layers: tuple[int, ...] | None = None
+    """layer indices (None: all)"""
     type: str = "adapter"
 
     def width(self, hidden: int) -> int:
@@ -171,3 +178,29 @@ def layers_of(c: Component, num_layers: int) -> tuple[int, ...]:
     if bad:
         raise ConfigError(f"{c.type}: layers {bad} out of range for a backbone with {num_layers} layers")
     return tuple(sorted(set(c.layers)))
+
+
+@lru_cache(maxsize=1)
+def settings_help() -> dict[str, str]:
+    """KEY -> help for `--set KEY=VALUE`: the field docstrings of the components and of MethodConfig (the
+    components that have the field in brackets, with its default)."""
+    tree = ast.parse(Path(__file__).read_text())
+    classes = {cls.__name__: cls for cls in (*COMPONENTS.values(), MethodConfig)}
+    out: dict[str, list[str]] = {}
+    for node in tree.body:
+        if not (isinstance(node, ast.ClassDef) and node.name in classes):
+            continue
+        cls, body = classes[node.name], node.body
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        where = getattr(cls, "type", "method")
+        for field_node, doc in zip(body, body[1:]):
+            if not (isinstance(field_node, ast.AnnAssign) and isinstance(doc, ast.Expr)
+                    and isinstance(doc.value, ast.Constant) and isinstance(doc.value.value, str)):
+                continue
+            name = field_node.target.id
+            if name in ("extra",):
+                continue
+            # a method-level default (lr) is the preset's, not the dataclass's: shown for components only
+            shown = f", default {defaults[name]!r}" if cls is not MethodConfig else ""
+            out.setdefault(name, []).append(f"[{where}{shown}] {doc.value.value}")
+    return {k: "; ".join(dict.fromkeys(v)) for k, v in sorted(out.items())}
