@@ -2,23 +2,53 @@
 store (a folder `packs/` of `<name>.safetensors` + `<name>.json`) from which adapters load on first use.
 
 `infer(input_ids, attention_mask, names)` runs ONE forward for a batch whose rows name different
-adapters and returns logits per row (sliced to each adapter's labels) or a per-row error.
+adapters and returns logits per row (sliced to each adapter's labels) or a per-row error (a `RowError`: a
+str with its `codes.Code`). Should that forward raise, the batch runs again split by adapter, so that only
+the rows of the adapter whose forward fails get an error. Messages name the problem, never the store's
+location or a stack frame (those go to the server log).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import CheckpointError
-from ..pack.check import check_slots
+from ..names import NAME
+from ..pack.check import MissingSlots, check_slots
 from ..pack.layout import Layout
 from ..pack.store import PackStore, PackUpdating
 from .bank import AdapterBank
+from .batching import Limits, position_limit
+from .codes import Code
+
+# a pack whose json's sha256 still does not match its tensors after this long (same files) is damaged, not
+# being replaced: a writer replaces the tensors, then the json, within moments
+SETTLE_S = 3.0
+# at most this many adapter names remembered as damaged or being replaced (bounded: names come from clients)
+MAX_PENDING = 1024
+
+
+class RowError(str):
+    """A row's error: the message, with its code (`.code`)."""
+
+    code: Code
+
+    def __new__(cls, code: Code, message: str):
+        self = super().__new__(cls, message)
+        self.code = code
+        return self
+
+
+def show(name: str) -> str:
+    """An adapter name as error messages quote it (a client's name can be anything, of any length)."""
+    return repr(name if len(name) <= 64 else name[:64] + "...")
 
 
 def default_providers() -> list:
@@ -32,18 +62,20 @@ def default_providers() -> list:
 class SharedRuntime:
     def __init__(self, export_dir: Path, budget_bytes: int = 1 << 30, threads: int = 0, providers=None,
                  pinned: tuple[str, ...] = (), store: str | None = None, check_every_s: float | None = None,
-                 bind_bank: bool | None = None):
+                 bind_bank: bool | None = None, log=None):
         import onnxruntime as ort
         export_dir = Path(export_dir)
         info = json.loads((export_dir / "backbone.json").read_text())
         self.layout = Layout.from_dict(info["layout"])
         self.inputs = info["inputs"]
+        self.log = log or logging.getLogger(__name__).warning  # where details go that clients never see
+        graph = export_dir / info["graph"]
         so = ort.SessionOptions()
         if threads:
             so.intra_op_num_threads = threads
         # onnxruntime's default spinning threads: turning them off cost ~2 ms a request at batch 1 on MiniLM
-        self.session = ort.InferenceSession(str(export_dir / info["graph"]), so,
-                                            providers=providers or default_providers())
+        self.session = ort.InferenceSession(str(graph), so, providers=providers or default_providers())
+        self.limits = _limits(info, graph)
         self.bank = AdapterBank(self.layout, info["backbone"]["num_layers"], budget_bytes, pinned)
         # on a GPU the bank lives on the device and is copied there only when it changes, not on every forward
         self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
@@ -54,36 +86,111 @@ class SharedRuntime:
         # how often a resident adapter's pack is checked for a replacement: on every request for a local
         # folder (a stat), at most once a second for a remote store (two HEAD requests per check)
         self.check_every_s = check_every_s if check_every_s is not None else (0.0 if self.store.fs is None else 1.0)
-        self._checked: dict[str, float] = {}
+        self._checked: dict[str, float] = {}  # resident adapter -> when its pack was last checked
+        # adapter -> (store stamp, first seen, error once settled) for packs whose json's sha256 does not match
+        self._pending: OrderedDict[str, tuple] = OrderedDict()
 
-    def ensure(self, names: list[str]) -> dict[str, str]:
+    # ------------------------------------------------------------------ loading
+    def ensure(self, names: list[str]) -> dict[str, RowError]:
         """Load adapters not yet resident, reload those whose pack changed in the store (hot swap), drop
         those whose pack was deleted; returns name -> error for those that cannot be served."""
         errors = {}
         now = time.monotonic()
         for n in dict.fromkeys(names):
-            resident = self.bank.pack(n)
-            if resident is not None and self.check_every_s and now - self._checked.get(n, -1e9) < self.check_every_s:
-                continue
-            self._checked[n] = now
-            stamp = self.store.stamp(n) if resident is not None else None
-            if resident is not None and resident.stamp is not None and stamp == resident.stamp:
-                continue
-            if resident is not None and stamp is None:
-                self.bank.remove(n)
-                errors[n] = f"unknown adapter {n!r}: its pack was removed"
-                continue
-            try:
-                pack = self.store.load(n)
-                check_slots(n, self.layout, pack.tensors, pack.sizes)
-                self.bank.put(pack)
-            except PackUpdating:
-                if resident is None:
-                    errors[n] = f"adapter {n!r} is being written; try again"
-            except CheckpointError as e:
-                errors[n] = str(e)
+            err = self._ensure_one(n, now)
+            if err is not None:
+                errors[n] = err
+        if len(self._checked) > 2 * len(self.bank.names()) + 16:  # evicted adapters leave
+            self._checked = {n: t for n, t in self._checked.items() if self.bank.pack(n) is not None}
         return errors
 
+    def _ensure_one(self, n: str, now: float) -> RowError | None:
+        if not NAME.fullmatch(n):
+            return RowError(Code.INVALID_INPUT, f"adapter name {show(n)} is invalid: use 1-128 letters, digits, "
+                                                "'.', '_' or '-', starting with a letter or digit")
+        resident = self.bank.pack(n)
+        if resident is not None:
+            if self.check_every_s and now - self._checked.get(n, -1e9) < self.check_every_s:
+                return None
+            self._checked[n] = now
+        stamp = self.store.stamp(n)
+        if resident is not None and resident.stamp is not None and stamp == resident.stamp:
+            return None
+        if stamp is None:
+            self._pending.pop(n, None)
+            if resident is not None:
+                self.bank.remove(n)
+                return RowError(Code.UNKNOWN_ADAPTER, f"unknown adapter {show(n)}: its pack was removed")
+            return RowError(Code.UNKNOWN_ADAPTER, f"unknown adapter {show(n)}")
+        pending = self._pending.get(n)
+        if pending is not None and pending[0] == stamp and pending[2] is not None:
+            return None if resident is not None else pending[2]  # damaged, settled: not read again
+        try:
+            self._load(n)
+        except PackUpdating:
+            return self._updating(n, stamp, now, resident is not None)
+        except MissingSlots as e:
+            return self._refuse(n, stamp, RowError(Code.ADAPTER_INVALID, str(e)), resident is not None)
+        except CheckpointError as e:
+            err = self._checkpoint_error(n, e)
+            if err.code is not Code.ADAPTER_INVALID:  # gone, or unreadable now (permissions, a remote store)
+                return err
+            return self._refuse(n, stamp, err, resident is not None)
+        except Exception:  # noqa: BLE001 - a bug or an I/O error loading one adapter fails that adapter only
+            self._log_internal(f"loading adapter {n!r}")
+            return RowError(Code.INTERNAL, f"adapter {show(n)} could not be loaded (internal error; see the server log)")
+        self._pending.pop(n, None)
+        self._checked[n] = now  # a load is a check: resident now
+        return None
+
+    def _load(self, n: str) -> None:
+        pack = self.store.load(n)
+        check_slots(n, self.layout, pack.tensors, pack.sizes)
+        self.bank.put(pack)
+
+    def _checkpoint_error(self, n: str, e: CheckpointError) -> RowError:
+        """A pack the store cannot serve: gone meanwhile (unknown), unreadable files (internal: the detail
+        goes to the log), or invalid (its message, without the store's location)."""
+        if self.store.stamp(n) is None:
+            return RowError(Code.UNKNOWN_ADAPTER, f"unknown adapter {show(n)}")
+        if str(e).startswith("unknown adapter"):  # the store read no bytes from files that exist
+            self.log(f"hpeft: adapter {n!r}: its pack files exist but cannot be read: {e}")
+            return RowError(Code.INTERNAL, f"adapter {show(n)}: its pack files cannot be read (see the server log)")
+        msg = str(e)
+        for where in {self.store.location, str(self.store.root)}:
+            msg = msg.replace(where, "the adapter store")
+        return RowError(Code.ADAPTER_INVALID, msg)
+
+    def _updating(self, n: str, stamp: tuple, now: float, resident: bool) -> RowError | None:
+        """The pack's json names other tensors: being replaced, unless the same files stay so for SETTLE_S."""
+        pending = self._pending.get(n)
+        if pending is None or pending[0] != stamp:
+            self._remember(n, (stamp, now, None))
+        elif now - pending[1] >= SETTLE_S:
+            err = RowError(Code.ADAPTER_INVALID, f"adapter {show(n)}: its tensors do not match the sha256 its json "
+                                                 "records: the file is damaged or incomplete; upload it again")
+            self.log(f"hpeft: adapter {n!r}: {err}" + ("; the resident version is still served" if resident else ""))
+            return self._refuse(n, stamp, err, resident)
+        if resident:  # the version being served stays until the new one is complete
+            return None
+        return RowError(Code.ADAPTER_UPDATING, f"adapter {show(n)} is being replaced; retry")
+
+    def _refuse(self, n: str, stamp: tuple, err: RowError, resident: bool) -> RowError | None:
+        """Remember a pack that cannot be served (until its files change); a resident version stays served."""
+        self._remember(n, (stamp, time.monotonic(), err))
+        return None if resident else err
+
+    def _remember(self, n: str, entry: tuple) -> None:
+        self._pending[n] = entry
+        self._pending.move_to_end(n)
+        while len(self._pending) > MAX_PENDING:
+            self._pending.popitem(last=False)
+
+    def _log_internal(self, what: str) -> None:
+        import traceback
+        self.log(f"hpeft: internal error {what}:\n{traceback.format_exc()}")
+
+    # ------------------------------------------------------------------ running
     def _run_bound(self, feed: dict, bank: dict) -> np.ndarray:
         """One forward with the bank's tensors bound as device OrtValues, refreshed when the bank's generation
         changed (called under the bank's read lock: no write can change it meanwhile)."""
@@ -108,25 +215,53 @@ class SharedRuntime:
 
     def infer(self, input_ids: np.ndarray, attention_mask: np.ndarray, names: list[str]):
         """(logits per row or None, error per row or None, version per row or None): one forward for all
-        rows that can run; a row's version is that of the weights that computed it."""
+        rows that can run; a row's version is that of the weights that computed it. Token ids and masks are
+        the caller's to check (batching.check_tokens, per request)."""
         load_errors = self.ensure(names)
-        ok = [r for r, n in enumerate(names) if n not in load_errors]
         out: list = [None] * len(names)
         errs: list = [load_errors.get(n) for n in names]
         versions: list = [None] * len(names)
+        ok = [r for r, n in enumerate(names) if n not in load_errors]
         if not ok:
             return out, errs, versions
-        sub = [names[r] for r in ok]
+        try:
+            self._answer(ok, input_ids, attention_mask, names, (out, errs, versions))
+        except Exception:  # noqa: BLE001 - defence in depth: find the adapter whose forward fails
+            self._log_internal(f"in the forward of a batch of {len(ok)} rows; running it again split by adapter")
+            for n in dict.fromkeys(names[r] for r in ok):
+                rows = [r for r in ok if names[r] == n]
+                try:
+                    self._answer(rows, input_ids, attention_mask, names, (out, errs, versions))
+                except Exception:  # noqa: BLE001
+                    self._log_internal(f"in the forward of adapter {n!r}")
+                    for r in rows:
+                        errs[r] = RowError(Code.INTERNAL, f"the forward for adapter {show(n)} failed "
+                                                          "(internal error; see the server log)")
+        return out, errs, versions
+
+    def _answer(self, rows: list[int], input_ids, attention_mask, names, results) -> None:
+        """One forward over `rows`; fills their logits, errors and versions into `results`."""
+        out, errs, versions = results
+        sub = [names[r] for r in rows]
         with self.bank.reading(sub) as (index, arrays, bank_errs):
-            feed = {"input_ids": input_ids[ok], "attention_mask": attention_mask[ok], "adapter_index": index}
+            feed = {"input_ids": input_ids[rows], "attention_mask": attention_mask[rows], "adapter_index": index}
             bank = {n: arrays[n] for n in self.inputs if n in arrays}
             logits = self._run_bound(feed, bank) if self.bind_bank else self.session.run(["logits"], feed | bank)[0]
             resident = {n: (self.bank.version(n), len(self.bank.labels(n))) for n in set(sub)
                         if self.bank.version(n) is not None}
-        for j, r in enumerate(ok):
-            if bank_errs[j]:
-                errs[r] = bank_errs[j]
+        for j, r in enumerate(rows):
+            if bank_errs[j]:  # loaded by ensure, then evicted to make room for another adapter of the batch
+                errs[r] = RowError(Code.ADAPTER_UPDATING, f"adapter {show(names[r])} was evicted from the bank to "
+                                                          "make room; retry")
             else:
                 versions[r], width = resident[names[r]]
                 out[r] = logits[j, :width]
-        return out, errs, versions
+
+
+def _limits(info: dict, graph: Path) -> Limits:
+    """The graph's vocabulary and longest sequence (backbone.json's dims; older exports: read the graph)."""
+    dims = info.get("dims") or {}
+    if "vocab" in dims and "max_positions" in dims:
+        return Limits(dims["vocab"], position_limit(info["backbone"].get("model_type", ""), dims["max_positions"]))
+    from .batching import graph_limits
+    return graph_limits(graph)

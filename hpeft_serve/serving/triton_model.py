@@ -1,7 +1,13 @@
 """Triton Python-backend model `hpeft`: the shared-backbone graph in onnxruntime, in-process, with an
 adapter bank (hpeft_serve.serving.runtime). Requests are concatenated (padded to the longest sequence),
-run in ONE forward pass whatever adapters their rows name, and split back; a request whose rows name an
-unknown adapter, or whose tensors have the wrong shape, gets its own error and the others are answered."""
+run in ONE forward pass whatever adapters their rows name, and split back.
+
+Each request is checked before the forward (dtype, shape, length, token ids inside the vocabulary, masks
+of 0/1 with a token in every row, one valid adapter name per row); a request that fails a check, or whose
+rows name an adapter that cannot be served, gets its own error and the others are answered. Every refusal
+is `[hpeft:CODE] message` with the code's Triton status (hpeft_serve.serving.codes); an exception anywhere
+in `execute` becomes an INTERNAL error per request, with the traceback in the server log only.
+"""
 
 import json
 from pathlib import Path
@@ -9,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from hpeft_serve.serving.batching import check_tokens, collect, pad_concat
+from hpeft_serve.serving.batching import Limits, check_tokens, collect, error_response, log_internal, pad_concat
+from hpeft_serve.serving.codes import Code, ModelError
 from hpeft_serve.serving.runtime import SharedRuntime
 
 
@@ -25,9 +32,12 @@ class TritonPythonModel:
         check = params.get("STORE_CHECK_MS", "")
         self.runtime = SharedRuntime(export, budget_bytes=budget, pinned=pinned,
                                      store=params.get("ADAPTER_STORE") or None,
-                                     check_every_s=float(check) / 1000 if check else None)
-        self.max_len = int(params.get("MAX_SEQ_LEN", "512"))
-        pb_utils.Logger.log_info(f"hpeft: graph {export}, onnxruntime providers {self.runtime.session.get_providers()}")
+                                     check_every_s=float(check) / 1000 if check else None,
+                                     log=pb_utils.Logger.log_error)
+        graph = self.runtime.limits
+        self.limits = Limits(graph.vocab, min(int(params.get("MAX_SEQ_LEN", "512")), graph.max_len))
+        pb_utils.Logger.log_info(f"hpeft: graph {export}, onnxruntime providers {self.runtime.session.get_providers()}, "
+                                 f"vocabulary {self.limits.vocab}, at most {self.limits.max_len} tokens a row")
         # which adapters are resident, on Triton's metrics port (the gateway's GET /v1/adapters reads it)
         self.resident = pb_utils.MetricFamily(name="hpeft_adapter_resident", kind=pb_utils.MetricFamily.GAUGE,
                                               description="1 while the adapter is loaded in the bank, else 0")
@@ -45,16 +55,29 @@ class TritonPythonModel:
     def _read(self, request):
         ids = pb_utils.get_input_tensor_by_name(request, "input_ids").as_numpy()
         mask = pb_utils.get_input_tensor_by_name(request, "attention_mask").as_numpy()
-        names = [n.decode() if isinstance(n, bytes) else str(n)
-                 for n in pb_utils.get_input_tensor_by_name(request, "adapter").as_numpy().reshape(-1)]
-        check_tokens(ids, mask, self.max_len)
+        check_tokens(ids, mask, self.limits)
+        raw = pb_utils.get_input_tensor_by_name(request, "adapter").as_numpy().reshape(-1)
+        try:
+            names = [n.decode() if isinstance(n, bytes) else str(n) for n in raw]
+        except UnicodeDecodeError:
+            raise ModelError(Code.INVALID_INPUT, "adapter names must be UTF-8 text") from None
         if len(names) != ids.shape[0]:
-            raise ValueError(f"{len(names)} adapter names for {ids.shape[0]} rows: give one per row")
+            raise ModelError(Code.INVALID_INPUT, f"{len(names)} adapter names for {ids.shape[0]} rows: give one per row")
         return ids, mask, names
 
+    def _refuse(self, code: Code, message: str):
+        return error_response(pb_utils, code, message)
+
     def execute(self, requests):
-        parsed, responses = collect(requests, self._read,
-                                    lambda e: pb_utils.InferenceResponse(error=pb_utils.TritonError(e)))
+        try:
+            return self._execute(requests)
+        except Exception:  # noqa: BLE001 - never an unhandled traceback to clients
+            log_internal(pb_utils.Logger.log_error, f"in execute ({len(requests)} requests)")
+            return [self._refuse(Code.INTERNAL, "the model failed on this batch (internal error; see the server log)")
+                    for _ in requests]
+
+    def _execute(self, requests):
+        parsed, responses = collect(requests, self._read, self._refuse, pb_utils.Logger.log_error)
         if parsed:
             ids, mask = pad_concat([p[1] for p in parsed]), pad_concat([p[2] for p in parsed])
             logits, errors, versions = self.runtime.infer(ids, mask, [n for p in parsed for n in p[3]])
@@ -62,16 +85,20 @@ class TritonPythonModel:
             for i, _, _, names in parsed:
                 rows = range(row, row + len(names))
                 row += len(names)
-                errs = [errors[r] for r in rows if errors[r]]
-                if errs:
-                    responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError("; ".join(dict.fromkeys(errs))))
-                    continue
-                width = max(len(logits[r]) for r in rows)
-                out = np.full((len(names), width), np.finfo(np.float32).min, np.float32)
-                for k, r in enumerate(rows):
-                    out[k, :len(logits[r])] = logits[r]
-                version = np.array([[versions[r].encode()] for r in rows], dtype=object)
-                responses[i] = pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("logits", out),
-                                                                          pb_utils.Tensor("adapter_version", version)])
+                responses[i] = self._respond(rows, logits, errors, versions)
             self._publish()
         return responses
+
+    def _respond(self, rows, logits, errors, versions):
+        """One request's response: its rows' logits (padded to the widest adapter's labels), or its rows'
+        errors joined, with the code of the first."""
+        errs = [errors[r] for r in rows if errors[r]]
+        if errs:
+            return self._refuse(getattr(errs[0], "code", Code.INTERNAL), "; ".join(dict.fromkeys(errs)))
+        width = max(len(logits[r]) for r in rows)
+        out = np.full((len(rows), width), np.finfo(np.float32).min, np.float32)
+        for k, r in enumerate(rows):
+            out[k, :len(logits[r])] = logits[r]
+        version = np.array([[versions[r].encode()] for r in rows], dtype=object)
+        return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("logits", out),
+                                                          pb_utils.Tensor("adapter_version", version)])
