@@ -10,7 +10,9 @@ def add_arguments(p) -> None:
                    "merged one (--merge): each merged adapter becomes its own Triton model")
     p.add_argument("--repo", type=Path, default=Path("model_repository"), help="the Triton model repository")
     p.add_argument("--url", default=None, help="a running server's gRPC HOST:PORT: reload the model if the graph "
-                   "changed (new adapters need nothing: they load on first use)")
+                   "changed (new adapters need nothing: they load on first use). Model control needs Triton's "
+                   "key: HPEFT_TRITON_KEY, else, for a server on this host started by hpeft, the key file it "
+                   "wrote for that port (~/.cache/hpeft/triton-keys/port-PORT.key, or under $XDG_RUNTIME_DIR)")
 
 
 def run(args) -> int:
@@ -21,10 +23,15 @@ def run(args) -> int:
     if args.url and to_load:
         import tritonclient.grpc as grpcclient  # model control over gRPC: over HTTP it stalls HTTP inference
         from tritonclient.utils import InferenceServerException
+
+        from ..serving.triton import find_key, key_headers
+        key = find_key(args.url)
         for model in to_load:
             try:
-                grpcclient.InferenceServerClient(args.url).load_model(model)
+                grpcclient.InferenceServerClient(args.url).load_model(model, headers=key_headers(key))
             except InferenceServerException as e:
-                raise HpeftError(f"could not (re)load model {model!r} at {args.url}: {e}") from None
+                hint = "" if key or "restricted" not in str(e) else (
+                    " (no key for it: set HPEFT_TRITON_KEY to the server's key)")
+                raise HpeftError(f"could not (re)load model {model!r} at {args.url}: {e}{hint}") from None
             print(f"(re)loaded {model} at {args.url}")
     return 0

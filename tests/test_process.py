@@ -1,0 +1,158 @@
+"""tritonserver as a process, real and started here: its model control is refused without the key (over
+HTTP and gRPC; an uploaded model's code never runs, model `hpeft` is never reloaded from another store),
+and works with it; neither secret is in its or its stubs' environment. Under `hpeft serve`, the KServe
+request that crashes tritonserver 2.51 brings it down as often as it is sent, and it always comes back and
+answers right (the gateway, the public face, refuses that request); its shared-memory regions are its own,
+0600, and freed on a restart; kill -9 of `hpeft serve` takes tritonserver and its stubs with it and frees the
+ports; a port in use is a clear error at start."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from exporters.export import export_checkpoint
+from hpeft_serve.serving.client import TRITON_KEY_ENV, free_ports, hpeft_inputs
+from hpeft_serve.serving.deploy import deploy
+from hpeft_serve.serving.triton import TritonServer, find_key, key_headers
+
+from .test_export import _batches, _make_ckpt, _reference
+
+TOL = 1e-5
+TOKEN = "process-test-admin-token"
+HPEFT = Path(sys.executable).with_name("hpeft")
+CRASH = {"inputs": [{"name": "input_ids", "datatype": "INT64", "shape": [1, 137438953472], "data": [1, 2]},
+                    {"name": "attention_mask", "datatype": "INT64", "shape": [1, 2], "data": [1, 1]},
+                    {"name": "adapter", "datatype": "BYTES", "shape": [1, 1], "data": ["uni"]}]}
+MODEL_PY = """import os, json
+class TritonPythonModel:
+    def initialize(self, args):
+        open({marker!r}, "w").write(json.dumps(dict(os.environ)))
+    def execute(self, requests):
+        return []
+"""
+UPLOAD_CONFIG = {"name": "evil", "backend": "python", "max_batch_size": 0,
+                 "input": [{"name": "x", "data_type": "TYPE_INT64", "dims": [1]}],
+                 "output": [{"name": "y", "data_type": "TYPE_INT64", "dims": [1]}]}
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory, tiny_bert):
+    root = tmp_path_factory.mktemp("process")
+    ck = _make_ckpt(tiny_bert, "unipelt", root / "ck" / "uni", seed=0)
+    export_checkpoint(ck, root / "export", "onnx", log=lambda *_: None)
+    deploy(root / "export", root / "repo", log=lambda *_: None)
+    return {"root": root, "repo": root / "repo", "ck": ck}
+
+
+def _answer_is_right(grpc_url: str, ck) -> None:
+    ids, mask = (t.numpy() for t in _batches()[0])
+    client = grpcclient.InferenceServerClient(grpc_url)
+    got = client.infer("hpeft", hpeft_inputs(grpcclient, ids, mask, ["uni"] * len(ids))).as_numpy("logits")
+    assert np.abs(got - _reference(ck, (ids, mask))).max() <= TOL
+
+
+def _post(url: str, body: dict, headers: dict | None = None) -> tuple[int, str]:
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"content-type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def _environ(pid: int) -> str:
+    return Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace")
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        kids += [int(p) for p in (task / "children").read_text().split()]
+    return kids
+
+
+def _named(pids: list[int], name: str) -> list[int]:
+    return [p for p in pids if name in Path(f"/proc/{p}/cmdline").read_text(errors="replace")]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def _until(cond, seconds: float, what: str):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        got = cond()
+        if got:
+            return got
+        time.sleep(0.2)
+    raise AssertionError(f"not within {seconds:.0f}s: {what}")
+
+
+# ---------------------------------------------------------------- take-over
+def test_model_control_needs_the_key(repo, tmp_path, monkeypatch):
+    monkeypatch.setenv("HPEFT_ADMIN_TOKEN", TOKEN)
+    monkeypatch.setenv(TRITON_KEY_ENV, "process-test-triton-key")
+    http, grpc, metrics = free_ports()
+    with TritonServer(repo["repo"], http, grpc, metrics, work=tmp_path / "work") as server:
+        assert server.key == "process-test-triton-key"
+        marker = tmp_path / "marker.json"
+        files = {"file:1/model.py": MODEL_PY.format(marker=str(marker)).encode()}
+        load = {"parameters": {"config": json.dumps(UPLOAD_CONFIG),
+                               "file:1/model.py": base64.b64encode(files["file:1/model.py"]).decode()}}
+        code, text = _post(server.url("/v2/repository/models/evil/load"), load)
+        assert code == 403 and "restricted" in text, (code, text)
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc}")
+        with pytest.raises(InferenceServerException, match="restricted"):
+            client.load_model("evil", config=json.dumps(UPLOAD_CONFIG), files=files)
+        with pytest.raises(InferenceServerException, match="restricted"):  # a wrong key is no key
+            client.load_model("evil", config=json.dumps(UPLOAD_CONFIG), files=files, headers=key_headers("guess"))
+        # model hpeft reloaded from another store: refused both ways, and it serves as before
+        other = json.dumps({**client.get_model_config("hpeft", as_json=True)["config"],
+                            "parameters": {"ADAPTER_STORE": {"string_value": str(tmp_path)}}})
+        code, text = _post(server.url("/v2/repository/models/hpeft/load"), {"parameters": {"config": other}})
+        assert code == 403 and "restricted" in text, (code, text)
+        with pytest.raises(InferenceServerException, match="restricted"):
+            client.load_model("hpeft", config=other)
+        for what in ("/v2/repository/index", "/v2/systemsharedmemory/status", "/v2/trace/setting", "/v2/logging"):
+            assert _post(server.url(what), {})[0] == 403, what
+        _answer_is_right(f"127.0.0.1:{grpc}", repo["ck"])
+        assert not marker.exists()  # the refused upload's code never ran
+
+        # with the key: the same upload loads, and what its code sees holds neither secret
+        client.load_model("evil", config=json.dumps(UPLOAD_CONFIG), files=files, headers=key_headers(server.key))
+        seen = json.loads(marker.read_text())
+        assert "HPEFT_ADMIN_TOKEN" not in seen and TRITON_KEY_ENV not in seen
+        assert TOKEN not in json.dumps(seen) and server.key not in json.dumps(seen)
+        client.unload_model("evil", headers=key_headers(server.key))
+        for pid in [server.proc.pid] + _named(_children(server.proc.pid), "triton_python_backend_stub"):
+            assert TOKEN not in _environ(pid) and server.key not in _environ(pid), pid
