@@ -5,7 +5,8 @@ compose file, the manifests, the KServe variant and the Dockerfiles agree with d
 probe paths, the gateway's environment variables, images, Triton's flags); the Dockerfiles copy files that
 exist; the Triton image's requirements cover what the serving path imports, without torch. Nothing here needs
 a cluster, a GPU, a Docker daemon or the network; `kubectl kustomize` renders the overlays when kubectl is
-installed (skipped otherwise)."""
+installed (skipped otherwise). The security rules (restricted APIs, what is published, where the secrets go,
+limits) are in test_deploy_security.py."""
 
 from __future__ import annotations
 
@@ -92,7 +93,7 @@ def test_core_objects_validate_strict():
     objs = core(objects("k8s/base", "k8s/monitoring", "kserve"))
     kinds = {o["kind"] for o in objs}
     assert {"Deployment", "Service", "ConfigMap", "Secret", "HorizontalPodAutoscaler", "PodDisruptionBudget",
-            "Ingress", "ServiceAccount"} <= kinds
+            "Ingress", "ServiceAccount", "NetworkPolicy"} <= kinds
     for o in objs:
         validate(o)
 
