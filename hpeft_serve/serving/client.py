@@ -26,12 +26,16 @@ def hpeft_inputs(mod, ids: np.ndarray, mask: np.ndarray, names: list[str], ids_d
 # it is not the gateway's admin token, which never enters tritonserver's environment.
 TRITON_KEY_HEADER = "hpeft-triton-key"
 TRITON_KEY_ENV = "HPEFT_TRITON_KEY"
+# over gRPC, tritonserver 2.51 reads a restricted-protocol key from the metadata "triton-grpc-protocol-<name>";
+# over HTTP from the header "<name>" itself
+GRPC_KEY_HEADER = f"triton-grpc-protocol-{TRITON_KEY_HEADER}"
 
 
 def triton_key_headers(key: str | None = None) -> dict[str, str]:
-    """Headers for a model-control call (load, unload, ...): the given key, else HPEFT_TRITON_KEY."""
+    """Headers for a model-control call (load, unload, ...) over HTTP or gRPC (both names, so one dict serves
+    either client): the given key, else HPEFT_TRITON_KEY."""
     key = key if key is not None else os.environ.get(TRITON_KEY_ENV, "")
-    return {TRITON_KEY_HEADER: key} if key else {}
+    return {TRITON_KEY_HEADER: key, GRPC_KEY_HEADER: key} if key else {}
 
 
 def free_ports(n: int = 3) -> list[int]:
