@@ -297,3 +297,45 @@ def test_a_pack_for_another_hidden_size_is_refused_and_the_others_answered(srv):
     errors = _with_good_traffic(srv, lambda: _grpc(srv, ids, mask, ["wide", "uni", "comp", "lora", "wide"]),
                                 rounds=2)
     assert all(parse(e.message())[0] == Code.ADAPTER_INVALID for e in errors) and errors
+
+
+# ------------------------------------------------------------------ in the runtime itself
+class _FailingFor:
+    """The real onnxruntime session, made to raise for batches holding one bank slot: a fault injected to
+    reach the runtime's defence in depth (no real input makes the shared graph fail for one adapter)."""
+
+    def __init__(self, session, slot: int):
+        self.session, self.slot = session, slot
+
+    def run(self, outputs, feed):
+        if self.slot in feed["adapter_index"]:
+            raise RuntimeError("injected failure")
+        return self.session.run(outputs, feed)
+
+
+def test_a_forward_that_raises_fails_only_the_rows_of_its_adapter(srv):
+    from hpeft_serve.serving.runtime import SharedRuntime
+    ids, mask = srv["ids"], srv["mask"]
+    rt = SharedRuntime(srv["packs"].parent, bind_bank=False)
+    names = ["uni", "comp", "lora", "comp", "uni"]
+    rt.infer(ids, mask, names)
+    rt.session = _FailingFor(rt.session, rt.bank._slots["comp"])
+    out, errs, _ = rt.infer(ids, mask, names)
+    for r, n in enumerate(names):
+        if n == "comp":
+            assert out[r] is None and errs[r].code is Code.INTERNAL and "'comp' failed" in _clean(srv, errs[r])
+        else:
+            assert errs[r] is None and np.abs(out[r] - srv["refs"][n][r]).max() <= TOL
+
+
+def test_per_name_state_is_bounded_whatever_names_clients_send(srv):
+    from hpeft_serve.serving.runtime import SharedRuntime
+    ids, mask = srv["ids"][:1], srv["mask"][:1]
+    rt = SharedRuntime(srv["packs"].parent)
+    rng = np.random.default_rng(0)
+    for i in range(300):  # random valid names, invalid ones, and the served ones among them
+        names = [f"n{rng.integers(1 << 40)}", "bad/" + str(i), ["uni", "comp", "lora"][i % 3]]
+        for n in names:
+            rt.infer(ids, mask, [n])
+    assert set(rt._checked) <= set(rt.bank.names()) == set(SERVED)
+    assert not rt._pending

@@ -169,7 +169,7 @@ class SharedRuntime:
         elif now - pending[1] >= SETTLE_S:
             err = RowError(Code.ADAPTER_INVALID, f"adapter {show(n)}: its tensors do not match the sha256 its json "
                                                  "records: the file is damaged or incomplete; upload it again")
-            self.log(f"hpeft: adapter {n!r}: {err}" + ("; the resident version is still served" if resident else ""))
+            self.log(f"hpeft: {err}" + ("; the resident version is still served" if resident else ""))
             return self._refuse(n, stamp, err, resident)
         if resident:  # the version being served stays until the new one is complete
             return None
