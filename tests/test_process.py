@@ -156,3 +156,138 @@ def test_model_control_needs_the_key(repo, tmp_path, monkeypatch):
         client.unload_model("evil", headers=key_headers(server.key))
         for pid in [server.proc.pid] + _named(_children(server.proc.pid), "triton_python_backend_stub"):
             assert TOKEN not in _environ(pid) and server.key not in _environ(pid), pid
+
+
+# ---------------------------------------------------------------- `hpeft serve` as a process
+class Serve:
+    """`hpeft serve` started as a user runs it (gateway on all interfaces, Triton on loopback)."""
+
+    def __init__(self, repo: Path, ports: list[int], log: Path):
+        self.ports, self.log = ports, log
+        http, grpc, metrics, gport = ports
+        self.grpc, self.gateway = f"127.0.0.1:{grpc}", f"http://127.0.0.1:{gport}"
+        self.proc = subprocess.Popen([str(HPEFT), "serve", "--repo", str(repo), "--http-port", str(http),
+                                      "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--gateway-port",
+                                      str(gport), "--address", "0.0.0.0", "--max-restart-delay", "2"],
+                                     env={k: v for k, v in os.environ.items() if k != TRITON_KEY_ENV} | {
+                                         "HPEFT_ADMIN_TOKEN": TOKEN},
+                                     stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+        _until(self.healthy, 180, f"hpeft serve healthy; log:\n{self.text()}")
+
+    def text(self) -> str:
+        return self.log.read_text()
+
+    def healthy(self) -> bool:
+        assert self.proc.poll() is None, self.text()
+        try:
+            with urllib.request.urlopen(f"{self.gateway}/healthz", timeout=5) as r:
+                return r.status == 200 and self.text().count("tritonserver is back") >= self.text().count("restarting")
+        except OSError:
+            return False
+
+    def triton(self) -> int:
+        (pid,) = _named(_children(self.proc.pid), "tritonserver")
+        return pid
+
+    def stubs(self) -> list[int]:
+        return _named(_children(self.triton()), "triton_python_backend_stub")
+
+    def regions(self) -> list[Path]:
+        cmd = Path(f"/proc/{self.triton()}/cmdline").read_text().split("\0")
+        flag = "--backend-config=python,shm-region-prefix-name="
+        (prefix,) = [a.removeprefix(flag) for a in cmd if a.startswith(flag)]
+        return sorted(Path("/dev/shm").glob(f"{prefix}*"))
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            assert self.proc.wait(60) == 0
+
+
+@pytest.fixture(scope="module")
+def serve(repo):
+    s = Serve(repo["repo"], free_ports(4), repo["root"] / "serve.log")
+    yield s
+    s.stop()
+
+
+def _listening(port: int) -> set[str]:
+    """The local addresses that TCP sockets on `port` listen on (/proc/net/tcp and tcp6; v4-mapped as v4)."""
+    import ipaddress
+    out = set()
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            (ip, p), state = line.split()[1].split(":"), line.split()[3]
+            if state != "0A" or int(p, 16) != port:
+                continue
+            raw = b"".join(bytes.fromhex(ip[i:i + 8])[::-1] for i in range(0, len(ip), 8))
+            addr = ipaddress.ip_address(raw)
+            out.add(str(getattr(addr, "ipv4_mapped", None) or addr))
+    return out
+
+
+def test_triton_is_on_loopback_and_secrets_stay_out(serve, repo):
+    http, grpc, metrics, gport = serve.ports
+    assert _listening(gport) == {"0.0.0.0"}  # --address is the gateway's
+    for port in (http, grpc, metrics):
+        assert _listening(port) == {"127.0.0.1"}, port
+    key = find_key(serve.grpc)  # a random key (HPEFT_TRITON_KEY unset), found through its key file
+    assert key and key not in serve.text()
+    for pid in [serve.triton()] + serve.stubs():
+        assert TOKEN not in _environ(pid) and key not in _environ(pid), pid
+    client = grpcclient.InferenceServerClient(serve.grpc)
+    with pytest.raises(InferenceServerException, match="restricted"):
+        client.get_model_repository_index()
+    assert client.get_model_repository_index(headers=key_headers(key), as_json=True)["models"]
+
+
+def test_the_crash_request_never_brings_the_service_down(serve, repo):
+    """SIGKILL once, then the crash request 5 times straight to Triton's loopback port: each time it dies,
+    comes back (regions of the dead one freed, the new ones 0600) and answers right; through the gateway
+    the same request is refused and crashes nothing."""
+    http = serve.ports[0]
+    for round_ in range(6):
+        old_pid, old_regions = serve.triton(), serve.regions()
+        assert old_regions and all(f.stat().st_mode & 0o777 == 0o600 for f in old_regions)
+        if round_ == 0:
+            os.kill(old_pid, signal.SIGKILL)
+        else:
+            with pytest.raises(OSError):  # the connection drops: tritonserver aborted (std::bad_alloc)
+                _post(f"http://127.0.0.1:{http}/v2/models/hpeft/infer", CRASH)
+        _until(lambda: not _alive(old_pid), 30, "tritonserver died")
+        _until(serve.healthy, 120, f"tritonserver back; log:\n{serve.text()}")
+        _answer_is_right(serve.grpc, repo["ck"])
+        assert not set(old_regions) & set(serve.regions())
+        assert not any(f.exists() for f in old_regions)
+        assert all(f.stat().st_mode & 0o777 == 0o600 for f in serve.regions())
+    assert serve.text().count("tritonserver is back") == 6 and "giving up" not in serve.text()
+    pid = serve.triton()
+    for path in ("/v2/models/hpeft/infer", "/v1/predict"):  # the public face has no raw tensor input
+        code, text = _post(f"{serve.gateway}{path}", CRASH)
+        assert 400 <= code < 500, (path, code, text)
+    assert serve.triton() == pid and serve.healthy()
+    _answer_is_right(serve.grpc, repo["ck"])
+
+
+def test_kill_9_of_hpeft_serve_takes_tritonserver_with_it(serve, repo):
+    triton, stubs, regions = serve.triton(), serve.stubs(), serve.regions()
+    assert stubs and regions
+    os.kill(serve.proc.pid, signal.SIGKILL)
+    serve.proc.wait()
+    _until(lambda: not any(_alive(p) for p in [triton, *stubs]), 30, "tritonserver and its stubs gone")
+    _until(lambda: all(_port_free(p) for p in serve.ports), 30, "ports free")
+    again = Serve(repo["repo"], serve.ports, repo["root"] / "serve2.log")  # the same ports serve again
+    try:
+        assert not any(f.exists() for f in regions)
+        _answer_is_right(again.grpc, repo["ck"])
+        for i, port in enumerate(serve.ports):  # a second server on any of these ports: refused at start
+            ports = free_ports(4)
+            ports[i] = port
+            r = subprocess.run([str(HPEFT), "serve", "--repo", str(repo["repo"]), "--http-port", str(ports[0]),
+                                "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]),
+                                "--gateway-port", str(ports[3])], capture_output=True, text=True, timeout=120)
+            assert r.returncode == 2 and f"port {port} " in r.stderr and "in use" in r.stderr, (port, r.stderr)
+            assert "Traceback" not in r.stderr
+        assert again.healthy() and again.triton()
+    finally:
+        again.stop()

@@ -36,11 +36,11 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     from ..serving.triton import LOOPBACK, TritonServer, check_ports_free
-    ports = {"Triton HTTP port (--http-port)": args.http_port, "Triton gRPC port (--grpc-port)": args.grpc_port,
-             "Triton metrics port (--metrics-port)": args.metrics_port}
+    ports = {"Triton HTTP, --http-port": args.http_port, "Triton gRPC, --grpc-port": args.grpc_port,
+             "Triton metrics, --metrics-port": args.metrics_port}
     check_ports_free(ports)
     if args.gateway_port:
-        check_ports_free({"gateway port (--gateway-port)": args.gateway_port}, args.address)
+        check_ports_free({"gateway, --gateway-port": args.gateway_port}, args.address)
     server = TritonServer(args.repo, args.http_port, args.grpc_port, args.metrics_port)
     server.start(args.timeout)
     print(f"serving model hpeft on loopback: REST http://{LOOPBACK}:{args.http_port}/v2/models/hpeft/infer, "

@@ -113,8 +113,8 @@ def check_ports_free(ports: dict[str, int], address: str = LOOPBACK) -> None:
             try:
                 s.bind((address, port))
             except OSError as e:
-                raise HpeftError(f"{what} {port} on {address} is already in use ({e.strerror}): stop what "
-                                 f"listens there or choose another port") from None
+                raise HpeftError(f"port {port} ({what}) on {address} is already in use ({e.strerror}): stop "
+                                 "what listens there or choose another port") from None
 
 
 # ---------------------------------------------------------------- the key of the restricted APIs
@@ -228,7 +228,7 @@ class TritonServer:
             self.reap()
             if self.log.exists():
                 os.replace(self.log, self.log.with_suffix(".log.1"))
-        check_ports_free(dict(zip(("Triton HTTP port", "Triton gRPC port", "Triton metrics port"), self.ports)))
+        check_ports_free(dict(zip(("Triton HTTP", "Triton gRPC", "Triton metrics"), self.ports)))
         self.free_regions()
         _write_key(self.key, self.ports[:2])
         self.proc = self._spawn(self.command(inst), env)
