@@ -53,7 +53,8 @@ def srv(tmp_path_factory, tiny_bert):
     http, grpc, metrics = free_ports()
     with TritonServer(repo, http, grpc, metrics, work=root / "work") as s:
         srv = {"root": root, "packs": repo / "hpeft" / "1" / "export" / "packs", "server": s, "ids": ids,
-               "mask": mask, "grpc": f"127.0.0.1:{grpc}", "http": f"http://127.0.0.1:{http}", "merged": merged}
+               "mask": mask, "grpc": f"127.0.0.1:{grpc}", "http": f"http://127.0.0.1:{http}", "merged": merged,
+               "repo": repo, "metrics": metrics}
         srv["refs"] = {n: _reference(ck, (ids, mask)) for n, ck in cks.items()}
         srv["before"] = {n: _grpc(srv, ids, mask, [n] * len(ids)) for n in SERVED}
         for n, got in srv["before"].items():
@@ -339,3 +340,62 @@ def test_per_name_state_is_bounded_whatever_names_clients_send(srv):
             rt.infer(ids, mask, [n])
     assert set(rt._checked) <= set(rt.bank.names()) == set(SERVED)
     assert not rt._pending
+
+
+def test_a_damaged_resident_pack_leaves_its_served_version_answering(srv):
+    """A resident adapter's pack truncated in place: the version being served answers, bit for bit, while
+    the server waits for a complete replacement and after it has judged the files damaged."""
+    from hpeft_serve.serving.runtime import SETTLE_S
+    tensors, _ = _copy_pack(srv, "lora", "lora2")
+    ids, mask = srv["ids"], srv["mask"]
+    before = _grpc(srv, ids, mask, ["lora2"] * len(ids))
+    tensors.write_bytes(tensors.read_bytes()[:-100])
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < SETTLE_S + 0.5:
+        assert np.array_equal(_grpc(srv, ids, mask, ["lora2"] * len(ids)), before)
+        time.sleep(0.2)
+
+
+# ------------------------------------------------------------------ through the gateway
+def test_the_gateway_answers_the_models_codes_with_their_statuses(srv):
+    """The same faults through the gateway (POST /v1/predict): each code's HTTP status (codes.Code.http),
+    a message naming the problem and no path or stack frame, the good adapters answered."""
+    from hpeft_serve import gateway
+    from hpeft_serve.gateway import GatewayThread, Settings
+    if not hasattr(gateway, "parse"):  # remove once the gateway reads the codes (issue 10, its owner's part)
+        pytest.xfail("the gateway still chooses its status by the wording of the model's messages")
+    gport, = free_ports(1)
+    settings = Settings(repo=str(srv["repo"]), triton=srv["grpc"],
+                        triton_metrics=f"http://127.0.0.1:{srv['metrics']}/metrics")
+    gw = GatewayThread(settings, "127.0.0.1", gport).start()
+    try:
+        def predict(name):
+            req = urllib.request.Request(f"http://127.0.0.1:{gport}/v1/predict",
+                                         json.dumps({"adapter": name, "inputs": ["a fine film"]}).encode(),
+                                         {"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=60) as r:
+                    return r.status, json.loads(r.read())
+            except urllib.error.HTTPError as e:
+                return e.code, json.loads(e.read() or b"{}")
+
+        tensors, _ = _copy_pack(srv, "uni", "gtrunc")
+        tensors.write_bytes(tensors.read_bytes()[:-100])
+        broken, _ = _copy_pack(srv, "comp", "gbroken")
+        broken.unlink()
+        broken.mkdir()
+        status, body = predict("gtrunc")
+        assert status == Code.ADAPTER_UPDATING.http and "being replaced" in _clean(srv, body["error"]), body
+        deadline = time.monotonic() + 60
+        while status == Code.ADAPTER_UPDATING.http and time.monotonic() < deadline:
+            time.sleep(0.25)
+            status, body = predict("gtrunc")
+        assert status == Code.ADAPTER_INVALID.http and "damaged" in _clean(srv, body["error"]), body
+        status, body = predict("gbroken")
+        assert status == Code.INTERNAL.http and "cannot be read" in _clean(srv, body["error"]), body
+        status, body = predict("nope")
+        assert status == Code.UNKNOWN_ADAPTER.http and "unknown adapter" in _clean(srv, body["error"]), body
+        for n in SERVED:
+            assert predict(n)[0] == 200
+    finally:
+        gw.stop()
