@@ -26,24 +26,28 @@ class Limits:
 
 def position_limit(model_type: str, max_positions: int) -> int:
     """The longest sequence the position table holds: RoBERTa-style encoders count positions from
-    padding_idx + 1 (= 2), BERT-style ones from 0."""
-    return max_positions - 2 if model_type in ("roberta", "xlm-roberta", "camembert") else max_positions
+    padding_idx + 1 (= 2), the others from 0."""
+    return max_positions - 2 if model_type in ("roberta", "xlm-roberta") else max_positions
 
 
-def graph_limits(path, max_len: int | None = None) -> Limits:
+NO_LIMIT = 1 << 62
+
+
+def graph_limits(path, max_len: int = 512) -> Limits:
     """The Limits of an exported ONNX encoder read from its graph (no weights loaded): the vocabulary is the
-    table the Gather on input_ids reads, the longest sequence the position table's rows (RoBERTa-style
-    graphs, which count positions with a CumSum from padding_idx + 1, two fewer), at most `max_len`."""
+    table the Gather on input_ids reads, the longest sequence at most `max_len` and the position table's
+    rows (RoBERTa-style graphs, which count positions with a CumSum from padding_idx + 1: two fewer). A
+    graph without a position table (relative positions) has only `max_len`; one whose word table is not
+    found has no vocabulary check (its model then runs a failing batch again one request at a time)."""
     import onnx
     g = onnx.load(str(path), load_external_data=False).graph
     dims = {t.name: list(t.dims) for t in g.initializer}
     vocab = next((dims[n.input[0]][0] for n in g.node
-                  if n.op_type == "Gather" and n.input[1:2] == ["input_ids"] and n.input[0] in dims), None)
+                  if n.op_type == "Gather" and n.input[1:2] == ["input_ids"] and n.input[0] in dims), NO_LIMIT)
     rows = next((d[0] for name, d in dims.items() if name.endswith("position_embeddings.weight")), None)
-    if vocab is None or rows is None:
-        raise ValueError(f"{path}: no word or position embedding table found in the graph")
-    positions = rows - 2 if any(n.op_type == "CumSum" for n in g.node) else rows
-    return Limits(vocab, positions if max_len is None else min(positions, max_len))
+    if rows is not None:
+        max_len = min(max_len, rows - 2 if any(n.op_type == "CumSum" for n in g.node) else rows)
+    return Limits(vocab, max_len)
 
 
 def check_tokens(ids: np.ndarray, mask: np.ndarray, limits: Limits) -> None:

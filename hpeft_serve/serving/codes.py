@@ -2,9 +2,12 @@
 (the gateway, `hpeft predict`, any KServe v2 client).
 
 The model refuses a request with a message that starts with a tag, `[hpeft:CODE] `, and with the Triton
-status of that code (so a KServe v2 client gets 400 / 404 / 503, INVALID_ARGUMENT / NOT_FOUND /
-UNAVAILABLE, not 500 / INTERNAL). Callers read the code with `parse`, never by matching the wording: the
-message is for people, the code for programs. Both sides import this one module.
+status of that code (`pb_utils.TritonError(message, pb_utils.TritonError.<Code.triton>)`). What a KServe v2
+client of tritonserver 2.51 then sees (tests/test_faults.py): invalid input 400 / INVALID_ARGUMENT, unknown
+adapter 404 / NOT_FOUND, adapter updating 503 / UNAVAILABLE, adapter invalid and internal 500 / INTERNAL
+(Triton has no status for "present but unusable"; the gateway answers 422 and 502). Callers read the code
+with `parse`, never by matching the wording: the message is for people, the code for programs. Both sides
+import this one module.
 """
 
 from __future__ import annotations

@@ -263,5 +263,5 @@ def _limits(info: dict, graph: Path) -> Limits:
     dims = info.get("dims") or {}
     if "vocab" in dims and "max_positions" in dims:
         return Limits(dims["vocab"], position_limit(info["backbone"].get("model_type", ""), dims["max_positions"]))
-    from .batching import graph_limits
-    return graph_limits(graph)
+    from .batching import NO_LIMIT, graph_limits
+    return graph_limits(graph, NO_LIMIT)
