@@ -9,7 +9,6 @@ same DIR for the same backbone reuses the graph: only its pack is written.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -19,8 +18,9 @@ import torch
 
 from hpeft_serve import checkpoint
 from hpeft_serve.errors import HpeftError
+from hpeft_serve.pack.store import predates_phm_n, served_layout
 
-from .layout import LAYOUT_VERSION, Layout, bank_feed, input_names, needs, pack, per_layer, resolve_shape, spec
+from .layout import LAYOUT_VERSION, Layout, bank_feed, input_names, needs, pack, per_layer, resolve_shape, symbols
 from .merge import merge
 from .onnx_export import INPUTS, TOKEN_AXES, example_inputs, export_merged_onnx, export_onnx
 from .shared import SharedModel
@@ -34,29 +34,30 @@ def shared_inputs(layout: Layout, num_layers: int) -> list[str]:
 
 
 def _axis_name(symbol) -> str | None:
-    if isinstance(symbol, int) or symbol in STATIC:
+    if isinstance(symbol, int) or symbol in STATIC or symbol.startswith("d/"):  # d/n: n is a PHM kind's
         return None
-    return "d_over_n" if symbol == "d/n" else symbol
+    return symbol
 
 
 def shared_dynamic_axes(layout: Layout, num_layers: int) -> dict:
     axes = dict(TOKEN_AXES) | {"adapter_index": {0: "batch"}, "logits": {0: "batch", 1: "C"}}
     for name in input_names(layout, num_layers):
-        symbols = spec()[name.split(".")[0]]
-        symbols = symbols[1:] if per_layer(name.split(".")[0]) else symbols
-        axes[name] = {0: "K"} | {i + 1: a for i, s in enumerate(symbols) if (a := _axis_name(s))}
+        syms = symbols(name.split(".")[0])
+        syms = syms[1:] if per_layer(name.split(".")[0]) else syms
+        axes[name] = {0: "K"} | {i + 1: a for i, s in enumerate(syms) if (a := _axis_name(s))}
     return axes
 
 
-def example_bank(L: int, d: int, f: int, k: int = 2) -> dict[str, torch.Tensor]:
-    """A random bank whose every size is non-zero (so tracing sees every op); flags are 0/1."""
-    sizes = {"L": L, "d": d, "f": f, "P": 3, "n": 2, "r": 1, "C": 3} | {s: 2 for s in (
+def example_bank(L: int, d: int, f: int, layout: Layout, k: int = 2) -> dict[str, torch.Tensor]:
+    """A random bank of the tensors `layout` takes, whose every size is non-zero (so tracing sees every op);
+    flags are 0/1."""
+    sizes = {"L": L, "d": d, "f": f, "P": 3, "r": 1, "C": 3} | {s: 2 for s in (
         "R_q", "R_k", "R_v", "R_o", "R_ffn_in", "R_ffn_out", "O_attn", "O_ffn")} | {
         f"W_{kind}_{site}": 4 for kind in ("seq", "par") for site in ("attn", "ffn")}
     g = torch.Generator().manual_seed(0)
     bank = {}
-    for name, symbols in spec().items():
-        shape = (k, *resolve_shape(symbols, sizes))
+    for name in layout.names():
+        shape = (k, *resolve_shape(symbols(name), sizes))
         flag = name.endswith(("_gated", "_ln_before", "_act", "gate_masked", "head_cls"))
         bank[name] = torch.randint(0, 2, shape, generator=g).float() if flag else torch.randn(shape, generator=g) * 0.1
     return bank
@@ -65,7 +66,7 @@ def example_bank(L: int, d: int, f: int, k: int = 2) -> dict[str, torch.Tensor]:
 def _shared_args(encoder, layout: Layout) -> tuple:
     ec = encoder.config
     ids, mask = example_inputs(ec.vocab_size, batch=3, seq=9)
-    feed = bank_feed(example_bank(ec.num_hidden_layers, ec.hidden_size, ec.intermediate_size), layout)
+    feed = bank_feed(example_bank(ec.num_hidden_layers, ec.hidden_size, ec.intermediate_size, layout), layout)
     return (ids, mask, torch.tensor([0, 1, 1]), *(feed[n] for n in input_names(layout, ec.num_hidden_layers)))
 
 
@@ -76,7 +77,7 @@ def _graph_info(backbone: dict, fmt: str, graph: str, layout: Layout, ec) -> dic
     return {"format": "hpeft-shared-backbone", "layout_version": LAYOUT_VERSION, "export_format": fmt,
             "graph": graph, "backbone": backbone, "dims": dims, "layout": layout.to_dict(),
             "inputs": shared_inputs(layout, backbone["num_layers"]),
-            "outputs": ["logits"], "bank": {n: [str(s) for s in spec()[n]] for n in layout.names()}}
+            "outputs": ["logits"], "bank": {n: [str(s) for s in symbols(n)] for n in layout.names()}}
 
 
 def read_layout(folder: Path) -> Layout:
@@ -92,13 +93,12 @@ def _write_graph(model, cfg: dict, out: Path, fmt: str, layout: Layout, log) -> 
         if info.get("backbone", {}).get("sha256") != cfg["backbone"]["sha256"]:
             raise HpeftError(f"{out} holds a shared graph for backbone {info['backbone'].get('name')!r}; "
                              f"this adapter is for {cfg['backbone']['name']!r}: export it into another folder")
-        if info.get("layout_version") == LAYOUT_VERSION and "layout" in info:
-            have = Layout.from_dict(info["layout"])
-            if have.covers(layout):
-                log(f"reusing the shared graph {out / graph}")
-                return []
-            log(f"re-exporting the shared graph {out / graph}: this adapter needs slots it lacks")
-            layout = have.union(layout)
+        have = served_layout(info, out / "packs")
+        if have.covers(layout) and not predates_phm_n(info):
+            log(f"reusing the shared graph {out / graph}")
+            return []
+        log(f"re-exporting the shared graph {out / graph}: this adapter needs slots it lacks")
+        layout = have.union(layout)
     return write_shared_graph(model.encoder, cfg["backbone"], layout, out, fmt)
 
 
@@ -130,9 +130,8 @@ def write_pack(tensors: dict, sizes: dict, cfg: dict, folder: Path) -> list[str]
     # the json rides in the safetensors header too, so the .safetensors alone is an uploadable pack
     data = save_bytes({k: v.contiguous() for k, v in tensors.items()},
                       metadata={"format": "hpeft-pack", "hpeft_pack": json.dumps(meta)})
-    meta["sha256"] = hashlib.sha256(data).hexdigest()
     from hpeft_serve.pack.store import PackStore
-    PackStore(folder).write(name, data, meta)
+    PackStore(folder).write(name, data, meta)  # records the tensors' sha256 in the json
     return [f"packs/{name}.safetensors", f"packs/{name}.json"]
 
 

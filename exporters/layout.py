@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from hpeft_serve.pack.layout import (ACTS, FILL, LAYOUT_VERSION, Layout, bank_sizes, input_names, needs,  # noqa: F401
-                                     per_layer, place, resolve_shape, spec)
+                                     per_layer, place, resolve_shape, spec, split_n, symbols)
 from hpeft_serve.methods.config import BIAS_NAMES, LORA_TARGETS, SITES
 
 if TYPE_CHECKING:
@@ -128,24 +128,43 @@ def _pack_head(t: dict, model: "HybridModel") -> None:
     t["head_out_w"][:c], t["head_out_b"][:c] = h.out_proj.weight, h.out_proj.bias
 
 
-def stack(packs: list[tuple[dict, dict]]) -> dict[str, "torch.Tensor"]:
-    """Stack packs into a bank [K, ...], zero-padding each tensor to the bank sizes (exact)."""
+def stack(packs: list[tuple[dict, dict]], layout: Layout | None = None) -> dict[str, "torch.Tensor"]:
+    """Stack packs into a bank [K, ...] of the bank tensors `layout` names (default: every kind, PHM for the
+    n values of these packs), zero-padding each tensor to the bank sizes (exact)."""
     import torch
     sizes = bank_sizes([s for _, s in packs])
+    if layout is None:
+        ns = sorted({s["n"] for _, s in packs if s["r"] > 0})
+        names = [n for n in spec() if not n.startswith("phm_")]
+        names += [f"phm{n}_{base[4:]}" for n in ns for base in spec() if base.startswith("phm_")]
+    else:
+        names = layout.names()
     out = {}
-    for name, symbols in spec().items():
-        out[name] = torch.empty((len(packs), *resolve_shape(symbols, sizes)))
+    for name in names:
+        base, _ = split_n(name)
+        out[name] = torch.empty((len(packs), *resolve_shape(symbols(name), sizes)))
         for k, (t, s) in enumerate(packs):
-            place(out[name][k], t[name], name, s)
+            place(out[name][k], t[base], name, s)
     return out
 
 
 def bank_feed(bank: dict, layout: Layout) -> dict:
-    """A stacked bank ([K, L, ...] per slot) as the graph's inputs (input_names order)."""
+    """A stacked bank ([K, L, ...] per slot) as the graph's inputs (input_names order); a PHM n the bank
+    has no pack of is fed as zeros (its branch then adds exactly 0)."""
+    import torch
     out = {}
     for n in layout.names():
+        t = bank[n] if n in bank else torch.zeros(_zero_branch_shape(bank, n))
         if per_layer(n):
-            out |= {f"{n}.{i}": bank[n][:, i].contiguous() for i in range(bank[n].shape[1])}
+            out |= {f"{n}.{i}": t[:, i].contiguous() for i in range(t.shape[1])}
         else:
-            out[n] = bank[n]
+            out[n] = t
     return out
+
+
+def _zero_branch_shape(bank: dict, name: str) -> tuple[int, ...]:
+    if split_n(name)[1] is None:
+        raise KeyError(f"the bank has no tensor {name!r} the graph takes")
+    k, num_layers = bank["prefix_mask"].shape[:2]
+    sizes = {"L": num_layers, "d": bank["head_dense_w"].shape[-1], "r": 1} | {f"O_{s}": 1 for s in SITES}
+    return (k, *resolve_shape(symbols(name), sizes))

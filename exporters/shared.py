@@ -5,7 +5,8 @@ batches that mix adapters.
 `BankedLayer` implements the encoder's LayerHooks with each row's own adapter weights, calling the same
 functions as the PyTorch modules (hpeft_serve.methods.functional); flags (0/1) select per row what the
 modules select by their configuration, and 0/1 mixing is exact in floating point. A `Layout` says which
-slot kinds the graph has at all: the rest are not computed.
+slot kinds the graph has at all: the rest are not computed; PHM adapters get one branch per n (a row's
+adapter fills the branch of its n, the others are exact zeros).
 """
 
 from __future__ import annotations
@@ -80,8 +81,8 @@ class BankedLayer:
         h = self._act(p, Fn.linear(x, self.w(f"{p}_down_w"), self.w(f"{p}_down_b").unsqueeze(1)))
         return self._finish(p, Fn.linear(h, self.w(f"{p}_up_w"), self.w(f"{p}_up_b").unsqueeze(1)), x, ctx)
 
-    def _phm(self, p: str, x: torch.Tensor, ctx) -> torch.Tensor:
-        rule = ctx.shared["phm_rule"]  # (B, 1, n, n, n)
+    def _phm(self, n: int, site: str, x: torch.Tensor, ctx) -> torch.Tensor:
+        p, rule = f"phm{n}_{site}", ctx.shared[f"phm{n}_rule"]  # rule (B, 1, n, n, n)
         b = x.shape[0]
         down = Fn.phm_linear(x, rule, self.w(f"{p}_down_Wl").unsqueeze(1), self.w(f"{p}_down_Wr").unsqueeze(1), None)
         h = self._act(p, down + self.w(f"{p}_down_b").reshape(b, 1, -1))
@@ -95,8 +96,8 @@ class BankedLayer:
             lnb = _col(self.w(f"seq_{site}_ln_before"))
             x_a = lnb * self.layer_norm(f"{site}_ln", h + a, ln) + (1.0 - lnb) * h
             seq = self._dense(f"seq_{site}", x_a, ctx) if site in lay.seq else None
-            if site in lay.phm:
-                phm = self._phm(f"phm_{site}", x_a, ctx)
+            for n in lay.phm_n if site in lay.phm else ():  # one branch per n: a row's other-n branches are 0
+                phm = self._phm(n, site, x_a, ctx)
                 seq = phm if seq is None else seq + phm
             out = seq + h + a
         if site in lay.par:
@@ -112,8 +113,8 @@ class _Banked:
         if layout.gated:
             gm = _col(bank["gate_masked"].index_select(0, index))
             shared["gate_token_mask"] = gm * token_mask + (1.0 - gm)
-        if layout.phm:
-            shared["phm_rule"] = bank["phm_rule"].index_select(0, index).unsqueeze(1)
+        for n in layout.phm_n:
+            shared[f"phm{n}_rule"] = bank[f"phm{n}_rule"].index_select(0, index).unsqueeze(1)
         self._shared = [shared] * num_layers
         self.layers = [BankedLayer(bank, index, i, layout) for i in range(num_layers)]
 

@@ -153,3 +153,83 @@ def test_adapters_from_an_fsspec_store(served):
     out, errs, new_v = rt.infer(ids, mask, ["uni"] * len(ids))
     assert np.abs(np.stack(out) - ref["sparse"]).max() <= TOL
     assert set(old_v) != set(new_v) and len(set(new_v)) == 1
+
+
+def _crafted(sizes: dict, seed: int = 0) -> dict[str, np.ndarray]:
+    """Tensors consistent with `sizes` (random values, padding fills): what a pack of those sizes holds."""
+    from hpeft_serve.pack.layout import FILL, resolve_shape, spec
+    g = np.random.default_rng(seed)
+    out = {}
+    for k, syms in spec().items():
+        t = np.asarray(g.standard_normal(resolve_shape(syms, sizes)) * 0.01, dtype=np.float32)
+        out[k] = np.full_like(t, FILL[k]) if k in FILL else t
+    return out
+
+
+def _state(bank):
+    return {k: v.copy() for k, v in bank._arrays.items()}, dict(bank._sizes), dict(bank._slots), bank.names()
+
+
+def test_a_refused_pack_leaves_the_bank_and_every_answer_bit_identical(served):
+    """Packs the bank must refuse, several of which would change its sizes were they adopted first."""
+    import dataclasses
+    from hpeft_serve.errors import CheckpointError
+    root, _ = served
+    rt = SharedRuntime(root / "export", check_every_s=1e9)
+    ids, mask = (t.numpy() for t in _batches()[1])
+    names = ["uni", "comp", "sparse", "lora", "uni"]
+    before, errs, _ = rt.infer(ids, mask, names)
+    assert not any(errs)
+    good = rt.store.load("lora")
+    arrays, sizes, slots, resident = _state(rt.bank)
+    wide = good.sizes | {"d": 256, "R_q": 40}  # laid out for another hidden size, consistent tensors
+    deep = good.sizes | {"L": 3}
+    cut = dict(good.tensors) | {"lora_q_A": good.tensors["lora_q_A"][:, :2]}
+    phm2 = good.sizes | {"n": 2, "r": 1, "O_ffn": 2}  # a PHM n this graph has no branch for
+    bad = [dataclasses.replace(good, name="wide", tensors=_crafted(wide), sizes=wide),
+           dataclasses.replace(good, name="deep", tensors=_crafted(deep), sizes=deep),
+           dataclasses.replace(good, name="cut", tensors=cut),
+           dataclasses.replace(good, name="phm2", tensors=_crafted(phm2), sizes=phm2),
+           dataclasses.replace(good, name="lora", tensors=_crafted(wide), sizes=wide),  # a replacement too
+           dataclasses.replace(good, name="keys", sizes=good.sizes | {"Z": 1})]
+    for pack in bad:
+        with pytest.raises(CheckpointError, match=repr(pack.name) if pack.name != "lora" else "256"):
+            rt.bank.put(pack)
+        a2, s2, sl2, r2 = _state(rt.bank)
+        assert (s2, sl2, r2) == (sizes, slots, resident) and a2.keys() == arrays.keys()
+        assert all(np.array_equal(a2[k], arrays[k]) for k in arrays), pack.name
+        after, errs, _ = rt.infer(ids, mask, names)
+        assert not any(errs) and all(np.array_equal(x, y) for x, y in zip(before, after)), pack.name
+
+
+def test_slots_shrink_back_when_the_big_adapter_leaves(served, tmp_path):
+    import dataclasses
+    from hpeft_serve.pack.store import PackStore
+    root, cks = served
+    rt = SharedRuntime(root / "export", check_every_s=1e9)
+    export_checkpoint(cks["lora_v2"], tmp_path, "onnx", log=lambda *_: None)  # rank 16: wider than any other
+    big = dataclasses.replace(PackStore(tmp_path / "packs", rt.store.graph).load("lora"), name="big")
+    ids, mask = (t.numpy() for t in _batches()[1])
+    names = ["uni", "lora", "comp", "lora", "uni"]
+    refs = [_reference(cks[n], (ids[r:r + 1], mask[r:r + 1]))[0] for r, n in enumerate(names)]
+    for n in ("uni", "lora", "comp"):
+        rt.bank.put(rt.store.load(n))
+    small = {k: v.shape[1:] for k, v in rt.bank._arrays.items()}
+    rt.bank.put(big)
+    assert rt.bank._sizes["R_q"] == 16 and rt.bank._arrays["lora_q_A.0"].shape[1] == 16
+    big_slot = rt.bank.nbytes() / rt.bank._capacity
+    for how in ("remove", "evict"):
+        if how == "evict":  # a budget that holds three adapters of the big sizes, not four
+            rt.bank.budget = int(3.5 * big_slot)
+            victim = rt.bank.names()[0]
+            rt.bank.put(big)  # over budget: the least recently used goes, the sizes are big
+            assert victim not in rt.bank.names() and rt.bank._sizes["R_q"] == 16
+            with rt.bank.reading([n for n in rt.bank.names() if n != "big"]):
+                pass  # now big is the least recently used
+            rt.bank.put(rt.store.load(victim))  # over budget again: big goes, the sizes shrink
+            assert "big" not in rt.bank.names() and set(rt.bank.names()) == {"uni", "lora", "comp"}
+        else:
+            rt.bank.remove("big")
+        assert rt.bank._sizes["R_q"] == 8 and {k: v.shape[1:] for k, v in rt.bank._arrays.items()} == small
+        out, errs, _ = rt.infer(ids, mask, names)
+        assert not any(errs) and max(np.abs(o - r).max() for o, r in zip(out, refs)) <= TOL

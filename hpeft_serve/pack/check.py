@@ -1,5 +1,6 @@
-"""Validating a pack: its safetensors bytes and json against the served backbone and the slot layout
-(json and safetensors only; nothing is unpickled)."""
+"""Validating a pack: its json and safetensors bytes against the served graph (its backbone.json) and the
+slot layout, with json and safetensors only (nothing is unpickled). Every size is checked before any
+tensor is read, and every malformed input is a CheckpointError naming the problem."""
 
 from __future__ import annotations
 
@@ -8,10 +9,14 @@ import json
 import numpy as np
 
 from ..errors import CheckpointError
-from .layout import LAYOUT_VERSION, Layout, needs, resolve_shape, spec
+from .layout import FIXED, LAYOUT_VERSION, Layout, needs, resolve_shape, size_keys, spec, symbols
 
-
-SIZE_KEYS = ("L", "d", "f", "P", "n", "C", "r")
+# a rank, bottleneck width, PHM width or rank, or prefix length above this many times the hidden size is
+# refused (LoRA's full rank is d; the widest bottleneck of the presets is d/2)
+MAX_SIZE_FACTOR = 8
+MAX_LABELS = 1 << 16  # outputs of a classification head
+MAX_LABEL_CHARS = 1024
+MAX_HEADER = 100 << 20  # bytes of a safetensors header
 
 
 class MissingSlots(CheckpointError):
@@ -24,59 +29,173 @@ def check_slots(name: str, layout: Layout, tensors: dict, sizes: dict) -> None:
                            "`hpeft deploy`, which extends the graph")
 
 
+def parse_json(data, what: str):
+    """JSON text or bytes, or CheckpointError naming `what` (deep nesting and bad UTF-8 included)."""
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise CheckpointError(f"{what} is nested too deeply") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise CheckpointError(f"{what} is not valid JSON ({str(e)[:100]})") from None
+
 
 def safetensors_header(raw: bytes) -> dict:
     """The JSON header of a safetensors file (read with json only), or CheckpointError."""
     if len(raw) < 8:
         raise CheckpointError("not a safetensors file (too short)")
     n = int.from_bytes(raw[:8], "little")
-    if n <= 1 or n > min(len(raw) - 8, 100 << 20):
+    if n <= 1 or n > min(len(raw) - 8, MAX_HEADER):
         raise CheckpointError("not a safetensors file (no valid header); a pickle or .bin file is never read")
-    try:
-        header = json.loads(raw[8:8 + n])
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise CheckpointError("not a safetensors file (its header is not JSON)") from None
+    header = parse_json(raw[8:8 + n], "the safetensors header")
     if not isinstance(header, dict):
         raise CheckpointError("not a safetensors file (its header is not a JSON object)")
     return header
 
 
-def check_pack(name: str, meta: dict, raw: bytes, graph: dict) -> dict[str, np.ndarray]:
-    """Validate a pack (its json `meta` and safetensors bytes `raw`) against the served graph (`graph`: its
-    backbone.json) and the layout: every tensor present, float32, finite, of the shape its sizes give.
-    Returns the tensors."""
-    backbone_sha256 = graph["backbone"]["sha256"]
-    from safetensors import SafetensorError
-    from safetensors.numpy import load as load_bytes
-    if meta.get("format") != "hpeft-pack" or meta.get("layout_version") != LAYOUT_VERSION:
+def embedded_meta(header: dict) -> dict:
+    """The pack json that `hpeft export` embeds in a pack's safetensors header (`__metadata__.hpeft_pack`),
+    so that the .safetensors alone is an uploadable pack; CheckpointError if it is missing or malformed."""
+    extra = header.get("__metadata__", {})
+    if not isinstance(extra, dict):
+        raise CheckpointError("the safetensors header's __metadata__ is not a JSON object")
+    embedded = extra.get("hpeft_pack")
+    if not embedded:
+        raise CheckpointError("the file is a safetensors file but not an hpeft pack (no hpeft_pack metadata): "
+                              "upload packs/<name>.safetensors from `hpeft export` (packs exported before "
+                              "this release lack it: export again)")
+    if not isinstance(embedded, str):
+        raise CheckpointError("the pack's hpeft_pack metadata is not a string holding a JSON object")
+    meta = parse_json(embedded, "the pack's hpeft_pack metadata")
+    if not isinstance(meta, dict):
+        raise CheckpointError("the pack's hpeft_pack metadata is not a JSON object")
+    return meta
+
+
+def graph_dims(graph: dict) -> dict:
+    """L, d, f of the served graph (backbone.json "dims"; older graphs: the backbone's layers and hidden
+    size, f None)."""
+    dims = graph.get("dims")
+    if isinstance(dims, dict) and all(type(dims.get(k)) is int for k in FIXED):
+        return {k: dims[k] for k in FIXED}
+    b = graph.get("backbone", {})
+    return {"L": b.get("num_layers"), "d": b.get("hidden_size"), "f": None}
+
+
+def _is_int(v) -> bool:
+    return type(v) is int  # not bool, not float
+
+
+def check_sizes(name: str, sizes, graph: dict) -> dict:
+    """A pack's sizes: every key of the layout, each an int within its bound, L/d/f those of the graph."""
+    if not isinstance(sizes, dict):
+        raise CheckpointError(f"adapter {name!r}: its json's sizes are not a JSON object")
+    keys = size_keys()
+    missing, extra = [k for k in keys if k not in sizes], sorted(set(sizes) - set(keys))[:4]
+    if missing or extra:
+        raise CheckpointError(f"adapter {name!r}: its sizes lack {missing[:4]} or name unknown sizes {extra}")
+    bad = [k for k in keys if not _is_int(sizes[k]) or sizes[k] < 0]
+    if bad:
+        raise CheckpointError(f"adapter {name!r}: size {bad[0]} is {sizes[bad[0]]!r}, not a non-negative integer")
+    dims, layout = graph_dims(graph), Layout.from_dict(graph["layout"])
+    for k, what in (("L", "layers"), ("d", "hidden size"), ("f", "FFN width")):
+        if dims[k] is None and any(k in symbols(n) for n in layout.names()):
+            raise CheckpointError(f"adapter {name!r}: the served graph's backbone.json records no {what} to "
+                                  "check it against (it predates recorded dims): re-export the graph with "
+                                  "`hpeft export` and deploy it again")
+        if dims[k] is not None and sizes[k] != dims[k]:
+            raise CheckpointError(f"adapter {name!r} is laid out for {what} {k}={sizes[k]}; the served graph "
+                                  f"has {k}={dims[k]}: export it for this backbone")
+    d = sizes["d"]
+    if not 1 <= sizes["n"] <= d or d % sizes["n"]:
+        raise CheckpointError(f"adapter {name!r}: PHM n={sizes['n']} does not divide the hidden size {d}")
+    bound = MAX_SIZE_FACTOR * d
+    over = [k for k in keys if k not in FIXED + ("n", "C") and sizes[k] > bound]
+    if over:
+        raise CheckpointError(f"adapter {name!r}: size {over[0]}={sizes[over[0]]} is over the bound "
+                              f"{MAX_SIZE_FACTOR} x hidden size = {bound}")
+    if not 1 <= sizes["C"] <= MAX_LABELS:
+        raise CheckpointError(f"adapter {name!r}: it has {sizes['C']} outputs (labels); 1 to {MAX_LABELS} are served")
+    return sizes
+
+
+def check_meta(name: str, meta, graph: dict) -> dict:
+    """A pack's json against the served graph: format, version, backbone, sizes, labels. Returns the sizes."""
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"adapter {name!r}: its json is not a JSON object")
+    version = meta.get("layout_version")
+    if meta.get("format") != "hpeft-pack" or not _is_int(version) or version != LAYOUT_VERSION:
         raise CheckpointError(f"adapter {name!r} is not an hpeft pack of layout version {LAYOUT_VERSION}: "
                               "export it with `hpeft export` (without --merge)")
-    if meta.get("backbone", {}).get("sha256") != backbone_sha256:
-        raise CheckpointError(f"adapter {name!r} was exported for backbone "
-                              f"{meta.get('backbone', {}).get('name')!r}, not the one this graph serves")
-    safetensors_header(raw)
+    backbone = meta.get("backbone")
+    if not isinstance(backbone, dict):
+        raise CheckpointError(f"adapter {name!r}: its json's backbone is not a JSON object")
+    if backbone.get("sha256") != graph["backbone"]["sha256"]:
+        raise CheckpointError(f"adapter {name!r} was exported for backbone {str(backbone.get('name'))[:100]!r}, "
+                              "not the one this graph serves")
+    for k in ("sha256", "method", "name"):
+        if k in meta and not isinstance(meta[k], str):
+            raise CheckpointError(f"adapter {name!r}: its json's {k} is not a string")
+    sizes = check_sizes(name, meta.get("sizes"), graph)
+    labels = meta.get("labels")
+    if not isinstance(labels, list) or len(labels) != sizes["C"]:
+        got = f"{len(labels)} labels" if isinstance(labels, list) else f"labels {str(labels)[:40]}"
+        raise CheckpointError(f"adapter {name!r}: {got} for {sizes['C']} outputs (give a list of {sizes['C']} strings)")
+    for label in labels:
+        if not isinstance(label, str) or len(label) > MAX_LABEL_CHARS or not _utf8(label):
+            raise CheckpointError(f"adapter {name!r}: label {repr(label)[:40]} is not a string of at most "
+                                  f"{MAX_LABEL_CHARS} characters (valid UTF-8)")
+    return sizes
+
+
+def _utf8(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+        return True
+    except UnicodeEncodeError:  # a lone surrogate
+        return False
+
+
+def check_header(name: str, header: dict, sizes: dict) -> None:
+    """The tensors a safetensors header declares: exactly the layout's, float32, of the shapes the sizes
+    give (checked before any tensor is read)."""
+    want = spec()
+    declared = {k: v for k, v in header.items() if k != "__metadata__"}
+    missing, extra = sorted(set(want) - set(declared)), sorted(set(declared) - set(want))
+    if missing or extra:
+        raise CheckpointError(f"adapter {name!r}: tensors do not match the pack layout "
+                              f"(missing {missing[:4]}, unexpected {[str(k)[:40] for k in extra[:4]]})")
+    for k, syms in want.items():
+        entry, shape = declared[k], list(resolve_shape(syms, sizes))
+        got = entry.get("shape") if isinstance(entry, dict) else None
+        dtype = entry.get("dtype") if isinstance(entry, dict) else None
+        if dtype != "F32" or got != shape:
+            raise CheckpointError(f"adapter {name!r}: tensor {k} is {str(dtype)[:10]}{str(got)[:40]}, "
+                                  f"expected F32{shape}")
+
+
+def check_shapes(name: str, tensors: dict, sizes: dict) -> None:
+    """Loaded tensors (numpy or torch) of the shapes their pack's sizes give: what a bank checks before
+    it changes anything."""
+    for k, syms in spec().items():
+        t = tensors.get(k)
+        if t is None or tuple(t.shape) != resolve_shape(syms, sizes):
+            raise CheckpointError(f"adapter {name!r}: tensor {k} is missing or not of shape "
+                                  f"{list(resolve_shape(syms, sizes))}")
+
+
+def check_pack(name: str, meta, raw: bytes, graph: dict) -> dict[str, np.ndarray]:
+    """Validate a pack (its json `meta` and safetensors bytes `raw`) against the served graph (`graph`: its
+    backbone.json) and the layout: every size, then every tensor present, float32, of the shape its sizes
+    give, finite. Returns the tensors."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load as load_bytes
+    sizes = check_meta(name, meta, graph)
+    check_header(name, safetensors_header(raw), sizes)
     try:
         tensors = load_bytes(raw)
     except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"adapter {name!r}: not a readable safetensors file ({e})") from None
-    sizes = meta.get("sizes")
-    want = spec()
-    if not isinstance(sizes, dict) or any(not isinstance(sizes.get(k), int) or sizes[k] < 0 for k in SIZE_KEYS):
-        raise CheckpointError(f"adapter {name!r}: its json has no valid sizes")
-    missing, extra = sorted(set(want) - set(tensors)), sorted(set(tensors) - set(want))
-    if missing or extra:
-        raise CheckpointError(f"adapter {name!r}: tensors do not match the pack layout "
-                              f"(missing {missing[:4]}, unexpected {extra[:4]})")
-    for k, symbols in want.items():
-        t = tensors[k]
-        try:
-            shape = resolve_shape(symbols, sizes)
-        except (KeyError, ZeroDivisionError):
-            raise CheckpointError(f"adapter {name!r}: its sizes lack what {k} needs") from None
-        if t.dtype != np.float32 or t.shape != shape:
-            raise CheckpointError(f"adapter {name!r}: tensor {k} is {t.dtype}{list(t.shape)}, expected float32{list(shape)}")
+        raise CheckpointError(f"adapter {name!r}: not a readable safetensors file ({str(e)[:200]})") from None
+    for k, t in tensors.items():
         if not np.isfinite(t).all():
             raise CheckpointError(f"adapter {name!r}: tensor {k} has non-finite values")
-    if len(meta.get("labels", ())) != sizes["C"]:
-        raise CheckpointError(f"adapter {name!r}: {len(meta.get('labels', ()))} labels for {sizes['C']} outputs")
     return tensors

@@ -7,22 +7,29 @@ what an adapter lacks is exact zeros (zero-width ranks, masked prefix positions,
 (0/1) select per adapter what cannot be zero-padded: gated or scaled, LayerNorm before the sequential
 adapter or not, the activation, the pooling, the gate pooling. A bank stacks packs on a new first axis
 [K, ...], padding every size to the largest (ranks, prefix length, widths, labels) with exact zeros.
+
+PHM slots come in one kind per n (a pack has one n, the size of its rule): the bank and the graph hold
+`phm{n}_...` tensors for each n they serve (a PHM branch per (n, site)); a pack fills the branch of its
+own n and is zeros in the others (an all-zero branch adds exactly 0).
 How a trained model becomes a pack (torch) is exporters/layout.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 
+from ..errors import CheckpointError
 from ..methods.config import BIAS_NAMES, LORA_TARGETS, SITES
 
 LAYOUT_VERSION = 1
 ACTS = ("relu", "gelu", "gelu_new", "silu")  # the activations a bottleneck slot can select (one-hot)
 NEG = float(np.finfo(np.float32).min)  # additive mask value / logit of a padded label
+FIXED = ("L", "d", "f")  # the backbone's sizes: every pack of a graph has these
 
 
 def _lora_dims(t: str) -> tuple[str, str]:
@@ -58,46 +65,74 @@ def spec() -> dict[str, tuple]:
     return s
 
 
+def size_keys() -> tuple[str, ...]:
+    """Every size a pack's json names (the symbols of spec())."""
+    return tuple(dict.fromkeys(s for shape in spec().values() for s in shape
+                               if isinstance(s, str) and s != "d/n"))
+
+
 FILL = {"prefix_mask": NEG, "head_out_b": NEG}  # padding that must stay out of softmax / argmax
+_PHM_N = re.compile(r"phm(\d+)_(.+)")
 
 
-def resolve_shape(symbols: tuple, sizes: dict) -> tuple[int, ...]:
+def split_n(name: str) -> tuple[str, int | None]:
+    """A bank tensor's pack tensor and PHM n: `phm4_ffn_down_Wl` -> (`phm_ffn_down_Wl`, 4); others (name, None)."""
+    m = _PHM_N.fullmatch(name)
+    return (f"phm_{m[2]}", int(m[1])) if m else (name, None)
+
+
+def symbols(name: str) -> tuple:
+    """The shape in symbols of a bank tensor (no K axis): a PHM tensor's n is its kind's, a number."""
+    base, n = split_n(name)
+    s = spec()[base]
+    return s if n is None else tuple(n if x == "n" else f"d/{n}" if x == "d/n" else x for x in s)
+
+
+def resolve_shape(syms: tuple, sizes: dict) -> tuple[int, ...]:
     out = []
-    for s in symbols:
+    for s in syms:
         if isinstance(s, int):
             out.append(s)
-        elif s == "d/n":
-            out.append(sizes["d"] // sizes["n"])
+        elif s.startswith("d/"):
+            out.append(sizes["d"] // (sizes["n"] if s == "d/n" else int(s[2:])))
         else:
             out.append(sizes[s])
     return tuple(out)
 
 
 def bank_sizes(all_sizes: list[dict]) -> dict:
-    """The sizes of a bank: the largest of each, one PHM n (packs without PHM adapt to it)."""
-    fixed = {k: all_sizes[0][k] for k in ("L", "d", "f")}
+    """The sizes of a bank: the largest of each over its packs (L, d, f: all equal). PHM kinds are per n, so
+    n is not a bank size; PHM ranks and widths stay >= 1 (exact zeros): ONNX Reshape reads a 0 in a target
+    shape as "copy this dim"."""
+    fixed = {k: all_sizes[0][k] for k in FIXED}
     for s in all_sizes:
         if any(s[k] != v for k, v in fixed.items()):
-            raise ValueError(f"packs for different backbones cannot share a bank: {fixed} vs {s}")
-    ns = {s["n"] for s in all_sizes if s["r"] > 0}
-    if len(ns) > 1:
-        raise ValueError(f"PHM adapters with different n {sorted(ns)} cannot share a bank")
-    out = {k: max(s[k] for s in all_sizes) for k in all_sizes[0]}
-    out["n"] = ns.pop() if ns else 1
-    # PHM sizes stay >= 1 (exact zeros): ONNX Reshape reads a 0 in a target shape as "copy this dim"
+            raise ValueError(f"packs for different backbones cannot share a bank: {fixed} vs "
+                             f"{ {k: s[k] for k in FIXED} }")
+    out = {k: max(s[k] for s in all_sizes) for k in all_sizes[0] if k != "n"}
     out["r"] = max(out["r"], 1)
     out |= {k: max(v, 1) for k, v in out.items() if k.startswith("O_")}
     return out
 
 
 def place(dst, src, name: str, pack_sizes: dict) -> None:
-    """Write one pack tensor `src` into a bank slot `dst` (numpy array or torch tensor, bank sizes),
-    padding with exact zeros (or the mask fill); a pack without PHM adapters gives zeros in the bank's n."""
-    dst[...] = FILL.get(name, 0.0)
-    if name.startswith("phm_") and pack_sizes["r"] == 0:
+    """Write one pack tensor `src` into the bank slot `dst` of bank tensor `name` (numpy array or torch
+    tensor, bank sizes), padding with exact zeros (or the mask fill); a PHM slot of another n than the
+    pack's (or any PHM slot of a pack without PHM adapters) is all zeros."""
+    base, n = split_n(name)
+    dst[...] = FILL.get(base, 0.0)
+    if base.startswith("phm_") and (pack_sizes["r"] == 0 or (n is not None and pack_sizes["n"] != n)):
         dst[...] = 0.0
         return
-    dst[tuple(slice(0, n) for n in src.shape)] = src
+    dst[tuple(slice(0, k) for k in src.shape)] = src
+
+
+def copy_slot(dst, src) -> None:
+    """Move one resident slot between banks of different sizes: the overlap is copied, the rest of `dst`
+    keeps its fill. Exact both ways: a bank's sizes are at least every resident's, so what a smaller bank
+    cuts off is padding."""
+    common = tuple(slice(0, min(a, b)) for a, b in zip(dst.shape, src.shape))
+    dst[common] = src[common]
 
 
 # ---------------------------------------------------------------- the slots a graph actually takes
@@ -105,7 +140,8 @@ def place(dst, src, name: str, pack_sizes: dict) -> None:
 class Layout:
     """The slot kinds a shared graph takes (the union over the adapters exported into it). A slot no
     adapter uses is left out of the graph entirely: an absent slot and an all-zero slot give the same
-    logits, so packs never change; a new adapter that needs a new kind of slot re-exports the graph."""
+    logits, so packs never change; a new adapter that needs a new kind of slot re-exports the graph.
+    PHM: a branch for each n in `phm_n` at each site in `phm`."""
 
     lora: tuple[str, ...] = ()
     prefix: bool = False
@@ -115,31 +151,41 @@ class Layout:
     gated: tuple[str, ...] = ()
     acts: tuple[str, ...] = ()
     bitfit: bool = False
+    phm_n: tuple[int, ...] = ()
+
+    def phm_prefixes(self) -> list[str]:
+        """The PHM branches, `phm{n}_{site}`."""
+        return [f"phm{n}_{s}" for n in self.phm_n for s in self.phm]
 
     def names(self) -> list[str]:
         """The bank tensors the graph takes, in its input order."""
         gate = ("_gated", "_gate_w", "_gate_b")
+        scale = lambda p: [f"{p}_scale"] + ([f"{p}_act"] if len(self.acts) > 1 else [])  # noqa: E731
         want = ["head_cls", "head_dense_w", "head_dense_b", "head_out_w", "head_out_b"]
         want += ["gate_masked"] if self.gated else []
         for t in self.lora:
             want += [f"lora_{t}_A", f"lora_{t}_B", f"lora_{t}_scale"]
         want += ["prefix_k", "prefix_v", "prefix_mask"] if self.prefix else []
-        for kind, sites in (("seq", self.seq), ("par", self.par), ("phm", self.phm)):
+        for kind, sites in (("seq", self.seq), ("par", self.par)):
             for s in sites:
-                want += [f"{kind}_{s}_{k}" for k in (("down_Wl", "down_Wr", "down_b", "up_Wl", "up_Wr", "up_b")
-                                                     if kind == "phm" else ("down_w", "down_b", "up_w", "up_b"))]
-                want += [f"{kind}_{s}_scale"] + ([f"{kind}_{s}_act"] if len(self.acts) > 1 else [])
+                want += [f"{kind}_{s}_{k}" for k in ("down_w", "down_b", "up_w", "up_b")] + scale(f"{kind}_{s}")
         want += [f"seq_{s}_ln_before" for s in SITES if s in self.seq or s in self.phm]
-        want += ["phm_rule"] if self.phm else []
-        want += [f"{p}{g}" for p in self.gated for g in gate]
+        want += [f"{p}{g}" for p in self.gated if not p.startswith("phm") for g in gate]
         want += [f"bitfit_{b}" for b in BIAS_NAMES] if self.bitfit else []
-        return [n for n in spec() if n in set(want)]
+        out = [n for n in spec() if n in set(want)]
+        for n in self.phm_n:  # per n: its branches, then its rule
+            for p in (f"phm{n}_{s}" for s in SITES if s in self.phm):
+                out += [f"{p}_{k}" for k in ("down_Wl", "down_Wr", "down_b", "up_Wl", "up_Wr", "up_b")] + scale(p)
+                out += [f"{p}{g}" for g in gate] if p in self.gated else []
+            out.append(f"phm{n}_rule")
+        return out
 
     def union(self, other: "Layout") -> "Layout":
         u = lambda a, b: tuple(x for x in dict.fromkeys(a + b))  # noqa: E731
         return Layout(u(self.lora, other.lora), self.prefix or other.prefix, u(self.seq, other.seq),
                       u(self.phm, other.phm), u(self.par, other.par), u(self.gated, other.gated),
-                      u(self.acts, other.acts), self.bitfit or other.bitfit)
+                      u(self.acts, other.acts), self.bitfit or other.bitfit,
+                      tuple(sorted(set(self.phm_n) | set(other.phm_n))))
 
     def covers(self, other: "Layout") -> bool:
         return self.union(other) == self
@@ -149,26 +195,34 @@ class Layout:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Layout":
+        """A graph's layout from its backbone.json; one written before PHM slots were per n (PHM sites, no
+        `phm_n`) is refused: its PHM inputs take any one n, which no bank of this release feeds."""
+        if d.get("phm") and "phm_n" not in d:
+            raise CheckpointError("this shared graph predates PHM slots per n (its backbone.json has PHM sites "
+                                  "but no phm_n): export an adapter into its folder again, or `hpeft deploy` "
+                                  "an export, to re-export the graph")
         return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()})
 
 
 def needs(t: dict, sizes: dict) -> Layout:
-    """The slot kinds one pack (or bank) uses: the smallest layout that gives its exact logits."""
+    """The slot kinds one pack uses: the smallest layout that gives its exact logits."""
     lora = tuple(x for x in LORA_TARGETS if sizes[f"R_{x}"] > 0)
     seq = tuple(s for s in SITES if sizes[f"W_seq_{s}"] > 0)
     par = tuple(s for s in SITES if sizes[f"W_par_{s}"] > 0)
     phm = tuple(s for s in SITES if sizes[f"O_{s}"] > 0 and sizes["r"] > 0)
+    n = sizes["n"]
     slots = [f"lora_{x}" for x in lora] + (["prefix"] if sizes["P"] > 0 else []) + \
         [f"seq_{s}" for s in seq] + [f"par_{s}" for s in par] + [f"phm_{s}" for s in phm]
-    gated = tuple(p for p in slots if bool((t[f"{p}_gated"] != 0).any()))
+    named = lambda p: f"phm{n}_{p[4:]}" if p.startswith("phm_") else p  # noqa: E731  the bank's name
+    gated = tuple(named(p) for p in slots if bool((t[f"{p}_gated"] != 0).any()))
     acts = tuple(a for j, a in enumerate(ACTS)
                  if any(bool((t[f"{p}_act"][..., j] != 0).any()) for p in slots if f"{p}_act" in t))
     bitfit = any(bool((t[f"bitfit_{b}"] != 0).any()) for b in BIAS_NAMES)
-    return Layout(lora, sizes["P"] > 0, seq, phm, par, gated, acts, bitfit)
+    return Layout(lora, sizes["P"] > 0, seq, phm, par, gated, acts, bitfit, (n,) if phm else ())
 
 
 def per_layer(name: str) -> bool:
-    return spec()[name][:1] == ("L",)
+    return symbols(name)[:1] == ("L",)
 
 
 def input_names(layout: Layout, num_layers: int) -> list[str]:

@@ -1,10 +1,23 @@
-"""The adapter store: packs (`<name>.safetensors` + `<name>.json`) in a folder or at any fsspec URL."""
+"""The adapter store: packs (`<name>.safetensors` + `<name>.json`) in a folder or at any fsspec URL.
+
+Writes of one name are serialized (an in-process lock, and for a local folder an flock on `.<name>.lock`,
+which also holds between processes and is removed when the write is done), each file goes to its own temp file and is renamed into place, the
+tensors before the json that names their sha256: at rest a json always matches its tensors, and a reader
+that catches a write half done sees PackUpdating. An fsspec store has no lock between processes (object
+stores offer none): two processes writing one name at once can leave a json that names the other's
+tensors, which readers see as PackUpdating until the next write of that name; write through one process.
+"""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
+import tempfile
+import threading
+import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,7 +25,25 @@ import numpy as np
 
 from ..errors import CheckpointError
 from ..names import NAME, check_name
-from .check import check_pack
+from .check import check_pack, parse_json
+from .layout import LAYOUT_VERSION, Layout, needs
+
+_NAME_LOCKS = [threading.Lock() for _ in range(64)]  # in-process, striped by (store, name): bounded
+
+
+def _lock_file(path: str) -> int:
+    """An flock held on `path` (created): retried when the file was unlinked by its previous holder while
+    this process waited on it (the lock is then on a file no one else will open)."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            held, now = os.fstat(fd), os.stat(path)
+            if (held.st_dev, held.st_ino) == (now.st_dev, now.st_ino):
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -83,12 +114,13 @@ class PackStore:
         meta_raw, raw = self._read(self._path(name, ".json")), self._read(self._path(name, ".safetensors"))
         if meta_raw is None or raw is None:
             raise CheckpointError(f"unknown adapter {name!r}: no pack {name}.json/.safetensors in {self.location}")
-        try:
-            meta = json.loads(meta_raw)
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"adapter {name!r}: its json is not valid ({e})") from None
+        meta = parse_json(meta_raw, f"adapter {name!r}: its json")
+        if not isinstance(meta, dict):
+            raise CheckpointError(f"adapter {name!r}: its json is not a JSON object")
         if meta.get("sha256") and hashlib.sha256(raw).hexdigest() != meta["sha256"]:
             raise PackUpdating(f"adapter {name!r} is being replaced; try again")
+        if self.graph is None:
+            raise ValueError("this PackStore was opened without the served graph: it cannot check packs")
         tensors = check_pack(name, meta, raw, self.graph)
         version = meta.get("sha256") or hashlib.sha256(raw).hexdigest()
         return Pack(name, tensors, meta["sizes"], version[:16], tuple(meta.get("labels", ())), stamp)
@@ -96,33 +128,61 @@ class PackStore:
     def meta(self, name: str) -> dict | None:
         raw = self._read(self._path(name, ".json"))
         try:
-            return None if raw is None else json.loads(raw)
-        except json.JSONDecodeError:
+            meta = None if raw is None else parse_json(raw, "json")
+        except CheckpointError:
             return None
+        return meta if isinstance(meta, dict) else None
 
     def size(self, name: str) -> int | None:
         st = self._stat(self._path(name, ".safetensors"))
         return None if st is None else st[1]
 
+    @contextmanager
+    def _locked(self, name: str):
+        """Writes of `name` one at a time: in this process, and between processes for a local folder."""
+        with _NAME_LOCKS[zlib.crc32(f"{self.location}\0{name}".encode()) % len(_NAME_LOCKS)]:
+            if self.fs is not None:
+                yield
+                return
+            Path(self.root).mkdir(parents=True, exist_ok=True)
+            fd = _lock_file(self._path(f".{name}", ".lock"))
+            try:
+                yield
+            finally:
+                os.unlink(self._path(f".{name}", ".lock"))  # nothing left at rest; a waiter on it retries
+                os.close(fd)  # releases the flock
+
+    def _put_file(self, path: str, data: bytes) -> None:
+        """One file written whole: a temp file of its own in the same folder, renamed into place."""
+        if self.fs is not None:
+            self.fs.pipe_file(path, data)
+            return
+        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{Path(path).name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
     def write(self, name: str, raw: bytes, meta: dict) -> None:
-        """Tensors first, then the json that names their sha256 (a reader that sees a json whose sha256 does
-        not match yet waits: PackUpdating); each file written whole (temp name + rename, or one object put)."""
+        """Tensors first, then the json, which records their sha256 (set here): a reader that sees a json
+        whose sha256 does not match yet gets PackUpdating."""
         check_name(name)
-        payloads = ((".safetensors", raw), (".json", (json.dumps(meta, indent=2) + "\n").encode()))
-        for suffix, data in payloads:
-            path = self._path(name, suffix)
-            if self.fs is None:
-                Path(self.root).mkdir(parents=True, exist_ok=True)
-                tmp = Path(self._path(f".{name}", suffix + ".tmp"))
-                tmp.write_bytes(data)
-                tmp.chmod(0o644)
-                os.replace(tmp, path)
-            else:
-                self.fs.pipe_file(path, data)
+        meta = {**meta, "sha256": hashlib.sha256(raw).hexdigest()}
+        with self._locked(name):
+            self._put_file(self._path(name, ".safetensors"), raw)
+            self._put_file(self._path(name, ".json"), (json.dumps(meta, indent=2) + "\n").encode())
 
     def delete(self, name: str) -> bool:
         """Remove a pack (its json first: a reader then sees the adapter gone, not half of it)."""
         check_name(name)
+        with self._locked(name):
+            return self._delete(name)
+
+    def _delete(self, name: str) -> bool:
         found = False
         for suffix in (".json", ".safetensors"):
             path = self._path(name, suffix)
@@ -135,3 +195,38 @@ class PackStore:
             except (OSError, FileNotFoundError):
                 pass
         return found
+
+
+def packs_layout(folder) -> Layout:
+    """The slot kinds the packs in a local folder need together (the union of their `needs`), read without
+    a graph to check them against: what re-exports a graph recorded before PHM slots were per n. Packs that
+    cannot be read are skipped."""
+    from safetensors.numpy import load_file
+    out = Layout()
+    for meta_f in sorted(Path(folder).glob("*.json")):
+        try:
+            sizes = json.loads(meta_f.read_text())["sizes"]
+            out = out.union(needs(load_file(str(meta_f.with_suffix(".safetensors"))), sizes))
+        except Exception:  # noqa: BLE001  an unreadable pack adds nothing (it cannot be served either)
+            continue
+    return out
+
+
+def served_layout(info: dict, packs) -> Layout:
+    """The slot kinds a graph (its backbone.json `info`) must keep serving: its layout, or for a graph of
+    another layout version or from before PHM slots per n, what the packs in `packs` need."""
+    if info.get("layout_version") == LAYOUT_VERSION and "layout" in info:
+        try:
+            return Layout.from_dict(info["layout"])
+        except CheckpointError:  # PHM sites without phm_n: keep its other slots, take PHM from its packs
+            old = info["layout"]
+            kept = Layout.from_dict({**old, "phm": [], "gated": [g for g in old.get("gated", []) if not g.startswith("phm")]})
+            return kept.union(packs_layout(packs))
+    return packs_layout(packs)
+
+
+def predates_phm_n(info: dict) -> bool:
+    """A graph (backbone.json `info`) exported before PHM slots were per n: its file cannot serve a bank of
+    this release, so it is re-exported, never reused."""
+    layout = info.get("layout", {})
+    return isinstance(layout, dict) and bool(layout.get("phm")) and "phm_n" not in layout

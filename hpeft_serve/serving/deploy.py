@@ -1,26 +1,37 @@
 """`hpeft deploy EXPORT_DIR --repo model_repository`: put a shared-backbone export into the Triton
 repository (model `hpeft`, version 1, folder export/): the graph once, then adapter packs into the
-adapter store (export/packs), each written atomically. A running server picks new or replaced packs up on
-their next request (the runtime checks the store), so adding an adapter never reloads the model; a new
-graph (other backbone or new slot kinds) needs a model reload, which --url asks for over gRPC."""
+adapter store (export/packs), each written atomically through PackStore. A running server picks new or
+replaced packs up on their next request (the runtime checks the store), so adding an adapter never
+reloads the model; a new graph (other backbone or new slot kinds, a PHM n included) needs a model
+reload, which --url asks for over gRPC."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 from ..errors import HpeftError
 from ..names import check_name
+from ..pack.check import parse_json
+from ..pack.store import PackStore
 
 MODEL = "hpeft"
 
 
 def _copy_atomic(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+    """Copy to a temp file of its own (two deploys at once never share one), renamed into place."""
+    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        shutil.copyfile(src, tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, dst)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 MODEL_PY = '"""Triton Python-backend model `hpeft` (the class lives in hpeft_serve/serving/triton_model.py)."""\n\n' \
@@ -39,22 +50,23 @@ def write_model(repo: Path) -> None:
 
 def _place_graph(export_dir: Path, info: dict, target: Path, log) -> bool:
     """Make target's graph serve both what it served and what `export_dir` needs; True if it changed."""
-    from ..pack.layout import Layout
+    from ..pack.store import predates_phm_n, served_layout
     old_f = target / "backbone.json"
     old = json.loads(old_f.read_text()) if old_f.is_file() else None
     if old is not None and old.get("backbone", {}).get("sha256") != info["backbone"]["sha256"]:
         raise HpeftError(f"{target} serves backbone {old['backbone'].get('name')!r}; {export_dir} is for "
                          f"{info['backbone'].get('name')!r}: deploy it into another repository")
-    have = Layout.from_dict(old["layout"]) if old else None
-    new = Layout.from_dict(info["layout"])
+    have = served_layout(old, target / "packs") if old else None
+    new = served_layout(info, export_dir / "packs")
     if have is not None and have.covers(new):
         return False
-    if have is None or new.covers(have):
+    if (have is None or new.covers(have)) and not predates_phm_n(info):
         for f in [info["graph"]] + ([info["graph"] + ".data"] if (export_dir / (info["graph"] + ".data")).exists() else []):
             _copy_atomic(export_dir / f, target / f)
         _copy_atomic(export_dir / "backbone.json", old_f)
         return True
-    # each serves slots the other lacks: export one graph for the union (the adapters already deployed stay)
+    # each serves slots the other lacks (or the export's graph predates PHM slots per n): export one graph
+    # for the union (the adapters already deployed stay)
     from exporters.export import write_shared_graph
     from ..backbone import load_backbone
     backbone = load_backbone(info["backbone"]["name"])
@@ -64,8 +76,8 @@ def _place_graph(export_dir: Path, info: dict, target: Path, log) -> bool:
     tmp = target / ".graph-tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    files = write_shared_graph(backbone.build_encoder(), info["backbone"], have.union(new), tmp,
-                               old.get("export_format", "onnx"))
+    files = write_shared_graph(backbone.build_encoder(), info["backbone"], new if have is None else have.union(new),
+                               tmp, (old or info).get("export_format", "onnx"))
     for f in files + ["backbone.json"]:  # renames: a running session keeps the files it mapped
         os.replace(tmp / f, target / f)
     shutil.rmtree(tmp, ignore_errors=True)
@@ -128,9 +140,10 @@ def deploy(export_dir: Path, repo: Path, log=print) -> dict:
     (target / "packs").mkdir(parents=True, exist_ok=True)
     graph_changed = _place_graph(export_dir, info, target, log)
     packs = sorted(p.stem for p in (export_dir / "packs").glob("*.json"))
-    for name in packs:  # tensors first, then the json that names their sha256
-        for suffix in (".safetensors", ".json"):
-            _copy_atomic(export_dir / "packs" / f"{name}{suffix}", target / "packs" / f"{name}{suffix}")
+    store = PackStore(target / "packs")
+    for name in packs:  # each through the store: one writer of a name at a time, tensors before their json
+        meta = parse_json((export_dir / "packs" / f"{name}.json").read_bytes(), f"{export_dir}/packs/{name}.json")
+        store.write(name, (export_dir / "packs" / f"{name}.safetensors").read_bytes(), meta)
     log(f"deployed {len(packs)} adapter(s) ({', '.join(packs)}) into {target}"
         + ("; the graph changed: the model must (re)load" if graph_changed else ""))
     return {"graph_changed": graph_changed, "packs": packs, "target": str(target)}
