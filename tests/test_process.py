@@ -27,9 +27,9 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from exporters.export import export_checkpoint
-from hpeft_serve.serving.client import TRITON_KEY_ENV, free_ports, hpeft_inputs
+from hpeft_serve.serving.client import TRITON_KEY_ENV, free_ports, hpeft_inputs, triton_key_headers
 from hpeft_serve.serving.deploy import deploy
-from hpeft_serve.serving.triton import TritonServer, find_key, key_headers
+from hpeft_serve.serving.triton import TritonServer, find_key
 
 from .test_export import _batches, _make_ckpt, _reference
 
@@ -67,8 +67,8 @@ def _answer_is_right(grpc_url: str, ck) -> None:
     assert np.abs(got - _reference(ck, (ids, mask))).max() <= TOL
 
 
-def _post(url: str, body: dict, headers: dict | None = None) -> tuple[int, str]:
-    req = urllib.request.Request(url, json.dumps(body).encode(), {"content-type": "application/json", **(headers or {})})
+def _post(url: str, body: dict) -> tuple[int, str]:
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"content-type": "application/json"})
     try:
         with urllib.request.urlopen(req, timeout=60) as r:
             return r.status, r.read().decode()
@@ -135,7 +135,8 @@ def test_model_control_needs_the_key(repo, tmp_path, monkeypatch):
         with pytest.raises(InferenceServerException, match="restricted"):
             client.load_model("evil", config=json.dumps(UPLOAD_CONFIG), files=files)
         with pytest.raises(InferenceServerException, match="restricted"):  # a wrong key is no key
-            client.load_model("evil", config=json.dumps(UPLOAD_CONFIG), files=files, headers=key_headers("guess"))
+            client.load_model("evil", config=json.dumps(UPLOAD_CONFIG), files=files,
+                              headers=triton_key_headers("guess"))
         # model hpeft reloaded from another store: refused both ways, and it serves as before
         other = json.dumps({**client.get_model_config("hpeft", as_json=True)["config"],
                             "parameters": {"ADAPTER_STORE": {"string_value": str(tmp_path)}}})
@@ -149,11 +150,11 @@ def test_model_control_needs_the_key(repo, tmp_path, monkeypatch):
         assert not marker.exists()  # the refused upload's code never ran
 
         # with the key: the same upload loads, and what its code sees holds neither secret
-        client.load_model("evil", config=json.dumps(UPLOAD_CONFIG), files=files, headers=key_headers(server.key))
+        client.load_model("evil", config=json.dumps(UPLOAD_CONFIG), files=files, headers=triton_key_headers(server.key))
         seen = json.loads(marker.read_text())
         assert "HPEFT_ADMIN_TOKEN" not in seen and TRITON_KEY_ENV not in seen
         assert TOKEN not in json.dumps(seen) and server.key not in json.dumps(seen)
-        client.unload_model("evil", headers=key_headers(server.key))
+        client.unload_model("evil", headers=triton_key_headers(server.key))
         for pid in [server.proc.pid] + _named(_children(server.proc.pid), "triton_python_backend_stub"):
             assert TOKEN not in _environ(pid) and server.key not in _environ(pid), pid
 
@@ -238,7 +239,7 @@ def test_triton_is_on_loopback_and_secrets_stay_out(serve, repo):
     client = grpcclient.InferenceServerClient(serve.grpc)
     with pytest.raises(InferenceServerException, match="restricted"):
         client.get_model_repository_index()
-    assert client.get_model_repository_index(headers=key_headers(key), as_json=True)["models"]
+    assert client.get_model_repository_index(headers=triton_key_headers(key), as_json=True)["models"]
 
 
 def test_the_crash_request_never_brings_the_service_down(serve, repo):

@@ -24,11 +24,12 @@ def run(args) -> int:
         import tritonclient.grpc as grpcclient  # model control over gRPC: over HTTP it stalls HTTP inference
         from tritonclient.utils import InferenceServerException
 
-        from ..serving.triton import find_key, key_headers
+        from ..serving.client import triton_key_headers
+        from ..serving.triton import find_key
         key = find_key(args.url)
         for model in to_load:
             try:
-                grpcclient.InferenceServerClient(args.url).load_model(model, headers=key_headers(key))
+                grpcclient.InferenceServerClient(args.url).load_model(model, headers=triton_key_headers(key))
             except InferenceServerException as e:
                 hint = "" if key or "restricted" not in str(e) else (
                     " (no key for it: set HPEFT_TRITON_KEY to the server's key)")

@@ -38,9 +38,6 @@ from .client import TRITON_KEY_ENV, TRITON_KEY_HEADER
 
 LOOPBACK = "127.0.0.1"
 RESTRICTED = "model-repository,shared-memory,trace,logging"
-# tritonserver expects a gRPC restricted-protocol key as metadata "triton-grpc-protocol-<name>"; over HTTP
-# the header is "<name>" itself. key_headers sends both, so one dict serves either client.
-GRPC_KEY_HEADER = f"triton-grpc-protocol-{TRITON_KEY_HEADER}"
 SHM = Path("/dev/shm")
 PR_SET_PDEATHSIG = 1
 
@@ -128,11 +125,6 @@ def new_key() -> str:
     return key
 
 
-def key_headers(key: str | None) -> dict[str, str]:
-    """The key as both the HTTP header and the gRPC metadata that tritonserver checks ({} without a key)."""
-    return {TRITON_KEY_HEADER: key, GRPC_KEY_HEADER: key} if key else {}
-
-
 def key_dir() -> Path:
     base = os.environ.get("XDG_RUNTIME_DIR") or str(Path.home() / ".cache")
     return Path(base) / "hpeft" / "triton-keys"
@@ -190,7 +182,8 @@ def _die_with_parent(parent: int):
 
 class TritonServer:
     """A tritonserver process on loopback; `with TritonServer(repo) as s:` starts it and stops it.
-    `key` is the key of its restricted APIs (send key_headers(s.key)); `shm_prefix` names its regions."""
+    `key` is the key of its restricted APIs (send client.triton_key_headers(s.key)); `shm_prefix` names
+    its shared-memory regions."""
 
     def __init__(self, repo: Path, http_port: int = 8000, grpc_port: int = 8001, metrics_port: int = 8002,
                  work: Path | None = None, log: Path | None = None, ready_model: str = "hpeft",
@@ -204,6 +197,7 @@ class TritonServer:
         # and the next server here (its port is free, so that one is gone) removes them
         self.shm_prefix = f"hpeft_{hashlib.sha256(str(self.work).encode()).hexdigest()[:12]}_{http_port}_"
         self.proc: subprocess.Popen | None = None
+        self._reaped = False
 
     def command(self, inst: TritonInstall) -> list[str]:
         http, grpc, metrics = self.ports
@@ -231,7 +225,7 @@ class TritonServer:
         check_ports_free(dict(zip(("Triton HTTP", "Triton gRPC", "Triton metrics"), self.ports)))
         self.free_regions()
         _write_key(self.key, self.ports[:2])
-        self.proc = self._spawn(self.command(inst), env)
+        self.proc, self._reaped = self._spawn(self.command(inst), env), False
         self.wait_ready(timeout)
         self.secure_regions()
         return self
@@ -303,7 +297,9 @@ class TritonServer:
     # ------------------------------------------------------------ ending
     def reap(self, timeout: float = 10.0) -> None:
         """After tritonserver died: end its process group (the stubs it left behind), wait until the group
-        is gone, then free the shared memory they held."""
+        is gone, then free the shared memory they held. Once only: the group's id may be reused later."""
+        if self._reaped:
+            return
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
@@ -316,6 +312,7 @@ class TritonServer:
             except (ProcessLookupError, PermissionError):
                 break
             time.sleep(0.05)
+        self._reaped = True
         self.free_regions()
 
     def stop(self, timeout: float = 15.0) -> None:
