@@ -1,0 +1,115 @@
+"""What the gateway bounds, so that no client can grow its memory: request bodies, on the stream, and caches
+keyed by what clients send.
+
+`BodyLimit` is a pure ASGI middleware that counts the bytes of a request's `http.request` messages as they
+arrive and answers 413 as soon as they pass the route's limit, whether the size was declared
+(Content-Length: refused before a byte is read) or not (chunked transfer encoding: cut off at the limit).
+A body is never read, held or parsed past its limit. The 413 closes the connection (`Connection: close`):
+the rest of the body is never read. The application behind sees the request end (`http.disconnect`), and
+what it answers then is dropped.
+
+`BoundedCache` is an LRU dict of a fixed size.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import OrderedDict
+from typing import Awaitable, Callable
+
+Scope = dict
+Message = dict
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+
+class BodyLimit:
+    """`limit(scope)` -> the most bytes the request's body may have; `refused(scope, limit)`, if given, is
+    called once for each request refused (metrics)."""
+
+    def __init__(self, app, limit: Callable[[Scope], int], refused: Callable[[Scope, int], None] | None = None):
+        self.app, self.limit, self.refused = app, limit, refused
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = self.limit(scope)
+        if _content_length(scope) > limit:
+            return await self._refuse(scope, send, limit)
+        received, answered, started = 0, False, False
+
+        async def receive_limited() -> Message:
+            nonlocal received, answered
+            if answered:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    if not started:  # the application has not answered yet: the answer is ours
+                        answered = True
+                        await self._refuse(scope, send, limit)
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def send_unless_answered(message: Message) -> None:
+            nonlocal started
+            if not answered:
+                started = started or message["type"] == "http.response.start"
+                await send(message)
+
+        try:
+            await self.app(scope, receive_limited, send_unless_answered)
+        except Exception:
+            if not answered:  # after our 413 the application's complaint about the cut-off body is moot
+                raise
+
+    async def _refuse(self, scope: Scope, send: Send, limit: int) -> None:
+        if self.refused is not None:
+            self.refused(scope, limit)
+        body = json.dumps({"error": f"request body over the limit of {limit / 2 ** 20:.2f} MiB for "
+                                    f"{scope['method']} {scope['path']}"}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def _content_length(scope: Scope) -> int:
+    """The declared body size (0 when none, or when not a number: the stream is counted anyway)."""
+    for k, v in scope.get("headers", ()):
+        if k == b"content-length":
+            try:
+                return int(v)
+            except ValueError:
+                return 0
+    return 0
+
+
+class BoundedCache:
+    """A dict of at most `size` entries, the least recently used out first; safe across threads."""
+
+    def __init__(self, size: int):
+        self.size, self._d, self._lock = size, OrderedDict(), threading.Lock()
+
+    def get(self, key, default=None):
+        with self._lock:
+            if key not in self._d:
+                return default
+            self._d.move_to_end(key)
+            return self._d[key]
+
+    def put(self, key, value) -> None:
+        with self._lock:
+            self._d[key] = value
+            self._d.move_to_end(key)
+            while len(self._d) > self.size:
+                self._d.popitem(last=False)
+
+    def __contains__(self, key) -> bool:
+        with self._lock:
+            return key in self._d
+
+    def __len__(self) -> int:
+        return len(self._d)
