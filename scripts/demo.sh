@@ -3,7 +3,8 @@
 #   1. train two adapters of different methods: UniPELT on rotten_tomatoes, Compacter++ on bbc_news
 #      (and a LoRA on rotten_tomatoes, kept back for the hot swap)
 #   2. export them: one shared-backbone graph + a pack per adapter (and a standalone merged ONNX model)
-#   3. deploy them into model_repository and start tritonserver + the REST gateway (hpeft serve)
+#   3. deploy them into model_repository and start tritonserver + the REST gateway (hpeft serve; Triton on
+#      loopback, its model control behind a key; the gateway is the public face)
 #   4. call them over the gateway (REST), KServe v2 REST and gRPC; print answers and latencies
 #   5. upload the third adapter through the gateway while serving: answered with no restart
 #   6. stop everything it started

@@ -1,6 +1,6 @@
 """The calls of the main job (scripts/demo.sh), against a running `hpeft serve`: the same texts through the
 REST gateway, KServe v2 REST and gRPC, with answers and latencies; then a third adapter uploaded through
-the gateway and answered with no restart.
+the gateway and answered with no restart; last, Triton's model control refused without the server's key.
 
     python scripts/demo_calls.py --gateway http://127.0.0.1:18080 --http 127.0.0.1:18000 --grpc 127.0.0.1:18001 \
         --adapters rt-unipelt bbc-compacter --hot exports/hot/packs/rt-lora.safetensors
@@ -14,6 +14,7 @@ import os
 import statistics
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import numpy as np
@@ -114,7 +115,17 @@ def main() -> int:
         print(f"| {adapter} | {path} | {p50:.1f} | {p99:.1f} |")
     listing = json.loads(urllib.request.urlopen(f"{args.gateway}/v1/adapters", timeout=10).read())["adapters"]
     print("\nGET /v1/adapters: " + ", ".join(f"{a['name']} ({a['method']}, loaded {a['loaded']})" for a in listing))
+    print(f"Triton model control without the key: {model_control_refused(args.http)}")
     return 0
+
+
+def model_control_refused(http: str) -> str:
+    """What Triton answers to a model-repository call that lacks the key header (it must refuse)."""
+    try:
+        urllib.request.urlopen(urllib.request.Request(f"http://{http}/v2/repository/index", b"{}"), timeout=10)
+    except urllib.error.HTTPError as e:
+        return f"refused ({e.code}: {json.loads(e.read())['error']})"
+    return "ANSWERED: the server is not locked down"
 
 
 if __name__ == "__main__":
