@@ -150,6 +150,7 @@ def find_key(url: str) -> str | None:
 
 def _write_key(key: str, ports: tuple[int, ...]) -> None:
     key_dir().mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(key_dir(), 0o700)
     for port in ports:
         f = key_file(port)
         tmp = f.with_name(f".{f.name}.{os.getpid()}.tmp")
