@@ -104,3 +104,17 @@ def test_mixed_batch_equals_each_adapter_alone(family, ckpts, shared_dirs):
     for r, k in enumerate(idx.tolist()):
         alone = _reference(cks[k], (ids[r:r + 1], mask[r:r + 1]))
         assert np.abs(mixed[r:r + 1, :alone.shape[1]] - alone).max() <= TOL
+
+
+@pytest.mark.parametrize("method", ["unipelt"])
+def test_deberta_torchscript_merged_and_shared_equal_pytorch(method, ckpts, tmp_path):
+    """DeBERTa's relative-position tables and gathers also trace to TorchScript (sizes not seen at export)."""
+    ck = ckpts["tiny-deberta-v2", method]
+    export_checkpoint(ck, tmp_path / "m", "torchscript", merged=True, log=lambda *_: None)
+    export_checkpoint(ck, tmp_path / "s", "torchscript", log=lambda *_: None)
+    merged = torch.jit.load(str(tmp_path / "m" / f"{ck.name}.pt"))
+    bank = _bank(tmp_path / "s", [ck.name])
+    for (ids, mask), ref in zip(_batches(), _references(ck)):
+        assert np.abs(merged(ids, mask).numpy() - ref).max() <= TOL
+        got = _run_shared("torchscript", tmp_path / "s", ids, mask, torch.zeros(len(ids), dtype=torch.long), bank)
+        assert np.abs(got[:, :ref.shape[1]] - ref).max() <= TOL
