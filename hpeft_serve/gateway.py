@@ -14,19 +14,18 @@ are validated against the served backbone and slot layout before a byte reaches 
 written tensors-first, json-last, so the model picks the new version up on its next request (a request
 sees the old or the new adapter, never a mix). Nothing here unpickles anything.
 
-Statuses. The model's refusals carry a code (serving/codes.py, `[hpeft:CODE] message`); the gateway answers
-its HTTP status and the message without the tag: unknown adapter 404, invalid input 400, adapter being
-replaced 503 + Retry-After, invalid pack 422, internal error of the model 502. Triton's own failures carry
-no code and are told apart in one place (`_triton_failure`): a dead Python-backend stub (503, and the model
-is reloaded), model hpeft not loaded, Triton unreachable or too slow (503 + Retry-After, by the gRPC status);
-anything else from Triton is 502. The gateway's own: a text that is not valid Unicode (a lone surrogate)
-400 naming the input, too many inputs or characters 413, a bad upload 400 (409: the graph lacks its slot
-kinds), a malformed request 422. An unexpected error is a 500 with a short message; the server logs it.
+Statuses: a refusal of the model carries a code (serving/codes.py) that sets the status, and the client sees
+the message without its tag: unknown adapter 404, invalid input 400, adapter being replaced 503 +
+Retry-After, invalid pack 422, internal error 502. Triton's own failures (`_triton_failure`): a dead stub
+(the model is reloaded), model not loaded, Triton unreachable or too slow: 503 + Retry-After; else 502.
+The gateway's own: a text with a lone surrogate 400 naming the input, too many inputs or characters 413,
+a bad upload 400 (409: the graph lacks its slot kinds), a malformed request 422, an unexpected error 500
+with a short message (the server logs the traceback).
 
-Limits, on the stream (gateway_limits.py): a request body over its route's limit is refused with 413 as soon
-as it passes it, declared (Content-Length) or chunked: PUT /v1/adapters/{name} HPEFT_MAX_UPLOAD_MB, every
-other route MAX_INPUTS x (6 x MAX_CHARS + 4) + 64 KiB, the most a valid predict request can take (six JSON
-bytes per character at worst). Caches keyed by what clients send are bounded (LRU of LABEL_CACHE names).
+Limits: a body over its route's limit is 413 as soon as it passes it, declared or chunked (gateway_limits):
+PUT /v1/adapters/{name} HPEFT_MAX_UPLOAD_MB, any other route MAX_INPUTS x (6 x MAX_CHARS + 4) + 64 KiB
+(a valid predict request at its limits, every character a 6-byte JSON escape). Caches keyed by what clients
+send are bounded (LABEL_CACHE adapter names, least recently answered out first).
 
 Settings come from arguments or the environment: HPEFT_REPO, HPEFT_TRITON_GRPC, HPEFT_TRITON_METRICS,
 HPEFT_ADAPTER_STORE, HPEFT_ADMIN_TOKEN, HPEFT_TRITON_KEY, HPEFT_MAX_UPLOAD_MB, HPEFT_MAX_INPUTS, HPEFT_MAX_CHARS,
@@ -51,7 +50,7 @@ from .errors import CheckpointError, HpeftError
 from .names import NAME, check_name
 from .serving.client import TRITON_KEY_ENV, hpeft_inputs, triton_key_headers
 from .serving.codes import Code, parse
-from .pack.check import MissingSlots, check_pack, check_slots, safetensors_header
+from .pack.check import MissingSlots, check_pack, check_slots, embedded_meta, safetensors_header
 from .pack.layout import Layout
 from .pack.store import PackStore
 from .gateway_limits import BodyLimit, BoundedCache
@@ -291,7 +290,7 @@ class Gateway:
         except CheckpointError as e:
             raise GatewayError(400, str(e)) from None
         try:
-            meta = _embedded_meta(safetensors_header(raw))
+            meta = embedded_meta(safetensors_header(raw))
             info = self._backbone_info()  # the graph may have been re-exported for more slot kinds
             tensors = check_pack(name, meta, raw, info)
             check_slots(name, Layout.from_dict(info["layout"]), tensors, meta["sizes"])
@@ -309,23 +308,6 @@ class Gateway:
         if not NAME.fullmatch(name) or not self.store.delete(name):
             raise GatewayError(404, f"unknown adapter {name!r}")
         return {"name": name, "deleted": True}
-
-
-def _embedded_meta(header: dict) -> dict:
-    """The pack json that a pack's safetensors header carries (`__metadata__.hpeft_pack`)."""
-    metadata = header.get("__metadata__")
-    embedded = metadata.get("hpeft_pack") if isinstance(metadata, dict) else None
-    if not isinstance(embedded, str) or not embedded:
-        raise CheckpointError("the file is a safetensors file but not an hpeft pack (no hpeft_pack "
-                              "metadata): upload packs/<name>.safetensors from `hpeft export` (packs "
-                              "exported before this release lack it: export again)")
-    try:
-        meta = json.loads(embedded)
-    except (json.JSONDecodeError, RecursionError):
-        raise CheckpointError("the pack's hpeft_pack metadata is not JSON") from None
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"the pack's hpeft_pack metadata is a JSON {type(meta).__name__}, not an object")
-    return meta
 
 
 def _text(e: Exception) -> str:
@@ -357,10 +339,14 @@ def _triton_error(e, adapter: str) -> GatewayError:
 
 
 # ---------------------------------------------------------------------- Triton's own failures
-# Triton's own errors carry no hpeft code. The two that need Triton's wording or status are read here, and
-# nowhere else: a dead Python-backend stub (Triton 2.51 says "Stub process 'hpeft_0_0' is not healthy." and
-# does not restart it) and a model that is not loaded (no hpeft tag, gRPC NOT_FOUND or UNAVAILABLE).
-_TRANSPORT = {"StatusCode.UNAVAILABLE": "is not reachable", "StatusCode.DEADLINE_EXCEEDED": "did not answer in time"}
+# Triton's own errors carry no hpeft code; they are told apart here and nowhere else. By gRPC status: a model
+# that is not loaded (NOT_FOUND without a tag: "Request for unknown model: 'hpeft' has no available
+# versions"), Triton unreachable (UNAVAILABLE) or too slow (DEADLINE_EXCEEDED). By the one message that has
+# no status of its own: a dead Python-backend stub (Triton 2.51: "Stub process 'hpeft_0_0' is not healthy.",
+# INTERNAL), which Triton does not restart.
+_UNAVAILABLE = {"StatusCode.NOT_FOUND": f"model {MODEL!r} is not loaded in Triton",
+                "StatusCode.UNAVAILABLE": "Triton is not reachable",
+                "StatusCode.DEADLINE_EXCEEDED": "Triton did not answer in time"}
 
 
 def _dead_stub(msg: str) -> bool:
@@ -368,15 +354,11 @@ def _dead_stub(msg: str) -> bool:
 
 
 def _triton_failure(e, msg: str) -> GatewayError:
-    status = str(e.status() or "")
-    retry = {"Retry-After": "2"}
+    status, retry = str(e.status() or ""), {"Retry-After": "2"}
     if _dead_stub(msg):
         return GatewayError(503, f"model {MODEL!r} is restarting (its stub process died); retry shortly", retry)
-    if status == "StatusCode.NOT_FOUND" or (status == "StatusCode.UNAVAILABLE" and f"'{MODEL}'" in msg):
-        return GatewayError(503, f"model {MODEL!r} is not loaded in Triton ({msg}); retry when GET /healthz "
-                                 "answers 200", retry)
-    if status in _TRANSPORT:
-        return GatewayError(503, f"Triton {_TRANSPORT[status]} ({msg}); retry when GET /healthz answers 200", retry)
+    if status in _UNAVAILABLE:
+        return GatewayError(503, f"{_UNAVAILABLE[status]} ({msg}); retry when GET /healthz answers 200", retry)
     return GatewayError(502, f"Triton failed the request: {msg}")
 
 

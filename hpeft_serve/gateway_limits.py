@@ -6,7 +6,8 @@ arrive and answers 413 as soon as they pass the route's limit, whether the size 
 (Content-Length: refused before a byte is read) or not (chunked transfer encoding: cut off at the limit).
 A body is never read, held or parsed past its limit. The 413 closes the connection (`Connection: close`):
 the rest of the body is never read. The application behind sees the request end (`http.disconnect`), and
-what it answers then is dropped.
+what it answers then is dropped. A route that answers without reading the body (GET /healthz with a
+chunked body) closes the connection too: the body it did not read is not read after it either.
 
 `BoundedCache` is an LRU dict of a fixed size.
 """
@@ -35,16 +36,19 @@ class BodyLimit:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         limit = self.limit(scope)
-        if _content_length(scope) > limit:
+        declared = _header(scope, b"content-length")
+        if _int(declared) > limit:
             return await self._refuse(scope, send, limit)
         received, answered, started = 0, False, False
+        pending = _int(declared) > 0 or b"chunked" in _header(scope, b"transfer-encoding").lower()
 
         async def receive_limited() -> Message:
-            nonlocal received, answered
+            nonlocal received, answered, pending
             if answered:
                 return {"type": "http.disconnect"}
             message = await receive()
             if message["type"] == "http.request":
+                pending = pending and message.get("more_body", False)
                 received += len(message.get("body", b""))
                 if received > limit:
                     if not started:  # the application has not answered yet: the answer is ours
@@ -55,9 +59,13 @@ class BodyLimit:
 
         async def send_unless_answered(message: Message) -> None:
             nonlocal started
-            if not answered:
-                started = started or message["type"] == "http.response.start"
-                await send(message)
+            if answered:
+                return
+            if message["type"] == "http.response.start":
+                started = True
+                if pending:  # answered before the body was read: the rest is never read
+                    message = message | {"headers": [*message.get("headers", []), (b"connection", b"close")]}
+            await send(message)
 
         try:
             await self.app(scope, receive_limited, send_unless_answered)
@@ -76,15 +84,16 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": body})
 
 
-def _content_length(scope: Scope) -> int:
-    """The declared body size (0 when none, or when not a number: the stream is counted anyway)."""
-    for k, v in scope.get("headers", ()):
-        if k == b"content-length":
-            try:
-                return int(v)
-            except ValueError:
-                return 0
-    return 0
+def _header(scope: Scope, name: bytes) -> bytes:
+    return next((v for k, v in scope.get("headers", ()) if k == name), b"")
+
+
+def _int(value: bytes) -> int:
+    """A declared body size (0 when none, or not a number: the stream is counted anyway)."""
+    try:
+        return int(value or 0)
+    except ValueError:
+        return 0
 
 
 class BoundedCache:
