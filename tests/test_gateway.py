@@ -160,11 +160,41 @@ def test_upload_replace_delete_without_restart(stack):
     assert _call(f"{url}/v1/adapters/fresh", "DELETE", token=TOKEN)[0] == 404
 
 
+def _reheader(good: bytes, change) -> bytes:
+    """The pack `good` with its safetensors header changed by `change(header)` (the tensor data kept)."""
+    n = int.from_bytes(good[:8], "little")
+    header = json.loads(good[8:8 + n])
+    change(header)
+    text = json.dumps(header).encode()
+    return len(text).to_bytes(8, "little") + text + good[8 + n:]
+
+
+def _remeta(good: bytes, change) -> bytes:
+    """The pack `good` with its embedded pack json changed by `change(meta)`."""
+    def edit(header):
+        meta = json.loads(header["__metadata__"]["hpeft_pack"])
+        header["__metadata__"]["hpeft_pack"] = json.dumps(change(meta))
+    return _reheader(good, edit)
+
+
+def _no_labels(good: bytes) -> bytes:
+    """A consistent pack with 0 outputs: C=0, no labels, the head's tensors with a 0-long label axis."""
+    from safetensors.numpy import load, save
+    from hpeft_serve.pack.layout import spec
+    n = int.from_bytes(good[:8], "little")
+    meta = json.loads(json.loads(good[8:8 + n])["__metadata__"]["hpeft_pack"])
+    meta["sizes"], meta["labels"] = meta["sizes"] | {"C": 0}, []
+    tensors = {k: t[(slice(None),) * list(spec()[k]).index("C") + (slice(0, 0),)] if "C" in spec()[k] else t
+               for k, t in load(good).items()}
+    return save(tensors, metadata={"format": "hpeft-pack", "hpeft_pack": json.dumps(meta)})
+
+
 def _garbage(stack) -> dict:
     good = (stack["repo"] / "hpeft" / "1" / "export" / "packs" / "uni.safetensors").read_bytes()
     header_len = int.from_bytes(good[:8], "little")
     corrupt = bytearray(good)
     corrupt[8 + header_len + 100: 8 + header_len + 164] = b"\xff" * 64  # NaNs in the tensor data
+    deep = b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
     return {
         "pickle": pickle.dumps({"weights": [1.0, 2.0]}),
         "truncated": good[: len(good) // 2],
@@ -172,10 +202,21 @@ def _garbage(stack) -> dict:
         "non-finite": bytes(corrupt),
         "other backbone": (stack["root"] / "upload-rob" / "packs" / "lora-rob.safetensors").read_bytes(),
         "empty": b"",
+        "deep header": len(deep).to_bytes(8, "little") + deep + good[8 + header_len:],
+        "metadata list": _reheader(good, lambda h: h.update({"__metadata__": ["hpeft_pack"]})),
+        "hpeft_pack list": _reheader(good, lambda h: h["__metadata__"].update({"hpeft_pack": "[1, 2]"})),
+        "labels 5": _remeta(good, lambda m: m | {"labels": 5}),
+        "backbone string": _remeta(good, lambda m: m | {"backbone": "minilm"}),
+        "zero labels": _no_labels(good),
     }
 
 
-BAD_UPLOADS = ["pickle", "truncated", "corrupt header", "non-finite", "other backbone", "empty"]
+# what each bad upload is answered: its status and a word of the message naming the problem
+BAD_UPLOADS = {"pickle": (400, "not a safetensors file"), "truncated": (400, ""), "corrupt header": (400, "JSON"),
+               "non-finite": (400, "non-finite"), "other backbone": (400, "backbone"), "empty": (400, "safetensors"),
+               "deep header": (400, "nested too deeply"), "metadata list": (400, "__metadata__"),
+               "hpeft_pack list": (400, "hpeft_pack"), "labels 5": (400, "labels"),
+               "backbone string": (400, "backbone"), "zero labels": (400, "0 outputs")}
 
 
 def _served_state(stack):
@@ -188,15 +229,12 @@ def _served_state(stack):
 def test_bad_uploads_are_4xx_and_change_nothing(stack, case):
     before = _served_state(stack)
     body = _garbage(stack)[case]
+    status, word = BAD_UPLOADS[case]
     for name in ("uni", "newname"):  # neither a replacement nor a new adapter goes through
         code, out = _call(f"{stack['url']}/v1/adapters/{name}", "PUT", raw=body, token=TOKEN,
                           content_type="application/octet-stream")
-        assert 400 <= code < 500, (case, code, out)
-        assert isinstance(out, dict) and out.get("error"), out
-    if case == "other backbone":
-        assert "backbone" in out["error"]
-    if case == "pickle":
-        assert "not a safetensors file" in out["error"]
+        assert code == status and isinstance(out, dict) and word in out.get("error", ""), (case, code, out)
+        assert "Traceback" not in out["error"] and len(out["error"]) < 400
     assert _served_state(stack) == before
 
 
@@ -213,6 +251,7 @@ def test_bad_requests_are_clear_4xx(stack):
         ({"inputs": ["x"]}, 422, "adapter"),
         ({"adapter": "uni", "inputs": ["x"] * 9}, 413, "at most 8"),
         ({"adapter": "uni", "inputs": ["x" * 2001]}, 413, "characters"),
+        ({"adapter": "uni", "inputs": ["ok", "a lone \ud800"]}, 400, "input 1 is not valid Unicode"),
     ]
     for body, code, word in cases:
         got, out = _call(f"{url}/v1/predict", "POST", body)
@@ -258,6 +297,73 @@ def _oversized_upload(url: str, name: str, declared: bool) -> int | None:
         return None
     finally:
         conn.close()
+
+
+def _predict_with_headers(stack, adapter, texts=TEXTS):
+    req = urllib.request.Request(f"{stack['url']}/v1/predict", json.dumps({"adapter": adapter, "inputs": texts}).encode(),
+                                 {"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read()), r.headers
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read()), e.headers
+
+
+def _drop(packs: Path, name: str, raw: bytes, meta: dict) -> None:
+    """A pack put into the store directly (as an operator copying files would), bypassing the gateway."""
+    (packs / f"{name}.safetensors").write_bytes(raw)
+    (packs / f"{name}.json").write_text(json.dumps(meta | {"name": name}))
+
+
+def test_each_code_of_the_model_has_its_status(stack):
+    """The model's refusals, by their code (serving/codes.py), through the gateway: 404, 400, 503 +
+    Retry-After, 422, 502, each with a message naming the problem and no tag; the served adapters answer."""
+    import hashlib
+    import shutil
+    from hpeft_serve.gateway import Gateway, GatewayError
+    packs = stack["repo"] / "hpeft" / "1" / "export" / "packs"
+    before = _served_state(stack)
+    good, meta = (packs / "uni.safetensors").read_bytes(), json.loads((packs / "uni.json").read_text())
+    nan = _garbage(stack)["non-finite"]
+    _drop(packs, "g-updating", good, meta | {"sha256": "0" * 64})  # its json names other tensors: being replaced
+    _drop(packs, "g-invalid", nan, meta | {"sha256": hashlib.sha256(nan).hexdigest()})  # complete, but NaNs
+    _drop(packs, "g-internal", good, meta)
+    (packs / "g-internal.safetensors").unlink()
+    (packs / "g-internal.safetensors").mkdir()  # files the store cannot read
+    try:
+        cases = {"nope": (404, "unknown adapter 'nope'"), "g-updating": (503, "being replaced; retry"),
+                 "g-invalid": (422, "non-finite"), "g-internal": (502, "cannot be read")}
+        for name, (status, words) in cases.items():
+            code, out, headers = _predict_with_headers(stack, name)
+            assert code == status and words in out["error"] and "[hpeft:" not in out["error"], (name, code, out)
+            assert (headers.get("Retry-After") == "1") == (status == 503), (name, dict(headers))
+        # invalid input: a sequence longer than the model takes (this gateway's own limit set above it)
+        gw = Gateway(Settings(repo=str(stack["repo"]), triton=stack["gateway"].app.state.gateway.s.triton, max_tokens=600))
+        with pytest.raises(GatewayError) as e:
+            gw.predict("uni", ["word " * 600])
+        assert e.value.status == 400 and "512" in e.value.message and "[hpeft:" not in e.value.message, e.value.message
+    finally:
+        for n in ("g-updating", "g-invalid", "g-internal"):
+            (packs / f"{n}.json").unlink()
+        (packs / "g-updating.safetensors").unlink()
+        (packs / "g-invalid.safetensors").unlink()
+        shutil.rmtree(packs / "g-internal.safetensors")
+    assert _served_state(stack) == before
+
+
+def test_model_not_loaded_is_503_until_it_is_loaded_again(stack):
+    """Triton's own failure (no code): model hpeft unloaded by an operator (with the key) is 503 +
+    Retry-After, told by its gRPC status; loaded again, the answers are right."""
+    from hpeft_serve.serving.client import triton_key_headers
+    client = stack["gateway"].app.state.gateway.client()
+    key = triton_key_headers(stack["triton"].key)
+    client.unload_model("hpeft", headers=key, client_timeout=60)
+    try:
+        code, out, headers = _predict_with_headers(stack, "uni")
+        assert code == 503 and "not loaded" in out["error"] and headers.get("Retry-After") == "2", out
+    finally:
+        client.load_model("hpeft", headers=key, client_timeout=300)
+    _until_ok(stack, "uni", stack["cks"]["uni"], seconds=60)
 
 
 def _stub_pids(triton) -> list[int]:
