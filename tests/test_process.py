@@ -27,6 +27,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from exporters.export import export_checkpoint
+from hpeft_serve.cli import main
 from hpeft_serve.serving.client import TRITON_KEY_ENV, free_ports, hpeft_inputs, triton_key_headers
 from hpeft_serve.serving.deploy import deploy
 from hpeft_serve.serving.triton import TritonServer, find_key
@@ -262,6 +263,8 @@ def test_the_crash_request_never_brings_the_service_down(serve, repo):
         assert not any(f.exists() for f in old_regions)
         assert all(f.stat().st_mode & 0o777 == 0o600 for f in serve.regions())
     assert serve.text().count("tritonserver is back") == 6 and "giving up" not in serve.text()
+    delays = [line.split(" in ")[1].split("s ")[0] for line in serve.text().splitlines() if "restarting it in" in line]
+    assert delays == ["1", "2", "2", "2", "2", "2"]  # back-off: doubling, up to --max-restart-delay
     pid = serve.triton()
     for path in ("/v2/models/hpeft/infer", "/v1/predict"):  # the public face has no raw tensor input
         code, text = _post(f"{serve.gateway}{path}", CRASH)
@@ -270,7 +273,7 @@ def test_the_crash_request_never_brings_the_service_down(serve, repo):
     _answer_is_right(serve.grpc, repo["ck"])
 
 
-def test_kill_9_of_hpeft_serve_takes_tritonserver_with_it(serve, repo):
+def test_kill_9_of_hpeft_serve_takes_tritonserver_with_it(serve, repo, capsys):
     triton, stubs, regions = serve.triton(), serve.stubs(), serve.regions()
     assert stubs and regions
     os.kill(serve.proc.pid, signal.SIGKILL)
@@ -284,11 +287,10 @@ def test_kill_9_of_hpeft_serve_takes_tritonserver_with_it(serve, repo):
         for i, port in enumerate(serve.ports):  # a second server on any of these ports: refused at start
             ports = free_ports(4)
             ports[i] = port
-            r = subprocess.run([str(HPEFT), "serve", "--repo", str(repo["repo"]), "--http-port", str(ports[0]),
-                                "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]),
-                                "--gateway-port", str(ports[3])], capture_output=True, text=True, timeout=120)
-            assert r.returncode == 2 and f"port {port} " in r.stderr and "in use" in r.stderr, (port, r.stderr)
-            assert "Traceback" not in r.stderr
+            code = main(["serve", "--repo", str(repo["repo"]), "--http-port", str(ports[0]), "--grpc-port",
+                         str(ports[1]), "--metrics-port", str(ports[2]), "--gateway-port", str(ports[3])])
+            err = capsys.readouterr().err
+            assert code == 2 and f"port {port} " in err and "in use" in err, (port, err)
         assert again.healthy() and again.triton()
     finally:
         again.stop()
