@@ -86,7 +86,10 @@ class TritonPythonModel:
                 rows = range(row, row + len(names))
                 row += len(names)
                 responses[i] = self._respond(rows, logits, errors, versions)
-            self._publish()
+            try:
+                self._publish()
+            except Exception:  # noqa: BLE001 - a metrics failure must not fail answered requests
+                log_internal(pb_utils.Logger.log_error, "publishing the residency gauges")
         return responses
 
     def _respond(self, rows, logits, errors, versions):
