@@ -194,8 +194,8 @@ class TritonServer:
         self.log = Path(log or self.work / "tritonserver.log")
         self.address, self.ready_model = LOOPBACK, ready_model
         self.key = key or new_key()
-        # one prefix per work folder and port: a server that died with its parent left regions under it,
-        # and the next server here (its port is free, so that one is gone) removes them
+        # one prefix per work folder and port: a server killed together with its stubs leaves its regions
+        # behind, and the next server here (the port is free, so that one is gone) removes them
         self.shm_prefix = f"hpeft_{hashlib.sha256(str(self.work).encode()).hexdigest()[:12]}_{http_port}_"
         self.proc: subprocess.Popen | None = None
         self._reaped = False
