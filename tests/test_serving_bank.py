@@ -233,3 +233,48 @@ def test_slots_shrink_back_when_the_big_adapter_leaves(served, tmp_path):
         assert rt.bank._sizes["R_q"] == 8 and {k: v.shape[1:] for k, v in rt.bank._arrays.items()} == small
         out, errs, _ = rt.infer(ids, mask, names)
         assert not any(errs) and max(np.abs(o - r).max() for o, r in zip(out, refs)) <= TOL
+
+
+def test_a_pack_for_another_hidden_size_asked_for_first_fails_only_its_own_rows(served, tmp_path):
+    """The incident: after a (re)load the first request names a pack laid out for d=256 (consistent tensors,
+    the right backbone sha256); it is refused on load, the bank never takes its sizes, and every other
+    adapter answers, in that batch and after."""
+    import json
+    import shutil
+    from safetensors.numpy import save
+    from hpeft_serve.pack.store import PackStore
+    root, cks = served
+    store = tmp_path / "store"
+    shutil.copytree(root / "export" / "packs", store)
+    meta = json.loads((store / "lora.json").read_text())
+    meta["sizes"] = meta["sizes"] | {"d": 256}
+    PackStore(store).write("wide", save(_crafted(meta["sizes"])), meta | {"name": "wide"})
+    rt = SharedRuntime(root / "export", store=str(store))
+    ids, mask = (t.numpy() for t in _batches()[1])
+    out, errs, _ = rt.infer(ids[:1], mask[:1], ["wide"])
+    assert out == [None] and "hidden size d=256" in errs[0]
+    names = ["wide", "uni", "comp", "wide", "lora"]
+    for _ in range(2):
+        out, errs, _ = rt.infer(ids, mask, names)
+        for r, n in enumerate(names):
+            if n == "wide":
+                assert out[r] is None and "hidden size d=256" in errs[r]
+            else:
+                ref = _reference(cks[n], (ids[r:r + 1], mask[r:r + 1]))[0]
+                assert errs[r] is None and np.abs(out[r] - ref).max() <= TOL
+    assert rt.bank._sizes["d"] == 128 and "wide" not in rt.bank.names()
+
+
+def test_a_bank_given_the_graph_dims_refuses_another_hidden_size_when_empty(served):
+    import dataclasses
+    from hpeft_serve.errors import CheckpointError
+    root, _ = served
+    rt = SharedRuntime(root / "export")
+    good = rt.store.load("lora")
+    bank = AdapterBank(rt.layout, 2, dims=rt.store.graph["dims"])
+    wide = good.sizes | {"d": 256}
+    with pytest.raises(CheckpointError, match=r"laid out for \{'d': 256\}; this bank serves \{'d': 128\}"):
+        bank.put(dataclasses.replace(good, tensors=_crafted(wide), sizes=wide))
+    assert bank.names() == [] and bank._arrays == {}
+    bank.put(good)
+    assert bank.names() == ["lora"]

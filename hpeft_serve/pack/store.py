@@ -1,9 +1,9 @@
 """The adapter store: packs (`<name>.safetensors` + `<name>.json`) in a folder or at any fsspec URL.
 
 Writes of one name are serialized (an in-process lock, and for a local folder an flock on `.<name>.lock`,
-which also holds between processes and is removed when the write is done), each file goes to its own temp file and is renamed into place, the
-tensors before the json that names their sha256: at rest a json always matches its tensors, and a reader
-that catches a write half done sees PackUpdating. An fsspec store has no lock between processes (object
+which also holds between processes and is removed when the write is done); each file goes to a temp file
+of its own and is renamed into place, the tensors before the json that names their sha256: at rest a
+json always matches its tensors, and a reader that catches a write half done sees PackUpdating. An fsspec store has no lock between processes (object
 stores offer none): two processes writing one name at once can leave a json that names the other's
 tensors, which readers see as PackUpdating until the next write of that name; write through one process.
 """
@@ -220,7 +220,8 @@ def served_layout(info: dict, packs) -> Layout:
             return Layout.from_dict(info["layout"])
         except CheckpointError:  # PHM sites without phm_n: keep its other slots, take PHM from its packs
             old = info["layout"]
-            kept = Layout.from_dict({**old, "phm": [], "gated": [g for g in old.get("gated", []) if not g.startswith("phm")]})
+            gated = [g for g in old.get("gated", []) if not g.startswith("phm")]
+            kept = Layout.from_dict({**old, "phm": [], "gated": gated})
             return kept.union(packs_layout(packs))
     return packs_layout(packs)
 

@@ -142,7 +142,7 @@ class AdapterBank:
         with self._writer:
             if name not in self._slots:
                 raise UnknownAdapter(name)
-            keep = [n for n in self._packs if n != name]
+            keep = [n for n in self.names() if n != name]
             sizes = bank_sizes([self._packs[n].sizes for n in keep]) if keep else self._sizes
             capacity = self._capacity_for(len(keep)) if keep else self._capacity
             if sizes == self._sizes and capacity == self._capacity:
@@ -171,7 +171,7 @@ class AdapterBank:
     def _plan(self, pack: Pack) -> tuple[list[str], dict]:
         """The residents that stay beside `pack` (the least recently used unpinned ones leave while the bank
         is over its memory budget) and the bank's sizes then."""
-        keep = [n for n in self._packs if n != pack.name]
+        keep = [n for n in self.names() if n != pack.name]  # least recently used first
         while True:
             sizes = bank_sizes([pack.sizes] + [self._packs[n].sizes for n in keep])
             if (len(keep) + 1) * self._slot_bytes(sizes) <= self.budget:
