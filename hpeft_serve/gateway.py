@@ -35,6 +35,7 @@ HPEFT_MAX_TOKENS.
 import hashlib
 import hmac
 import json
+import logging
 import os
 import re
 import threading
@@ -249,8 +250,9 @@ class Gateway:
                 key = self.triton_key()
                 self.client().unload_model(MODEL, headers=key, client_timeout=60)
                 self.client().load_model(MODEL, headers=key, client_timeout=300)
-            except Exception:  # noqa: BLE001 - Triton itself may be gone; /healthz tells
-                pass
+            except Exception as e:  # noqa: BLE001 - Triton itself may be gone (/healthz tells), or the key is wrong
+                logging.getLogger(__name__).warning("reloading model %r after its stub died failed: %s", MODEL,
+                                                    _short(_text(e)))
             finally:
                 self._recovering.release()
         threading.Thread(target=reload, name="hpeft-reload", daemon=True).start()

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from exporters.export import export_checkpoint
-from hpeft_serve.gateway import LABEL_CACHE, Gateway, GatewayThread, Settings
+from hpeft_serve.gateway import Gateway, GatewayThread, Settings
 from hpeft_serve.serving.client import free_ports
 from hpeft_serve.serving.deploy import deploy
 
@@ -187,18 +187,23 @@ def test_an_unexpected_error_is_a_short_500_without_a_traceback(gw):
     assert _call(f"{gw['url']}/v1/adapters")[0] == 200
 
 
-def test_the_label_cache_stays_bounded_whatever_names_clients_send(gw, tmp_path):
+def test_the_label_cache_stays_bounded_whatever_names_clients_send(gw, tmp_path, monkeypatch):
+    from hpeft_serve import gateway
+    assert gateway.LABEL_CACHE == 4096
+    size = 64  # the same cache, smaller, so that a few hundred names overflow it many times
+    monkeypatch.setattr(gateway, "LABEL_CACHE", size)
     store = tmp_path / "store"
     store.mkdir()
     rng = np.random.default_rng(0)
-    names = [f"n{rng.integers(1 << 40):x}-{i}" for i in range(LABEL_CACHE + 1500)]
+    names = [f"n{rng.integers(1 << 40):x}-{i}" for i in range(10 * size)]
     for i, n in enumerate(names):
         (store / f"{n}.json").write_text(json.dumps({"sha256": f"{i:064x}", "labels": [f"l{i}"]}))
     g = Gateway(Settings(repo=gw["settings"].repo, store=str(store)))
     for i, n in enumerate(names):
         assert g.labels(n, f"{i:064x}"[:16]) == (f"l{i}",)
         assert g.labels(f"x{n}", "0" * 16) == ()  # unknown names are never cached
-    assert len(g._labels) == LABEL_CACHE
+        assert len(g._labels) <= size
+    assert len(g._labels) == size
     assert g.answered(names[-1]) and not g.answered(names[0])  # the least recently answered went first
     (store / f"{names[-1]}.json").unlink()
     assert g.labels(names[-1], f"{len(names) - 1:064x}"[:16]) == (f"l{len(names) - 1}",)  # a hit: no store read
