@@ -4,7 +4,8 @@
 --merge: DIR/<name>.onnx (or <name>.pt + <name>.pt2) and DIR/<name>.json: one standalone model.
 shared (default): DIR/backbone.onnx (+ backbone.onnx.data) or DIR/backbone.pt, DIR/backbone.json, and the
 adapter's pack DIR/packs/<name>.safetensors + DIR/packs/<name>.json. A second adapter exported into the
-same DIR for the same backbone reuses the graph: only its pack is written.
+same DIR for the same backbone reuses the graph: only its pack is written; one that needs a slot kind the
+graph lacks (a PHM n included) re-exports the graph for the union, and the packs already there stay valid.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ of its own and is renamed into place, the tensors before the json that names the
 json always matches its tensors, and a reader that catches a write half done sees PackUpdating. An fsspec store has no lock between processes (object
 stores offer none): two processes writing one name at once can leave a json that names the other's
 tensors, which readers see as PackUpdating until the next write of that name; write through one process.
+`packs_layout` / `served_layout`: the slot kinds a folder's packs need, for re-exporting an older graph.
 """
 
 from __future__ import annotations
