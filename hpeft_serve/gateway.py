@@ -144,13 +144,8 @@ class Gateway:
     def tokenizer(self):
         if self._tokenizer is None:
             from transformers import AutoTokenizer
-            name = self.info["backbone"]["name"]
-            if name in ("minilm", "tiny-bert", "tiny-roberta"):
-                from .assets import minilm_folder
-                folder = minilm_folder()
-            else:
-                folder = Path(name)
-            self._tokenizer = AutoTokenizer.from_pretrained(str(folder))
+            from .assets import tokenizer_folder
+            self._tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_folder(self.info["backbone"]["name"])))
         return self._tokenizer
 
     def client(self):

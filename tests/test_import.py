@@ -166,6 +166,11 @@ def test_mismatched_backbone_is_refused(tmp_path):
         _import(GOLDEN / "cases" / "peft-lora-bert", "peft", "tiny-bert", tmp_path)
     with pytest.raises(CheckpointError, match="RoBERTa / XLM-R"):
         _import(GOLDEN / "cases" / "peft-prefix-bert", "peft", str(GOLDEN / "backbones" / "roberta"), tmp_path)
+    for family in ("tiny-distilbert", "tiny-electra", "tiny-deberta-v2"):  # served, not importable yet: by name
+        with pytest.raises(CheckpointError, match=r"peft adapters of a \S+ backbone is not supported yet"):
+            _import(GOLDEN / "cases" / "peft-lora-bert", "peft", family, tmp_path)
+        with pytest.raises(CheckpointError, match="not supported|is a |cannot"):
+            _import(GOLDEN / "cases" / "ah-seqbn-bert", "adapterhub", family, tmp_path)
 
 
 def test_missing_head_and_corrupt_files_are_refused(tmp_path):

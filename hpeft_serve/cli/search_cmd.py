@@ -7,7 +7,8 @@ from pathlib import Path
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--backbone", default="minilm", help="minilm, tiny-bert, tiny-roberta or a Hugging Face folder")
+    from ..assets import TINY_NAMES
+    p.add_argument("--backbone", default="minilm", help="minilm, a tiny random backbone (" + ", ".join(TINY_NAMES) + ") or a Hugging Face folder")
     p.add_argument("--task", required=True, help="rotten_tomatoes, bbc_news, or a .csv/.jsonl file")
     p.add_argument("--train-size", type=int, default=400, help="training examples (a quarter becomes the dev split)")
     p.add_argument("--eval-size", type=int, default=1000)

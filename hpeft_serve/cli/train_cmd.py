@@ -6,13 +6,14 @@ from pathlib import Path
 
 
 def add_arguments(p) -> None:
+    from ..assets import TINY_NAMES
     import argparse
     from ..methods.config import settings_help
     from ..methods.presets import method_names
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = "settings for --set KEY=VALUE (a setting applies to every component of the method that has it):\n" + \
         "\n".join(f"  {k}: {v}" for k, v in settings_help().items())
-    p.add_argument("--backbone", default="minilm", help="minilm, tiny-bert, tiny-roberta or a Hugging Face folder")
+    p.add_argument("--backbone", default="minilm", help="minilm, a tiny random backbone (" + ", ".join(TINY_NAMES) + ") or a Hugging Face folder")
     p.add_argument("--method", required=True, choices=method_names(), metavar="METHOD",
                    help="one of: " + ", ".join(method_names()))
     p.add_argument("--task", required=True, help="rotten_tomatoes, bbc_news, or a .csv/.jsonl file (text,label)")

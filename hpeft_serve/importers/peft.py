@@ -47,6 +47,9 @@ HARMLESS = {"base_model_name_or_path", "revision", "inference_mode", "init_lora_
             "ensure_weight_tying", "init_weights", "bias"}
 
 
+IMPORTABLE = ("bert", "roberta", "xlm-roberta")  # the families whose peft key names are mapped below
+
+
 def _refuse(folder: Path, what: str) -> CheckpointError:
     return CheckpointError(f"{folder}: {what}; it is not imported (an approximate import would change the outputs)")
 
@@ -132,6 +135,9 @@ def import_peft(folder: Path, backbone: Backbone) -> Imported:
     if kind not in ("LORA", "PREFIX_TUNING"):
         raise CheckpointError(f"{folder}: peft_type {kind!r} is not supported (supported: LORA, PREFIX_TUNING)")
     _check_options(cfg, folder)
+    if backbone.config.model_type not in IMPORTABLE:
+        raise CheckpointError(f"{folder}: importing peft adapters of a {backbone.config.model_type} backbone is not "
+                              f"supported yet (supported: {', '.join(IMPORTABLE)}); train it here with hpeft train")
     tensors, wfile = read_weights(folder, "adapter_model.safetensors", "adapter_model.bin")
     check_float(tensors, str(folder / wfile))
     if kind == "LORA":

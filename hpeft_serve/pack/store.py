@@ -63,6 +63,10 @@ class PackUpdating(CheckpointError):
     """A pack's files are being replaced (its json does not match its tensors yet): try again shortly."""
 
 
+class PackUnreadable(CheckpointError):
+    """A pack's files exist but cannot be read (a directory in their place, permissions, a store error)."""
+
+
 class PackStore:
     """Adapter packs (`<name>.safetensors` + `<name>.json`) in a folder or at any fsspec URL (s3://, gs://,
     memory://, ... with the matching fsspec package installed); validated against the graph's backbone
@@ -82,10 +86,14 @@ class PackStore:
         return f"{self.root.rstrip('/')}/{name}{suffix}"
 
     def _read(self, path: str) -> bytes | None:
+        """The file's bytes; None if it does not exist; PackUnreadable if it exists but cannot be read."""
         try:
             return Path(path).read_bytes() if self.fs is None else self.fs.cat_file(path)
-        except (OSError, FileNotFoundError):
+        except FileNotFoundError:
             return None
+        except OSError as e:  # a directory in its place, permissions, a remote store's error
+            raise PackUnreadable(f"adapter {Path(path).stem!r}: its pack file exists but cannot be read "
+                                 f"({type(e).__name__})") from None
 
     def _stat(self, path: str) -> tuple | None:
         try:
@@ -127,10 +135,10 @@ class PackStore:
         return Pack(name, tensors, meta["sizes"], version[:16], tuple(meta.get("labels", ())), stamp)
 
     def meta(self, name: str) -> dict | None:
-        raw = self._read(self._path(name, ".json"))
         try:
+            raw = self._read(self._path(name, ".json"))
             meta = None if raw is None else parse_json(raw, "json")
-        except CheckpointError:
+        except CheckpointError:  # unreadable or not JSON: no metadata to show
             return None
         return meta if isinstance(meta, dict) else None
 

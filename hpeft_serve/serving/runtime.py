@@ -23,7 +23,7 @@ from ..errors import CheckpointError
 from ..names import NAME
 from ..pack.check import MissingSlots, check_slots
 from ..pack.layout import Layout
-from ..pack.store import PackStore, PackUpdating
+from ..pack.store import PackStore, PackUnreadable, PackUpdating
 from .bank import AdapterBank
 from .batching import Limits, position_limit
 from .codes import Code
@@ -76,7 +76,7 @@ class SharedRuntime:
         # onnxruntime's default spinning threads: turning them off cost ~2 ms a request at batch 1 on MiniLM
         self.session = ort.InferenceSession(str(graph), so, providers=providers or default_providers())
         self.limits = _limits(info, graph)
-        self.bank = AdapterBank(self.layout, info["backbone"]["num_layers"], budget_bytes, pinned)
+        self.bank = AdapterBank(self.layout, info["backbone"]["num_layers"], budget_bytes, pinned, dims=info.get("dims"))
         # on a GPU the bank lives on the device and is copied there only when it changes, not on every forward
         self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         self.bind_bank = self.device == "cuda" if bind_bank is None else bind_bank
@@ -153,7 +153,7 @@ class SharedRuntime:
         goes to the log), or invalid (its message, without the store's location)."""
         if self.store.stamp(n) is None:
             return RowError(Code.UNKNOWN_ADAPTER, f"unknown adapter {show(n)}")
-        if str(e).startswith("unknown adapter"):  # the store read no bytes from files that exist
+        if isinstance(e, PackUnreadable):
             self.log(f"hpeft: adapter {n!r}: its pack files exist but cannot be read: {e}")
             return RowError(Code.INTERNAL, f"adapter {show(n)}: its pack files cannot be read (see the server log)")
         msg = str(e)
