@@ -67,6 +67,12 @@ class Backbone:
         from transformers import AutoTokenizer
         return AutoTokenizer.from_pretrained(str(self.tokenizer_folder))
 
+    def embedding_defaults(self) -> tuple[str, bool]:
+        """(pooling, normalize) of this backbone as a sentence embedder: from its sentence-transformers files
+        (1_Pooling/config.json, modules.json: a Normalize module) when the folder has them, else (mean, False).
+        MiniLM's say (mean, True)."""
+        return sentence_pooling(self.folder) if self.folder is not None else ("mean", False)
+
     def describe(self) -> dict:
         """What a checkpoint records about its backbone."""
         c = self.config
@@ -162,3 +168,26 @@ def _tiny(name: str) -> EncoderConfig:
 def tiny_config(name: str, **overrides) -> EncoderConfig:
     """A tiny config with fields overridden (tests build their own variants)."""
     return replace(_tiny(name), **overrides)
+
+
+def sentence_pooling(folder: Path) -> tuple[str, bool]:
+    """(pooling, normalize) from a sentence-transformers folder: its Pooling module's config (mean, cls or max;
+    other modes are refused by name) and whether modules.json has a Normalize module; (mean, False) without."""
+    folder = Path(folder)
+    try:
+        modules = json.loads((folder / "modules.json").read_text()) if (folder / "modules.json").is_file() else []
+        if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
+            raise TypeError("modules.json is not a list of modules")
+        pooling_dir = next((m.get("path", "") for m in modules if str(m.get("type", "")).endswith(".Pooling")), None)
+        cfg_file = folder / (pooling_dir or "1_Pooling") / "config.json"
+        cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+    except (json.JSONDecodeError, AttributeError, TypeError) as e:
+        raise BackboneError(f"backbone folder {folder}: its sentence-transformers config cannot be read ({e})") from None
+    modes = [m for m in ("cls_token", "mean_tokens", "max_tokens", "mean_sqrt_len_tokens", "weightedmean_tokens",
+                         "lasttoken") if cfg.get(f"pooling_mode_{m}")]
+    if len(modes) > 1 or modes and modes[0] not in ("cls_token", "mean_tokens", "max_tokens"):
+        raise BackboneError(f"backbone folder {folder}: sentence-transformers pooling {modes} is not supported "
+                            "(one of cls, mean, max)")
+    pooling = {"cls_token": "cls", "mean_tokens": "mean", "max_tokens": "max"}.get(modes[0] if modes else "", "mean")
+    normalize = any(str(m.get("type", "")).endswith(".Normalize") for m in modules)
+    return pooling, normalize
