@@ -1,7 +1,9 @@
-"""Training and evaluation of a HybridModel on a text-classification dataset.
+"""Training and evaluation of a HybridModel: a classifier on labelled texts, or an embedder on query/positive pairs.
 
-Deterministic under a seed (adapter init, pruning, shuffling, dropout). Only the adapters and the head
-are trained; the backbone stays frozen (except for the `full` fine-tuning baseline of the benchmarks).
+Classification: cross-entropy, judged by held-out accuracy. Embedding: multiple-negatives ranking loss
+(retrieval.py), judged by recall@1, recall@10 and MRR@10 of held-out queries against every held-out
+positive. Deterministic under a seed (adapter init, pruning, shuffling, dropout). Only the adapters and the
+head are trained; the backbone stays frozen (except for the `full` fine-tuning baseline of the benchmarks).
 SparseAdapter masks are computed once, before the first step, on a batch of training data.
 """
 
@@ -17,10 +19,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .backbone import Backbone
-from .data import Dataset
+from .data import Dataset, Pair, PairDataset
+from .errors import DataError
 from .methods.config import MethodConfig
 from .methods.sparse import prune
 from .model import HeadConfig, HybridModel
+from .retrieval import cos_sim, metrics, mnrl_loss
 
 
 @dataclass(frozen=True)
@@ -43,9 +47,12 @@ class TrainConfig:
 @dataclass
 class TrainResult:
     accuracy: float
+    """classification: held-out accuracy; embedding: nan (see metrics)"""
     steps: int
     train_seconds: float
     losses: list[float] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+    """held-out metrics: {"accuracy"} or {"recall@1", "recall@10", "mrr@10"}"""
 
 
 def build_model(backbone: Backbone, method: MethodConfig, head: HeadConfig, seed: int = 0) -> HybridModel:
@@ -69,15 +76,19 @@ def collate(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Ten
 
 
 @torch.no_grad()
-def predict_logits(model: HybridModel, seqs: list[list[int]], pad_id: int, batch_size: int = 64) -> torch.Tensor:
-    """Logits for token-id sequences, batched by length (less padding), returned in input order."""
-    model.eval()
+def predict_logits(model, seqs: list[list[int]], pad_id: int, batch_size: int = 64) -> torch.Tensor:
+    """model(input_ids, attention_mask) (logits or embeddings) for token-id sequences, batched by length (less
+    padding), returned in input order. model: a HybridModel or any callable of a HybridModel's signature."""
+    if isinstance(model, torch.nn.Module):
+        model.eval()
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-    out = torch.empty(len(seqs), model.head.cfg.num_labels)
+    out = None
     for k in range(0, len(order), batch_size):
         idx = order[k:k + batch_size]
         ids, mask = collate([seqs[i] for i in idx], pad_id)
-        out[idx] = model(ids, mask)
+        y = model(ids, mask)
+        out = torch.empty(len(seqs), y.shape[1]) if out is None else out
+        out[idx] = y
     return out
 
 
@@ -87,6 +98,22 @@ def evaluate(model: HybridModel, tokenizer, examples: list[tuple[str, int]], max
     logits = predict_logits(model, seqs, tokenizer.pad_token_id, batch_size)
     labels = torch.tensor([y for _, y in examples])
     return (logits.argmax(-1) == labels).float().mean().item()
+
+
+def backbone_embedder(model: HybridModel):
+    """The plain backbone as an embedder (no adapter), pooled and normalised as model's embedding head."""
+    model.eval()
+    return lambda ids, mask: model.head(model.encoder(ids, mask), mask)
+
+
+def evaluate_retrieval(model, tokenizer, pairs: list[Pair], max_length: int = 128,
+                       batch_size: int = 64) -> dict[str, float]:
+    """recall@1, recall@10, MRR@10 of every pair's query against all the pairs' positives.
+    model: an embedding HybridModel, or backbone_embedder(model) for the baseline."""
+    pad = tokenizer.pad_token_id
+    q = predict_logits(model, encode(tokenizer, [p.query for p in pairs], max_length), pad, batch_size)
+    d = predict_logits(model, encode(tokenizer, [p.positive for p in pairs], max_length), pad, batch_size)
+    return metrics(cos_sim(q, d))
 
 
 def _optimizer(model: HybridModel, cfg: TrainConfig, method_lr: float) -> torch.optim.Optimizer:
@@ -104,31 +131,76 @@ def _schedule(opt, total: int, warmup: float):
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / w, max(0.0, (total - s) / max(1, total - w))))
 
 
-def prune_sparse(model: HybridModel, seqs: list[list[int]], labels: list[int], pad_id: int, seed: int) -> None:
-    """SparseAdapter: prune at initialisation on up to 64 training examples, model in eval mode."""
+def _classification_batches(model: HybridModel, tokenizer, data: Dataset, cfg: TrainConfig):
+    """(number of training examples, loss of a batch of their indices): cross-entropy on the labels."""
+    seqs = encode(tokenizer, [t for t, _ in data.train], cfg.max_length)
+    labels = [y for _, y in data.train]
+    pad = tokenizer.pad_token_id
+
+    def loss(idx: list[int]) -> torch.Tensor:
+        return F.cross_entropy(model(*collate([seqs[i] for i in idx], pad)), torch.tensor([labels[i] for i in idx]))
+    return len(seqs), loss
+
+
+def _embedding_batches(model: HybridModel, tokenizer, data: PairDataset, cfg: TrainConfig):
+    """(number of training pairs, loss of a batch of their indices): multiple-negatives ranking loss, the other
+    positives of the batch and the batch's hard negatives as negatives. Queries, positives and negatives are
+    encoded by separate forwards, each padded to its own longest sequence."""
+    pad = tokenizer.pad_token_id
+    q = encode(tokenizer, [x.query for x in data.train], cfg.max_length)
+    p = encode(tokenizer, [x.positive for x in data.train], cfg.max_length)
+    with_neg = [i for i, x in enumerate(data.train) if x.negative is not None]
+    n = dict(zip(with_neg, encode(tokenizer, [data.train[i].negative for i in with_neg], cfg.max_length))) \
+        if with_neg else {}
+
+    def loss(idx: list[int]) -> torch.Tensor:
+        negs = [n[i] for i in idx if i in n]
+        return mnrl_loss(model(*collate([q[i] for i in idx], pad)), model(*collate([p[i] for i in idx], pad)),
+                         model(*collate(negs, pad)) if negs else None)
+    return len(q), loss
+
+
+def prune_sparse(model: HybridModel, batch_loss, n: int, seed: int) -> None:
+    """SparseAdapter: prune at initialisation on the loss of the first (up to) 64 training examples, model in
+    eval mode."""
     settings = model.adapters.sparse_settings()
     if settings is None:
         return
     pruner, sparsity = settings
-    ids, mask = collate(seqs[:64], pad_id)
-    y = torch.tensor(labels[:64])
+    idx = list(range(min(64, n)))
     was = model.training
     model.eval()
-    prune(model.adapters.sparse_projections(), pruner, sparsity, lambda: F.cross_entropy(model(ids, mask), y), seed)
+    prune(model.adapters.sparse_projections(), pruner, sparsity, lambda: batch_loss(idx), seed)
     model.train(was)
 
 
-def train(model: HybridModel, tokenizer, data: Dataset, cfg: TrainConfig, progress: bool = True,
+def _check_task(model: HybridModel, data) -> None:
+    embedding = model.head.cfg.embedding
+    if embedding and not isinstance(data, PairDataset):
+        raise DataError(f"an embedding model trains on query/positive pairs (a retrieval task), not on "
+                        f"the labelled task {data.name!r}")
+    if not embedding and isinstance(data, PairDataset):
+        raise DataError(f"a classifier trains on labelled texts, not on the retrieval task {data.name!r}; "
+                        "give it an embedding head (HeadConfig(0, task='embedding'))")
+
+
+def held_out(model: HybridModel, tokenizer, data, cfg: TrainConfig) -> dict[str, float]:
+    """The model's metrics on data.test: {"accuracy"} for a classifier, recall@1/recall@10/mrr@10 for an embedder."""
+    if model.head.cfg.embedding:
+        return evaluate_retrieval(model, tokenizer, data.test, cfg.max_length, cfg.eval_batch_size)
+    return {"accuracy": evaluate(model, tokenizer, data.test, cfg.max_length, cfg.eval_batch_size)}
+
+
+def train(model: HybridModel, tokenizer, data: Dataset | PairDataset, cfg: TrainConfig, progress: bool = True,
           evaluate_after: bool = True) -> TrainResult:
-    """Train the adapters and head on data.train; return held-out accuracy on data.test."""
+    """Train the adapters and head on data.train; return the held-out metrics on data.test (see held_out)."""
+    _check_task(model, data)
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
-    seqs = encode(tokenizer, [t for t, _ in data.train], cfg.max_length)
-    labels = [y for _, y in data.train]
-    pad = tokenizer.pad_token_id
-    prune_sparse(model, seqs, labels, pad, cfg.seed)
-    steps_per_epoch = math.ceil(len(seqs) / cfg.batch_size)
-    total = steps_per_epoch * cfg.epochs
+    batches = _embedding_batches if model.head.cfg.embedding else _classification_batches
+    n, batch_loss = batches(model, tokenizer, data, cfg)
+    prune_sparse(model, batch_loss, n, cfg.seed)
+    total = math.ceil(n / cfg.batch_size) * cfg.epochs
     opt = _optimizer(model, cfg, model.adapters.method_config.lr)
     sched = _schedule(opt, total, cfg.warmup)
     params = [p for g in opt.param_groups for p in g["params"]]
@@ -136,12 +208,10 @@ def train(model: HybridModel, tokenizer, data: Dataset, cfg: TrainConfig, progre
     model.train()
     bar = tqdm(total=total, desc=f"train {model.adapters.method_config.method}", disable=not progress, unit="step")
     for _ in range(cfg.epochs):
-        order = list(range(len(seqs)))
+        order = list(range(n))
         rng.shuffle(order)
         for k in range(0, len(order), cfg.batch_size):
-            idx = order[k:k + cfg.batch_size]
-            ids, mask = collate([seqs[i] for i in idx], pad)
-            loss = F.cross_entropy(model(ids, mask), torch.tensor([labels[i] for i in idx]))
+            loss = batch_loss(order[k:k + cfg.batch_size])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -153,5 +223,5 @@ def train(model: HybridModel, tokenizer, data: Dataset, cfg: TrainConfig, progre
     bar.close()
     seconds = time.perf_counter() - t0
     model.eval()
-    acc = evaluate(model, tokenizer, data.test, cfg.max_length, cfg.eval_batch_size) if evaluate_after else float("nan")
-    return TrainResult(acc, total, seconds, losses)
+    scores = held_out(model, tokenizer, data, cfg) if evaluate_after else {}
+    return TrainResult(scores.get("accuracy", float("nan")), total, seconds, losses, scores)
