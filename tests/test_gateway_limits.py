@@ -191,7 +191,7 @@ def test_the_label_cache_stays_bounded_whatever_names_clients_send(gw, tmp_path,
     from hpeft_serve import gateway
     assert gateway.LABEL_CACHE == 4096
     size = 64  # the same cache, smaller, so that a few hundred names overflow it many times
-    monkeypatch.setattr(gateway, "LABEL_CACHE", size)
+    monkeypatch.setattr(gateway.service, "LABEL_CACHE", size)
     store = tmp_path / "store"
     store.mkdir()
     rng = np.random.default_rng(0)

@@ -27,10 +27,13 @@ Send = Callable[[Message], Awaitable[None]]
 
 class BodyLimit:
     """`limit(scope)` -> the most bytes the request's body may have; `refused(scope, limit)`, if given, is
-    called once for each request refused (metrics)."""
+    called once for each request refused (metrics); `body(scope, message)`, if given, is the JSON body of the
+    413 (default {"error": message})."""
 
-    def __init__(self, app, limit: Callable[[Scope], int], refused: Callable[[Scope, int], None] | None = None):
+    def __init__(self, app, limit: Callable[[Scope], int], refused: Callable[[Scope, int], None] | None = None,
+                 body: Callable[[Scope, str], dict] | None = None):
         self.app, self.limit, self.refused = app, limit, refused
+        self.body = body or (lambda _scope, message: {"error": message})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -76,8 +79,8 @@ class BodyLimit:
     async def _refuse(self, scope: Scope, send: Send, limit: int) -> None:
         if self.refused is not None:
             self.refused(scope, limit)
-        body = json.dumps({"error": f"request body over the limit of {limit / 2 ** 20:.2f} MiB for "
-                                    f"{scope['method']} {scope['path']}"}).encode()
+        message = f"request body over the limit of {limit / 2 ** 20:.2f} MiB for {scope['method']} {scope['path']}"
+        body = json.dumps(self.body(scope, message)).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                                 (b"connection", b"close")]})

@@ -1,0 +1,1 @@
+"""One router per resource: predict, embeddings, models (/v1/models and /v1/adapters), health."""
