@@ -146,6 +146,17 @@ def test_a_declared_oversized_body_is_refused_before_it_is_sent(gw, method, path
     assert _status(response) == 413 and b"connection: close" in response.lower(), response[:300]
 
 
+def test_openai_routes_answer_refusals_in_openai_error_shape(gw):
+    """/v1/embeddings: a body over its limit is a 413, Triton away a 503, each in OpenAI's error body."""
+    response, _ = _chunked(gw["port"], "POST", "/v1/embeddings", 0, declared=gw["settings"].json_limit + 1)
+    error = json.loads(response.split(b"\r\n\r\n", 1)[1])["error"]
+    assert _status(response) == 413 and error["type"] == "invalid_request_error" and "MiB" in error["message"]
+    assert 'hpeft_gateway_embedding_requests_total{code="413",model="_unknown"}' in _metrics(gw)
+    code, out = _call(f"{gw['url']}/v1/embeddings", "POST", {"model": "uni", "input": ["x"]})
+    error = json.loads(out)["error"]
+    assert code == 503 and error["type"] == "server_error" and "Triton" in error["message"], out
+
+
 def test_a_valid_request_at_its_limits_passes_the_body_limit(gw):
     s = gw["settings"]
     body = json.dumps({"adapter": "uni", "inputs": ["\u00e9\u4e2d" * (s.max_chars // 2)] * s.max_inputs}).encode()

@@ -88,14 +88,15 @@ def encode(vector: np.ndarray, encoding_format: str):
 
 def embed(gw, model: str, value, encoding_format: str = "float", dimensions: int | None = None) -> dict:
     """The OpenAI answer {"object": "list", "data": [...], "model", "usage"}; a GatewayError otherwise."""
+    unknown = f"the model {model!r} does not exist: {MODELS}"
     if model != gw.model_id and not NAME.fullmatch(model):
-        raise GatewayError(404, f"the model {model!r} does not exist: {MODELS}", param="model", code="model_not_found")
+        raise GatewayError(404, unknown, param="model", code="model_not_found")
     if dimensions is not None:
         raise _bad(f"dimensions is not supported by model {model!r}: its embeddings have "
                    f"{gw.info['dims']['d']} dimensions, and no adapter here can shorten them", "dimensions")
     ids, mask = batch(gw, value)
     adapter = BACKBONE if model == gw.model_id else model
-    res, version = gw.infer(adapter, ids, mask, "model", MODELS)
+    res, version = gw.infer(adapter, ids, mask, unknown, "model")
     if adapter != BACKBONE and gw.pack_info(model, version)[1] != "embedding":
         raise _bad(f"model {model!r} is a classifier adapter, not an embedding one: POST /v1/predict with "
                    f"\"adapter\": {json.dumps(model)} answers it", "model")

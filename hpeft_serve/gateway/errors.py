@@ -51,10 +51,10 @@ def short(msg: str) -> str:
     return msg.splitlines()[0][:300] if msg else ""
 
 
-def triton_error(e, adapter: str, shown: str, listing: str) -> GatewayError:
-    """The answer to a failed call of model hpeft for `adapter` (named `shown` to the client, whose names
-    `listing` lists): the status of the model's code when its message carries one; else what Triton's own
-    failure means; else 502."""
+def triton_error(e, adapter: str, unknown: str, param: str | None = None) -> GatewayError:
+    """The answer to a failed call of model hpeft for `adapter` (`unknown`: the message of a 404, `param` the
+    request field that named the adapter): the status of the model's code when its message carries one; else
+    what Triton's own failure means; else 502."""
     code, msg = parse(text(e))
     if code is None:
         return triton_failure(e, short(msg))
@@ -65,9 +65,9 @@ def triton_error(e, adapter: str, shown: str, listing: str) -> GatewayError:
         msg = rest
     msg = short(msg)
     if code is Code.UNKNOWN_ADAPTER:
-        return GatewayError(404, f"unknown {shown} {adapter!r}: {listing}", code="model_not_found")
+        return GatewayError(404, unknown, param=param, code="model_not_found")
     if code is Code.ADAPTER_UPDATING:
-        return GatewayError(503, f"{shown} {adapter!r} is being replaced; retry", {"Retry-After": "1"})
+        return GatewayError(503, f"adapter {adapter!r} is being replaced; retry", {"Retry-After": "1"})
     return GatewayError(code.http, f"model {MODEL!r} failed: {msg}" if code is Code.INTERNAL else msg)
 
 

@@ -106,10 +106,10 @@ class Gateway(Catalog):
             return f"Triton at {self.s.triton} is not reachable ({short(text(e))})"
         return None
 
-    def infer(self, adapter: str, ids: np.ndarray, mask: np.ndarray, shown: str = "adapter",
-              listing: str = ADAPTERS):
+    def infer(self, adapter: str, ids: np.ndarray, mask: np.ndarray, unknown: str = "", param: str | None = None):
         """Model hpeft's answer for rows that all name `adapter`, and the version of the pack that answered;
-        a failure is the GatewayError its code or Triton's failure means."""
+        a failure is the GatewayError its code or Triton's failure means (`unknown`, `param`: the message and
+        request field of a 404)."""
         import tritonclient.grpc as grpcclient
         from tritonclient.utils import InferenceServerException
         inputs = hpeft_inputs(grpcclient, ids, mask, [adapter] * len(ids))
@@ -118,7 +118,7 @@ class Gateway(Catalog):
         except InferenceServerException as e:
             if dead_stub(text(e)):  # Triton does not restart a dead stub by itself: reload the model
                 self.recover()
-            raise triton_error(e, adapter, shown, listing) from None
+            raise triton_error(e, adapter, unknown or f"unknown adapter {adapter!r}: {ADAPTERS}", param) from None
         return res, res.as_numpy("adapter_version").reshape(-1)[0].decode()
 
     def recover(self) -> None:
