@@ -5,7 +5,9 @@ A checkpoint folder is what `model.save_adapter(dir, name)` writes: `adapter_con
 `model_head.safetensors` / `pytorch_model_head.bin`. Supported: bottleneck adapters (SeqBn, DoubleSeqBn, ParBn,
 Compacter, Compacter++: dense or PHM, gated or not, fixed or learned scaling, per-layer reduction factors),
 prefix tuning (MLP or flat; ejected at import), LoRA (q k v, intermediate, output; gated or scaled) and
-unions of them (MAM, UniPELT); flex classification heads and the *ForSequenceClassification heads.
+unions of them (MAM, UniPELT); flex classification heads and the *ForSequenceClassification heads. An
+adapter saved without a head (`with_head=False`, or a model that had none: SPECTER2's adapters) or with a head
+that is not a classifier (tagging, question answering, ...; ignored, with a note) is an embedding adapter.
 
 The library's quirks are reproduced, not corrected (shared/research/methods.md section 2):
 - gates are the mean of a sigmoid over every position, padding included (gate_pooling=all);
@@ -51,6 +53,9 @@ ACTS = {"relu": "relu", "gelu": "gelu", "gelu_new": "gelu_new", "gelu_pytorch_ta
 LORA_PATHS = {"q": "attention.self.query", "k": "attention.self.key", "v": "attention.self.value",
               "ffn_in": "intermediate.dense", "ffn_out": "output.dense"}
 SITE_PATHS = {"attn": "attention.output", "ffn": "output"}
+# flex head types that are classifiers: "classification" is imported, the others are refused by their options;
+# any other head (tagging, question answering, language modelling, ...) is ignored: an embedding import
+CLASSIFIER_HEADS = ("classification", "multilabel_classification", "image_classification")
 
 # The fields of each config class with their defaults; the second set holds what has no effect at inference
 # (initialisation, dropout, options for models we do not import) and is accepted whatever its value.
@@ -266,19 +271,32 @@ def _lora(c: dict, src: _Source, old: bool) -> list:
 
 
 # ---------------------------------------------------------------- heads
-def _head(folder: Path, src: _Source, model_type: str, backbone: Backbone) -> tuple[HeadConfig, tuple, dict]:
+def _not_a_classifier(hc: dict) -> str | None:
+    """What the saved head is when it is not a (sequence) classifier, else None."""
+    cfg = hc.get("config")
+    if cfg is None:  # a static Hugging Face head: its model class says what it is
+        mc = str(hc.get("model_class", ""))
+        return None if mc.endswith("ForSequenceClassification") else f"head of model class {mc!r}"
+    kind = cfg.get("head_type") if isinstance(cfg, dict) else None
+    return None if kind in CLASSIFIER_HEADS else f"{kind!r} head {hc.get('name')!r}"
+
+
+def _head(folder: Path, src: _Source, model_type: str, backbone: Backbone, notes: list) -> tuple:
+    """(HeadConfig, labels, head tensors) of a classifier; (None, (), {}) when the adapter was saved without a
+    head or with one that is not a classifier (ignored, with a note): an embedding adapter."""
     f = folder / "head_config.json"
     if not f.is_file():
-        raise CheckpointError(f"{folder} has no head_config.json: an hpeft model is a classifier; save the adapter "
-                              "with its classification head (save_adapter(..., with_head=True))")
+        return None, (), {}
     hc = read_json(f)
+    other = _not_a_classifier(hc)
+    if other is not None:
+        notes.append(f"{f}: the {other} is not a classifier: it is ignored, and the adapter is imported as an "
+                     "embedding adapter (the pooled last hidden state)")
+        return None, (), {}
     tensors, _ = read_weights(folder, "model_head.safetensors", "pytorch_model_head.bin")
     check_float(tensors, str(folder))
     cfg, origin = hc.get("config"), str(folder / "head_config.json")
     if cfg is None:  # a static Hugging Face head (XForSequenceClassification after adapters.init)
-        mc = str(hc.get("model_class", ""))
-        if not mc.endswith("ForSequenceClassification"):
-            raise src.refuse(f"head of model class {mc!r} (only sequence classification heads are imported)")
         head, t = static_head(tensors, "", model_type, backbone, hc.get("num_labels"), origin)
         labels = labels_of(hc.get("label2id"), None, head.num_labels)
     else:
@@ -358,8 +376,9 @@ def import_adapterhub(folder: Path, backbone: Backbone) -> Imported:
     if src.t:
         raise src.refuse(f"tensors {sorted(src.t)[:4]} belong to no supported part of the config "
                          f"(layers beyond the backbone's {src.L}, invertible adapters, fusion, embeddings?)")
-    head, labels, head_t = _head(folder, src, mt, backbone)
+    notes: list[str] = []
+    head, labels, head_t = _head(folder, src, mt, backbone, notes)
     method = MethodConfig(_family(comps), tuple(comps), gate_pooling="all")
     source = {"library": "adapterhub", "version": version or "adapter-transformers (no version)", "name": name,
               "model_name": meta.get("model_name"), "weights": wfile}
-    return Imported(method, head, labels, {f"adapters.{k}": v for k, v in src.out.items()} | head_t, source)
+    return Imported(method, head, labels, {f"adapters.{k}": v for k, v in src.out.items()} | head_t, source, notes)

@@ -1,5 +1,6 @@
-"""What both importers share: reading the source files, the classification heads, and writing the result as
-a normal hpeft checkpoint (built, loaded strictly into the model, saved with `checkpoint.save`).
+"""What both importers share: reading the source files, the classification heads (or, without one, the
+embedding head), and writing the result as a normal hpeft checkpoint (built, loaded strictly into the model,
+saved with `checkpoint.save`).
 
 An importer turns a foreign checkpoint into an `Imported`: a MethodConfig and HeadConfig that express the
 source library's forward exactly, plus the tensors under our names (`adapters.*`, `head.*`).
@@ -23,10 +24,29 @@ from .torch_bin import load_state_dict
 @dataclass
 class Imported:
     method: MethodConfig
-    head: HeadConfig
+    head: HeadConfig | None  # None: no classifier in the source, an embedding adapter (see embedding_head)
     labels: tuple[str, ...]
     tensors: dict[str, torch.Tensor]
     source: dict = field(default_factory=dict)  # what the checkpoint records about where it came from
+    notes: list[str] = field(default_factory=list)  # what the import ignored or chose, told to the user
+
+
+def embedding_head(imp: Imported, backbone: Backbone, pooling: str | None, normalize: bool | None,
+                   origin: str) -> Imported:
+    """An import without classifier becomes an embedding adapter: pooling and normalisation as given, else
+    the backbone's (its sentence-transformers config); a classifier keeps its head, and refuses them."""
+    if imp.head is not None:
+        if pooling is not None or normalize is not None:
+            raise CheckpointError(f"{origin} holds a classification head ({imp.head.num_labels} labels): it is "
+                                  "imported as a classifier; --pooling and --normalize apply to adapters saved "
+                                  "without a classifier (embedding adapters)")
+        return imp
+    dp, dn = backbone.embedding_defaults()
+    head = HeadConfig(0, pooling or dp, task="embedding", normalize=dn if normalize is None else bool(normalize))
+    norm = "L2-normalised" if head.normalize else "not normalised"
+    said = "as asked" if pooling is not None or normalize is not None else "the backbone's defaults"
+    notes = [*imp.notes, f"imported as an embedding adapter: {head.pooling} pooling, {norm} ({said})"]
+    return Imported(imp.method, head, (), imp.tensors, imp.source, notes)
 
 
 def read_json(path: Path) -> dict:

@@ -1,8 +1,11 @@
-"""Import Hugging Face `peft` checkpoints exactly: LoRA and prefix tuning of a sequence classifier.
+"""Import Hugging Face `peft` checkpoints exactly: LoRA and prefix tuning of a sequence classifier, and
+LoRA of a feature extractor (an embedding adapter).
 
 A checkpoint folder is what `PeftModel.save_pretrained(dir)` writes: `adapter_config.json` and
 `adapter_model.safetensors` (or `adapter_model.bin`, read without unpickling code), with the classifier
-saved through `modules_to_save` (task_type SEQ_CLS).
+saved through `modules_to_save` (task_type SEQ_CLS), or without one (task_type FEATURE_EXTRACTION: the
+model was the bare encoder, imported as an embedding adapter; a LoRA on BERT's pooler, which the pooled last
+hidden state never uses, is ignored with a note).
 
 - LoRA on any projection of the encoder layers (query, key, value, attention output, intermediate, output;
   from the saved tensors, so `target_modules`, `layers_to_transform` and `exclude_modules` need no
@@ -18,6 +21,7 @@ refused, naming it.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -48,6 +52,8 @@ HARMLESS = {"base_model_name_or_path", "revision", "inference_mode", "init_lora_
 
 
 IMPORTABLE = ("bert", "roberta", "xlm-roberta")  # the families whose peft key names are mapped below
+TASKS = ("SEQ_CLS", "FEATURE_EXTRACTION")
+POOLER_LORA = re.compile(r"^base_model\.model\.(bert\.)?pooler\.dense\.lora_[AB]\.weight$")
 
 
 def _refuse(folder: Path, what: str) -> CheckpointError:
@@ -60,9 +66,13 @@ def _check_options(cfg: dict, folder: Path) -> None:
     set_ = sorted(k for k, v in cfg.items() if k not in HANDLED | HARMLESS and v not in (None, False, {}, [], ""))
     if set_:
         raise _refuse(folder, f"peft option(s) {set_} are set and not modelled")
-    if cfg.get("task_type") != "SEQ_CLS":
+    if cfg.get("task_type") not in TASKS:
         raise CheckpointError(f"{folder}: task_type {cfg.get('task_type')!r}: hpeft imports sequence classifiers "
-                              "(task_type SEQ_CLS), whose classifier peft saves with the adapter")
+                              "(task_type SEQ_CLS, whose classifier peft saves with the adapter) and embedding "
+                              "adapters (task_type FEATURE_EXTRACTION)")
+    if cfg["task_type"] == "FEATURE_EXTRACTION" and cfg.get("peft_type") != "LORA":
+        raise _refuse(folder, f"{cfg.get('peft_type')} of a feature extractor (FEATURE_EXTRACTION imports LoRA; "
+                      "prefix tuning is imported for sequence classifiers only)")
 
 
 def _pattern(patterns: dict, key: str, default):
@@ -71,6 +81,32 @@ def _pattern(patterns: dict, key: str, default):
         if re.match(rf"(.*\.)?({p})$", key):
             return patterns[p]
     return default
+
+
+def _check_family(cfg: dict, backbone: Backbone, folder: Path) -> None:
+    """A feature extractor's keys do not name the model family (no `bert.` / `roberta.`): when the recorded
+    base model is a local Hugging Face folder, its model type must be the backbone's."""
+    base = cfg.get("base_model_name_or_path")
+    f = Path(base) / "config.json" if isinstance(base, str) and base else None
+    if f is None or not f.is_file():
+        return
+    try:
+        mt = json.loads(f.read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return
+    if mt and mt != backbone.config.model_type:
+        raise CheckpointError(f"{folder}: the adapter was trained on {base}, a {mt} model; the backbone "
+                              f"{backbone.name} is a {backbone.config.model_type}: use the backbone it was trained on")
+
+
+def _ignore_pooler(tensors: dict, notes: list, folder: Path) -> None:
+    """A feature extractor's LoRA on BERT's pooler: the embedding (pooled last hidden state) never uses it."""
+    keys = sorted(k for k in tensors if POOLER_LORA.match(k))
+    for k in keys:
+        del tensors[k]
+    if keys:
+        notes.append(f"{folder}: the LoRA on the pooler (pooler.dense) is ignored: an embedding pools the last "
+                     "hidden state, which the pooler does not change")
 
 
 def _lora(cfg: dict, tensors: dict, backbone: Backbone, folder: Path) -> tuple[list, dict]:
@@ -140,20 +176,29 @@ def import_peft(folder: Path, backbone: Backbone) -> Imported:
                               f"supported yet (supported: {', '.join(IMPORTABLE)}); train it here with hpeft train")
     tensors, wfile = read_weights(folder, "adapter_model.safetensors", "adapter_model.bin")
     check_float(tensors, str(folder / wfile))
+    notes: list[str] = []
+    embedding = cfg["task_type"] == "FEATURE_EXTRACTION"
+    if embedding:
+        _check_family(cfg, backbone, folder)
+        _ignore_pooler(tensors, notes, folder)
     if kind == "LORA":
         comps, out = _lora(cfg, tensors, backbone, folder)
         head_prefix = "base_model.model."
     else:
         comps, out = _prefix(cfg, tensors, backbone, folder)
         head_prefix = "base_model."
-    if not any(k.startswith(head_prefix + "classifier.") for k in tensors):
-        raise CheckpointError(f"{folder} holds no classifier (modules_to_save): hpeft imports sequence classifiers")
-    head, head_t = static_head(tensors, head_prefix, backbone.config.model_type, backbone, None, str(folder / wfile))
+    head, head_t, labels = None, {}, ()
+    if not embedding:
+        if not any(k.startswith(head_prefix + "classifier.") for k in tensors):
+            raise CheckpointError(f"{folder} holds no classifier (modules_to_save): a SEQ_CLS adapter needs it "
+                                  "(an adapter of the bare encoder is task_type FEATURE_EXTRACTION)")
+        head, head_t = static_head(tensors, head_prefix, backbone.config.model_type, backbone, None,
+                                   str(folder / wfile))
+        labels = labels_of(None, None, head.num_labels)
     if tensors:
         raise _refuse(folder, f"tensors {sorted(tensors)[:4]} belong to no supported part (other modules_to_save, "
                       "trainable tokens?)")
-    labels = labels_of(None, None, head.num_labels)
     method = MethodConfig("lora" if kind == "LORA" else "prefix", tuple(comps))
     source = {"library": "peft", "version": cfg.get("peft_version"), "peft_type": kind,
-              "base_model": cfg.get("base_model_name_or_path"), "weights": wfile}
-    return Imported(method, head, labels, out | head_t, source)
+              "task_type": cfg["task_type"], "base_model": cfg.get("base_model_name_or_path"), "weights": wfile}
+    return Imported(method, head, labels, out | head_t, source, notes)

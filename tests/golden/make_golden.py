@@ -8,6 +8,10 @@ Writes, under tests/golden/:
   a wrong import cannot pass; the two legacy cases are hand-edited to the older on-disk form afterwards;
 - expected/<case>.safetensors: input_ids, attention_mask (a padded batch of mixed lengths) and the logits
   the library computes (eval mode) after loading the saved folder back into a fresh model;
+- embedding cases (head-less adapters: AdapterHub saved without head or with a head that is not a classifier,
+  peft FEATURE_EXTRACTION): instead of logits, the library's last hidden state pooled as a sentence embedder
+  pools it: embeddings_mean (over real tokens), embeddings_cls (first token), embeddings_max (over real
+  tokens) and embeddings_mean_normalized (L2);
 - manifest.json: per case the library, backbone, config and what it covers; the library versions.
 
 The environment (keep it out of the project's venv: adapters 1.3.0 pins transformers ~=4.57.6):
@@ -235,12 +239,112 @@ def make_peft_case(case, arch, config, backbone: Path, labels: int, seed: int):
         return direct, loaded(input_ids=ids, attention_mask=mask).logits
 
 
+# ---------------------------------------------------------------- embedding cases (no classifier)
+def embedding_cases():
+    from adapters import CompacterPlusPlusConfig, PrefixTuningConfig, SeqBnConfig, UniPELTConfig
+    from peft import LoraConfig, TaskType
+    small_prefix = dict(prefix_length=8, bottleneck_size=64)
+    return [
+        # case, library, backbone, config, config name, safetensors?, AdapterHub head saved with it (None: no head)
+        ("ah-seqbn-nohead-bert", "adapterhub", "bert", SeqBnConfig(reduction_factor=8),
+         "SeqBnConfig, no head (as SPECTER2 ships its adapters)", True, None),
+        ("ah-unipelt-nohead-roberta", "adapterhub", "roberta", UniPELTConfig(PrefixTuningConfig(**small_prefix)),
+         "UniPELTConfig, no head", False, None),
+        ("ah-compacterpp-tagging-roberta", "adapterhub", "roberta", CompacterPlusPlusConfig(reduction_factor=8),
+         "CompacterPlusPlusConfig with a tagging head (not a classifier)", True, "tagging"),
+        ("peft-lora-fe-bert", "peft", "bert", LoraConfig(task_type=TaskType.FEATURE_EXTRACTION, r=4, lora_alpha=8,
+                                                          target_modules=["query", "value", "attention.output.dense"]),
+         "LoraConfig (FEATURE_EXTRACTION)", True, None),
+    ]
+
+
+def pooled(h: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The last hidden state pooled as sentence-transformers' Pooling (and Normalize) pool it."""
+    m = mask.unsqueeze(-1).to(h.dtype)
+    mean = (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
+    return {"embeddings_mean": mean, "embeddings_cls": h[:, 0], "embeddings_max": h.masked_fill(m == 0, -1e9).amax(1),
+            "embeddings_mean_normalized": torch.nn.functional.normalize(mean, p=2, dim=1)}
+
+
+def _ah_hidden(model, ids, mask) -> torch.Tensor:
+    """The AdapterHub model's last hidden state: its output without a head, the last hidden state with one."""
+    out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    return out.hidden_states[-1] if getattr(out, "hidden_states", None) is not None else out.last_hidden_state
+
+
+def make_adapterhub_embedding(case, arch, config, backbone: Path, safetensors: bool, head, seed: int):
+    from adapters import AutoAdapterModel
+    torch.manual_seed(seed)
+    name = case.replace("-", "_")
+    model = AutoAdapterModel.from_pretrained(backbone)
+    model.add_adapter(name, config=config)
+    if head == "tagging":
+        model.add_tagging_head(name, num_labels=3)
+    model.train_adapter(name)
+    model.set_active_adapters(name)
+    perturb(model, lambda n: f".{name}." in n or n.startswith(f"heads.{name}."), seed)
+    folder = HERE / "cases" / case
+    shutil.rmtree(folder, ignore_errors=True)
+    model.save_adapter(str(folder), name, with_head=head is not None, use_safetensors=safetensors)
+    ids, mask = inputs(arch)
+    with torch.no_grad():
+        direct = _ah_hidden(model.eval(), ids, mask)
+    model = AutoAdapterModel.from_pretrained(backbone)
+    loaded = model.load_adapter(str(folder), set_active=True, use_safetensors=safetensors)
+    model.set_active_adapters(loaded)
+    with torch.no_grad():
+        return direct, _ah_hidden(model.eval(), ids, mask)
+
+
+def make_peft_embedding(case, arch, config, backbone: Path, seed: int):
+    from peft import PeftModel, get_peft_model
+    from transformers import AutoModel
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModel.from_pretrained(backbone), config)
+    perturb(model, lambda n: "lora_" in n, seed)
+    folder = HERE / "cases" / case
+    shutil.rmtree(folder, ignore_errors=True)
+    model.save_pretrained(str(folder))
+    ids, mask = inputs(arch)
+    with torch.no_grad():
+        direct = model.eval()(input_ids=ids, attention_mask=mask).last_hidden_state
+    loaded = PeftModel.from_pretrained(AutoModel.from_pretrained(backbone), str(folder)).eval()
+    with torch.no_grad():
+        return direct, loaded(input_ids=ids, attention_mask=mask).last_hidden_state
+
+
+def plain_hidden(backbone: Path, arch: str) -> torch.Tensor:
+    from transformers import AutoModel
+    ids, mask = inputs(arch)
+    with torch.no_grad():
+        return AutoModel.from_pretrained(backbone).eval()(input_ids=ids, attention_mask=mask).last_hidden_state
+
+
+def make_embeddings(backbones: dict, manifest: dict) -> None:
+    for seed, (case, lib, arch, config, cls, st, head) in enumerate(embedding_cases(), start=80):
+        if lib == "adapterhub":
+            direct, hidden = make_adapterhub_embedding(case, arch, config, backbones[arch], st, head, seed)
+        else:
+            direct, hidden = make_peft_embedding(case, arch, config, backbones[arch], seed)
+        diff = (hidden - direct).abs().max().item()
+        if diff > 1e-5:
+            raise SystemExit(f"{case}: reloaded hidden states differ from the saved model's by {diff:.2e}")
+        if (hidden - plain_hidden(backbones[arch], arch)).abs().max().item() < 1e-2:
+            raise SystemExit(f"{case}: the adapter does not change the backbone's output (not active?)")
+        save_expected(case, arch, pooled(hidden, inputs(arch)[1]))
+        weights = ("adapter.safetensors" if st else "pytorch_adapter.bin") if lib == "adapterhub" else \
+            "adapter_model.safetensors"
+        manifest["cases"][case] = {"library": lib, "backbone": arch, "config": cls, "head": head or "none",
+                                   "task": "embedding", "weights": weights}
+        print(f"{case}: {sorted(p.name for p in (HERE / 'cases' / case).iterdir())}, reload diff {diff:.1e}")
+
+
 # ---------------------------------------------------------------- main
-def save_expected(case: str, arch: str, logits: torch.Tensor) -> None:
+def save_expected(case: str, arch: str, outputs: dict[str, torch.Tensor]) -> None:
     from safetensors.torch import save_file
     ids, mask = inputs(arch)
     (HERE / "expected").mkdir(exist_ok=True)
-    save_file({"input_ids": ids, "attention_mask": mask, "logits": logits.contiguous()},
+    save_file({"input_ids": ids, "attention_mask": mask, **{k: v.contiguous() for k, v in outputs.items()}},
               str(HERE / "expected" / f"{case}.safetensors"))
 
 
@@ -264,7 +368,7 @@ def main() -> int:
         diff = (logits - direct).abs().max().item()
         if (diff > 1e-5) != legacy:
             raise SystemExit(f"{case}: reloaded logits differ from the saved model's by {diff:.2e}")
-        save_expected(case, arch, logits)
+        save_expected(case, arch, {"logits": logits})
         manifest["cases"][case] = {"library": "adapterhub", "backbone": arch, "config": cls, "head": head,
                                    "weights": "adapter.safetensors" if st else "pytorch_adapter.bin"}
         print(f"{case}: {sorted(p.name for p in folder.iterdir())}, reload diff {diff:.1e}")
@@ -273,10 +377,11 @@ def main() -> int:
         diff = (logits - direct).abs().max().item()
         if diff > 1e-5:
             raise SystemExit(f"{case}: reloaded logits differ from the saved model's by {diff:.2e}")
-        save_expected(case, arch, logits)
+        save_expected(case, arch, {"logits": logits})
         manifest["cases"][case] = {"library": "peft", "backbone": arch, "config": type(config).__name__,
                                    "head": "static", "weights": "adapter_model.safetensors"}
         print(f"{case}: reload diff {diff:.1e}")
+    make_embeddings(backbones, manifest)
     (HERE / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return 0
 
