@@ -228,3 +228,19 @@ def test_metrics_name_only_adapters_that_answered(gw):
     text = _metrics(gw)
     assert not any(n in text for n in names)
     assert _count(text, 'hpeft_gateway_requests_total{adapter="_other",code="503"}') >= len(names)
+
+
+def test_the_lifespan_opens_and_closes_the_triton_client(gw):
+    """create_app builds the Gateway (no Triton client yet); uvicorn's lifespan opens it at start and closes
+    it at shutdown."""
+    port = free_ports(1)[0]
+    thread = GatewayThread(gw["settings"], "127.0.0.1", port)
+    gateway = thread.app.state.gateway
+    assert gateway._client is None
+    thread.start()
+    try:
+        assert gateway._client is not None
+        assert _call(f"http://127.0.0.1:{port}/livez")[0] == 200
+    finally:
+        thread.stop()
+    assert gateway._client is None and not thread.thread.is_alive()

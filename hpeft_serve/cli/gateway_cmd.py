@@ -1,5 +1,6 @@
-"""`hpeft gateway --repo REPO --triton HOST:PORT [--store URL] [--port 8080]`: the REST gateway alone, in
-front of a Triton that runs elsewhere (a container, a Kubernetes Service). `hpeft serve` starts it
+"""`hpeft gateway --repo REPO --triton HOST:PORT [--store URL] [--port 8080]`: the REST gateway alone
+(/v1/predict, the OpenAI-compatible /v1/embeddings and /v1/models, adapters), in front of a Triton that runs
+elsewhere (a container, a Kubernetes Service). `hpeft serve` starts it
 beside its own tritonserver. Flags left out fall back to the HPEFT_* environment variables; the key of
 Triton's model control (the reload after a dead stub) is HPEFT_TRITON_KEY, else the key file of a
 tritonserver on this host (never a flag: flags are visible to every local user)."""
@@ -27,7 +28,8 @@ def run(args) -> int:
     app = create_app(settings)
     key = "HPEFT_TRITON_KEY" if settings.triton_key else \
         "its key file" if find_key(settings.triton) else "none (HPEFT_TRITON_KEY unset: a dead stub is not reloaded)"
-    print(f"gateway on http://{args.address}:{args.port} (docs /docs) -> Triton {settings.triton}; "
+    print(f"gateway on http://{args.address}:{args.port} (/v1/predict, OpenAI-compatible /v1/embeddings for "
+          f"adapters and the backbone {app.state.gateway.model_id!r}; docs /docs) -> Triton {settings.triton}; "
           f"adapter store {app.state.gateway.store.location}; writes "
           f"{'need the admin token' if settings.admin_token else 'disabled (HPEFT_ADMIN_TOKEN unset)'}; "
           f"Triton key: {key}; body limits {settings.upload_limit / 2 ** 20:.1f} MiB (uploads), "
