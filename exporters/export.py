@@ -1,11 +1,14 @@
 """`hpeft export`: a checkpoint folder -> artefacts that run without PyTorch (ONNX) or without hpeft
 (TorchScript).
 
---merge: DIR/<name>.onnx (or <name>.pt + <name>.pt2) and DIR/<name>.json: one standalone model.
+--merge: DIR/<name>.onnx (or <name>.pt + <name>.pt2) and DIR/<name>.json: one standalone model whose
+output is `logits`, or `embeddings` for an embedding adapter (the json's "task" and "outputs" say which).
 shared (default): DIR/backbone.onnx (+ backbone.onnx.data) or DIR/backbone.pt, DIR/backbone.json, and the
 adapter's pack DIR/packs/<name>.safetensors + DIR/packs/<name>.json. A second adapter exported into the
 same DIR for the same backbone reuses the graph: only its pack is written; one that needs a slot kind the
 graph lacks (a PHM n included) re-exports the graph for the union, and the packs already there stay valid.
+Every graph exported now has the `embeddings` output (Layout.embeddings); one exported before it is
+re-exported by the next export into its folder.
 """
 
 from __future__ import annotations
@@ -20,14 +23,16 @@ import torch
 from hpeft_serve import checkpoint
 from hpeft_serve.errors import HpeftError
 from hpeft_serve.pack.store import predates_phm_n, served_layout
+from hpeft_serve.backbone import load_backbone
 
 from .layout import LAYOUT_VERSION, Layout, bank_feed, input_names, needs, pack, per_layer, resolve_shape, symbols
 from .merge import merge
-from .onnx_export import INPUTS, TOKEN_AXES, example_inputs, export_merged_onnx, export_onnx
+from .onnx_export import INPUTS, TOKEN_AXES, example_inputs, export_merged_onnx, export_onnx, merged_outputs
 from .shared import SharedModel
 from .torchscript import export_program, export_torchscript
 
 STATIC = ("L", "d", "f")
+WITH_EMBEDDINGS = Layout(embeddings=True)  # what every graph exported now has beside the slots of its adapters
 
 
 def shared_inputs(layout: Layout, num_layers: int) -> list[str]:
@@ -42,6 +47,8 @@ def _axis_name(symbol) -> str | None:
 
 def shared_dynamic_axes(layout: Layout, num_layers: int) -> dict:
     axes = dict(TOKEN_AXES) | {"adapter_index": {0: "batch"}, "logits": {0: "batch", 1: "C"}}
+    if not layout.embeddings:
+        del axes["embeddings"]
     for name in input_names(layout, num_layers):
         syms = symbols(name.split(".")[0])
         syms = syms[1:] if per_layer(name.split(".")[0]) else syms
@@ -71,14 +78,20 @@ def _shared_args(encoder, layout: Layout) -> tuple:
     return (ids, mask, torch.tensor([0, 1, 1]), *(feed[n] for n in input_names(layout, ec.num_hidden_layers)))
 
 
-def _graph_info(backbone: dict, fmt: str, graph: str, layout: Layout, ec) -> dict:
+def graph_outputs(layout: Layout) -> tuple[str, ...]:
+    return ("logits", "embeddings") if layout.embeddings else ("logits",)
+
+
+def _graph_info(backbone: dict, fmt: str, graph: str, layout: Layout, ec, embedding: tuple[str, bool]) -> dict:
     # the sizes every pack and request is checked against (hpeft_serve.pack.check, the runtime's token check)
     dims = {"L": ec.num_hidden_layers, "d": ec.hidden_size, "f": ec.intermediate_size, "vocab": ec.vocab_size,
             "max_positions": ec.max_position_embeddings}
     return {"format": "hpeft-shared-backbone", "layout_version": LAYOUT_VERSION, "export_format": fmt,
             "graph": graph, "backbone": backbone, "dims": dims, "layout": layout.to_dict(),
-            "inputs": shared_inputs(layout, backbone["num_layers"]),
-            "outputs": ["logits"], "bank": {n: [str(s) for s in symbols(n)] for n in layout.names()}}
+            "inputs": shared_inputs(layout, backbone["num_layers"]), "outputs": list(graph_outputs(layout)),
+            # how adapter "@backbone" (the plain backbone) pools and normalises (Backbone.embedding_defaults)
+            "embedding": {"pooling": embedding[0], "normalize": embedding[1]},
+            "bank": {n: [str(s) for s in symbols(n)] for n in layout.names()}}
 
 
 def read_layout(folder: Path) -> Layout:
@@ -88,6 +101,7 @@ def read_layout(folder: Path) -> Layout:
 
 def _write_graph(model, cfg: dict, out: Path, fmt: str, layout: Layout, log) -> list[str]:
     graph = "backbone.onnx" if fmt == "onnx" else "backbone.pt"
+    layout = layout.union(WITH_EMBEDDINGS)
     info_file = out / "backbone.json"
     if info_file.exists() and (out / graph).exists():
         info = json.loads(info_file.read_text())
@@ -98,25 +112,30 @@ def _write_graph(model, cfg: dict, out: Path, fmt: str, layout: Layout, log) -> 
         if have.covers(layout) and not predates_phm_n(info):
             log(f"reusing the shared graph {out / graph}")
             return []
-        log(f"re-exporting the shared graph {out / graph}: this adapter needs slots it lacks")
+        log(f"re-exporting the shared graph {out / graph}: this adapter needs slots it lacks"
+            + ("" if have.embeddings else " (the graph predates the embeddings output)"))
         layout = have.union(layout)
     return write_shared_graph(model.encoder, cfg["backbone"], layout, out, fmt)
 
 
-def write_shared_graph(encoder, backbone: dict, layout: Layout, out: Path, fmt: str = "onnx") -> list[str]:
-    """Export the shared graph of `encoder` for `layout` into `out` (+ backbone.json)."""
+def write_shared_graph(encoder, backbone: dict, layout: Layout, out: Path, fmt: str = "onnx",
+                       embedding: tuple[str, bool] | None = None) -> list[str]:
+    """Export the shared graph of `encoder` for `layout` into `out` (+ backbone.json); `embedding`: the
+    plain backbone's (pooling, normalize), by default its Backbone.embedding_defaults()."""
     graph = "backbone.onnx" if fmt == "onnx" else "backbone.pt"
+    embedding = embedding or load_backbone(backbone["name"]).embedding_defaults()
     shared, args = SharedModel(encoder, layout), _shared_args(encoder, layout)
     names = shared_inputs(layout, len(encoder.layers))
     if fmt == "onnx":
         export_onnx(shared, args, names, shared_dynamic_axes(layout, len(encoder.layers)), out / graph,
-                    external_data=True)
+                    external_data=True, output_names=graph_outputs(layout))
         got = [i.name for i in onnx.load(str(out / graph), load_external_data=False).graph.input]
         if got != names:  # the exporter drops inputs the graph does not use
             raise RuntimeError(f"shared graph inputs {got} differ from the layout's {names}")
     else:
         export_torchscript(shared, args, out / graph)
-    (out / "backbone.json").write_text(json.dumps(_graph_info(backbone, fmt, graph, layout, encoder.config), indent=2) + "\n")
+    info = _graph_info(backbone, fmt, graph, layout, encoder.config, embedding)
+    (out / "backbone.json").write_text(json.dumps(info, indent=2) + "\n")
     return [graph] + (["backbone.onnx.data"] if fmt == "onnx" else [])
 
 
@@ -128,12 +147,21 @@ def write_pack(tensors: dict, sizes: dict, cfg: dict, folder: Path) -> list[str]
     name = cfg["name"]
     meta = {"format": "hpeft-pack", "layout_version": LAYOUT_VERSION, "name": name, "method": cfg["method"],
             "labels": cfg["labels"], "backbone": cfg["backbone"], "sizes": sizes, "method_config": cfg["method_config"]}
+    meta |= _task(cfg)
     # the json rides in the safetensors header too, so the .safetensors alone is an uploadable pack
     data = save_bytes({k: v.contiguous() for k, v in tensors.items()},
                       metadata={"format": "hpeft-pack", "hpeft_pack": json.dumps(meta)})
     from hpeft_serve.pack.store import PackStore
     PackStore(folder).write(name, data, meta)  # records the tensors' sha256 in the json
     return [f"packs/{name}.safetensors", f"packs/{name}.json"]
+
+
+def _task(cfg: dict) -> dict:
+    """What a pack json or export json records of the head: its task, and an embedding head's pooling."""
+    head = cfg.get("head", {})
+    if head.get("task") != "embedding":
+        return {"task": "classification"}
+    return {"task": "embedding", "pooling": head["pooling"], "normalize": bool(head.get("normalize", False))}
 
 
 def export_checkpoint(ckpt: Path, out: Path, fmt: str = "onnx", merged: bool = False, log=print,
@@ -152,10 +180,10 @@ def export_checkpoint(ckpt: Path, out: Path, fmt: str = "onnx", merged: bool = F
         files += write_pack(tensors, sizes, cfg, out / "packs")
     info = {"name": name, "format": fmt, "mode": "merged" if merged else "shared", "files": files,
             "method": cfg["method"], "labels": cfg["labels"], "backbone": cfg["backbone"],
-            "seconds": round(time.perf_counter() - t0, 2)}
+            "seconds": round(time.perf_counter() - t0, 2)} | _task(cfg)
     if merged:
-        (out / f"{name}.json").write_text(json.dumps(info | {"inputs": list(INPUTS), "outputs": ["logits"]},
-                                                     indent=2) + "\n")
+        io = {"inputs": list(INPUTS), "outputs": list(merged_outputs(model))}
+        (out / f"{name}.json").write_text(json.dumps(info | io, indent=2) + "\n")
     log(f"exported {name} ({cfg['method']}, {fmt}, {info['mode']}) in {info['seconds']}s: "
         + ", ".join(f"{f} ({(out / f).stat().st_size / 1e6:.2f} MB)" for f in files))
     return info

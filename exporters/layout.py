@@ -121,9 +121,15 @@ def _pack_phm(t: dict, p: str, i: int, b) -> None:
 
 
 def _pack_head(t: dict, model: "HybridModel") -> None:
+    """A classifier's dense and output layers; an embedding head's pooling and normalisation flags (its head
+    tensors stay zeros, C = 0)."""
     h = model.head
     c = h.cfg.num_labels
     t["head_cls"].fill_(float(h.cfg.pooling == "cls"))
+    if h.cfg.embedding:
+        t["head_max"].fill_(float(h.cfg.pooling == "max"))
+        t["head_norm"].fill_(float(h.cfg.normalize))
+        return
     t["head_dense_w"], t["head_dense_b"] = h.dense.weight.detach().clone(), h.dense.bias.detach().clone()
     t["head_out_w"][:c], t["head_out_b"][:c] = h.out_proj.weight, h.out_proj.bias
 

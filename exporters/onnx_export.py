@@ -1,6 +1,7 @@
 """ONNX export (opset 17) of the merged model (inputs input_ids, attention_mask: int64 [batch, seq], dynamic;
-output logits: float32 [batch, labels]) and of the shared-backbone graph (plus adapter_index [batch] and
-the bank tensors [K, ...]); hpeft ops as opaque nodes with their function bodies attached.
+output logits: float32 [batch, labels], or embeddings: float32 [batch, hidden] for an embedding adapter)
+and of the shared-backbone graph (plus adapter_index [batch] and the bank tensors [K, ...]; outputs logits
+and embeddings); hpeft ops as opaque nodes with their function bodies attached.
 
 The TorchScript-based exporter (`dynamo=False`) is used: it exports MiniLM in about a second where the
 dynamo exporter takes tens of seconds (shared/research/onnx.md), and it keeps the custom ops as nodes.
@@ -17,7 +18,8 @@ import torch
 from .ops import OPSET, attach_functions, register_symbolics
 
 INPUTS = ("input_ids", "attention_mask")
-TOKEN_AXES = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}, "logits": {0: "batch"}}
+TOKEN_AXES = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}, "logits": {0: "batch"},
+              "embeddings": {0: "batch"}}
 
 
 def example_inputs(vocab: int = 1000, batch: int = 2, seq: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,14 +37,14 @@ def _custom_opsets(model: torch.nn.Module) -> dict:
 
 
 def export_onnx(module: torch.nn.Module, args: tuple, input_names: list[str], dynamic_axes: dict, path: Path,
-                external_data: bool = False) -> Path:
+                external_data: bool = False, output_names: tuple[str, ...] = ("logits",)) -> Path:
     """Trace `module` (eval mode) to `path`, attach hpeft function bodies, check with onnx.checker."""
     register_symbolics()
     module.eval()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(module, args, str(path), dynamo=False, opset_version=OPSET, input_names=input_names,
-                          output_names=["logits"], dynamic_axes=dynamic_axes, custom_opsets=_custom_opsets(module),
+                          output_names=list(output_names), dynamic_axes=dynamic_axes, custom_opsets=_custom_opsets(module),
                           do_constant_folding=True)
     m = attach_functions(onnx.load(str(path)))
     onnx.checker.check_model(m, full_check=True)
@@ -57,5 +59,11 @@ def export_onnx(module: torch.nn.Module, args: tuple, input_names: list[str], dy
     return path
 
 
+def merged_outputs(model) -> tuple[str, ...]:
+    """A merged model's one output: embeddings for an embedding adapter, else logits."""
+    return ("embeddings",) if model.head.cfg.embedding else ("logits",)
+
+
 def export_merged_onnx(model: torch.nn.Module, path: Path) -> Path:
-    return export_onnx(model, example_inputs(model.encoder.config.vocab_size), list(INPUTS), TOKEN_AXES, path)
+    return export_onnx(model, example_inputs(model.encoder.config.vocab_size), list(INPUTS), TOKEN_AXES, path,
+                       output_names=merged_outputs(model))

@@ -7,6 +7,12 @@ functions as the PyTorch modules (hpeft_serve.methods.functional); flags (0/1) s
 modules select by their configuration, and 0/1 mixing is exact in floating point. A `Layout` says which
 slot kinds the graph has at all: the rest are not computed; PHM adapters get one branch per n (a row's
 adapter fills the branch of its n, the others are exact zeros).
+
+Outputs: `logits` (B, C) for every row and, in a graph whose layout has `embeddings`, `embeddings` (B, D):
+each row's sentence vector pooled as its pack's flags say (mean, cls, or max over real tokens) and
+L2-normalised where head_norm is 1, exactly hpeft_serve.model.pool / EmbeddingHead. A classifier's row gets
+the pooled vector its head reads (not normalised); an embedding adapter's row gets float32-min logits (its
+head tensors are zeros, its padded logit bias the fill).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from torch import nn
 
 from hpeft_serve.encoder import Encoder, LayerContext
 from hpeft_serve.methods import functional as Fn
+from hpeft_serve.model import pool
 
 from .layout import ACTS, Layout, bank_feed, input_names
 
@@ -123,7 +130,8 @@ class _Banked:
 
 
 class SharedModel(nn.Module):
-    """logits (B, C) = head_row(encoder(input_ids, attention_mask; bank rows adapter_index))."""
+    """logits (B, C) = head_row(encoder(input_ids, attention_mask; bank rows adapter_index)), and with
+    layout.embeddings also embeddings (B, D) = the row's pooled (and maybe normalised) vector."""
 
     def __init__(self, encoder: Encoder, layout: Layout):
         super().__init__()
@@ -132,7 +140,7 @@ class SharedModel(nn.Module):
         self.layout = layout
         self.input_names = tuple(input_names(layout, len(encoder.layers)))
 
-    def forward(self, input_ids, attention_mask, adapter_index, *bank: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids, attention_mask, adapter_index, *bank: torch.Tensor):
         b = dict(zip(self.input_names, bank))
         token_mask = attention_mask.to(torch.float32).unsqueeze(-1)
         banked = _Banked(b, adapter_index, token_mask, self.layout, len(self.encoder.layers))
@@ -141,9 +149,14 @@ class SharedModel(nn.Module):
         cls = row("head_cls").unsqueeze(-1)  # (B, 1)
         pooled = cls * h[:, 0] + (1.0 - cls) * Fn.token_mean(h, token_mask).squeeze(1)  # (B, D)
         x = torch.tanh(Fn.linear(pooled.unsqueeze(1), row("head_dense_w"), row("head_dense_b").unsqueeze(1)))
-        return Fn.linear(x, row("head_out_w"), row("head_out_b").unsqueeze(1)).squeeze(1)
+        logits = Fn.linear(x, row("head_out_w"), row("head_out_b").unsqueeze(1)).squeeze(1)
+        if not self.layout.embeddings:
+            return logits
+        mx, norm = row("head_max").unsqueeze(-1), row("head_norm").unsqueeze(-1)  # (B, 1) each
+        emb = mx * pool(h, attention_mask, "max") + (1.0 - mx) * pooled  # (B, D)
+        return logits, norm * F.normalize(emb, p=2.0, dim=-1) + (1.0 - norm) * emb
 
-    def run(self, input_ids, attention_mask, adapter_index, bank: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Run on a stacked bank (exporters.layout.stack)."""
+    def run(self, input_ids, attention_mask, adapter_index, bank: dict[str, torch.Tensor]):
+        """Run on a stacked bank (exporters.layout.stack): logits, or (logits, embeddings)."""
         feed = bank_feed(bank, self.layout)
         return self(input_ids, attention_mask, adapter_index, *(feed[n] for n in self.input_names))

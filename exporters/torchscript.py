@@ -1,6 +1,7 @@
 """TorchScript export: a traced module of plain aten ops (no hpeft custom op, no extra library), loadable
 by torch.jit.load in any libtorch (Triton's pytorch backend); a merged model is called as
-module(input_ids, attention_mask) and returns the logits tensor. Also a torch.export program (.pt2)."""
+module(input_ids, attention_mask) and returns the logits tensor (an embedding adapter's: the embeddings
+tensor [batch, hidden]); a shared graph returns (logits, embeddings). Also a torch.export program (.pt2)."""
 
 from __future__ import annotations
 

@@ -118,7 +118,7 @@ def _run_shared(fmt, folder, ids, mask, idx, bank):
     if fmt == "onnx":
         base = {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "adapter_index": idx.numpy()}
         return _ort(folder / "backbone.onnx").run(["logits"], base | {n: v.numpy() for n, v in feed.items()})[0]
-    return torch.jit.load(str(folder / "backbone.pt"))(ids, mask, idx, *feed.values()).numpy()
+    return torch.jit.load(str(folder / "backbone.pt"))(ids, mask, idx, *feed.values())[0].numpy()  # (logits, embeddings)
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])

@@ -30,13 +30,18 @@ def sizes_of(**over) -> dict:
     return {k: 0 for k in size_keys()} | DIMS | {"n": 1, "C": 2, "R_q": 4, "R_v": 4} | over
 
 
-def make_pack(sizes: dict, seed: int = 0, meta_over: dict | None = None, header_meta=None) -> tuple[bytes, dict]:
-    """A pack of the given sizes, tensors consistent with them (random values, padding fills), and its json."""
+def make_pack(sizes: dict, seed: int = 0, meta_over: dict | None = None, header_meta=None, flags=None,
+              drop=()) -> tuple[bytes, dict]:
+    """A pack of the given sizes, tensors consistent with them (random values, padding fills; head flags 0
+    unless `flags` says), less the tensors `drop`, and its json."""
     g = np.random.default_rng(seed)
     tensors = {}
     for k, syms in spec().items():
         t = np.asarray(g.standard_normal(resolve_shape(syms, sizes)) * 0.1, dtype=np.float32)
         tensors[k] = np.full_like(t, FILL[k]) if k in FILL else t
+    for k in ("head_cls", "head_max", "head_norm"):  # 0/1 flags, as the json says (a classifier: mean pooled)
+        tensors[k] = np.full((), float((flags or {}).get(k, 0.0)), np.float32)
+    tensors = {k: v for k, v in tensors.items() if k not in drop}
     meta = {"format": "hpeft-pack", "layout_version": LAYOUT_VERSION, "name": "a", "method": "lora",
             "labels": [f"l{i}" for i in range(sizes["C"])], "backbone": {"name": "tiny", "sha256": SHA},
             "sizes": sizes} | (meta_over or {})
@@ -89,7 +94,10 @@ META_CASES = [  # (id, edit of a valid json, what the message names)
     ("size-float", _set(["sizes", "R_q"], 4.0), "size R_q is 4.0"),
     ("size-string", _set(["sizes", "C"], "2"), "size C is '2'"),
     ("size-negative", _set(["sizes", "r"], -1), "size r is -1"),
-    ("zero-labels", lambda m: m | {"labels": [], "sizes": m["sizes"] | {"C": 0}}, "0 outputs"),
+    ("zero-labels", lambda m: m | {"labels": [], "sizes": m["sizes"] | {"C": 0}}, "0 only for an embedding pack"),
+    ("task-unknown", _set(["task"], "ranking"), "task 'ranking' is not one of classification, embedding"),
+    ("embedding-with-labels", lambda m: m | {"task": "embedding", "pooling": "mean", "normalize": False},
+     "an embedding pack has C = 0"),
     ("layers", _set(["sizes", "L"], 3), "layers L=3"),
     ("hidden", _set(["sizes", "d"], 256), "hidden size d=256"),
     ("ffn", _set(["sizes", "f"], 64), "FFN width f=64"),
@@ -169,6 +177,54 @@ def test_a_pack_for_another_hidden_size_is_refused_on_upload_and_on_load(tmp_pat
     PackStore(tmp_path).write("big", raw, meta)
     with pytest.raises(CheckpointError, match="hidden size d=256"):
         PackStore(tmp_path, GRAPH).load("big")
+
+
+EMBED_META = {"task": "embedding", "pooling": "max", "normalize": True, "labels": []}
+EMBED_FLAGS = {"head_max": 1.0, "head_norm": 1.0}
+
+
+def test_an_embedding_pack_has_no_labels_and_its_flags_say_its_pooling():
+    raw, meta = make_pack(sizes_of(C=0), meta_over=EMBED_META, flags=EMBED_FLAGS)
+    t = check_pack("a", meta, raw, GRAPH)
+    assert t["head_out_w"].shape == (0, 64) and float(t["head_max"]) == 1.0
+    store = PackStore("memory://e2-embed", GRAPH)
+    store.write("e", raw, meta)
+    assert store.load("e").task == "embedding" and store.load("e").labels == ()
+
+
+EMBED_CASES = [  # (id, json edit, head flags, what the message names)
+    ("pooling-unknown", {"pooling": "sum"}, EMBED_FLAGS, "pooling 'sum' is not one of mean, cls, max"),
+    ("pooling-missing", {"pooling": None}, EMBED_FLAGS, "pooling 'None'"),
+    ("normalize-a-string", {"normalize": "yes"}, EMBED_FLAGS, "normalize is 'yes', not true or false"),
+    ("flag-disagrees", {"pooling": "mean"}, EMBED_FLAGS, "head flag head_max is 1.0, but its json says embedding"),
+    ("norm-disagrees", {"normalize": False}, EMBED_FLAGS, "head flag head_norm is 1.0"),
+    ("flag-not-0-1", {}, EMBED_FLAGS | {"head_cls": 0.5}, "head flag head_cls is 0.5, not 0 or 1"),
+    ("labels-given", {"labels": ["x"]}, EMBED_FLAGS, "1 labels for 0 outputs"),
+]
+
+
+@pytest.mark.parametrize("edit,flags,named", [c[1:] for c in EMBED_CASES], ids=[c[0] for c in EMBED_CASES])
+def test_a_malformed_embedding_pack_is_refused_by_name(edit, flags, named):
+    raw, meta = make_pack(sizes_of(C=0), meta_over=EMBED_META | edit, flags=flags)
+    with pytest.raises(CheckpointError, match=_re(named)):
+        check_pack("a", meta, raw, GRAPH)
+
+
+def test_a_classifier_is_neither_max_pooled_nor_normalised():
+    raw, meta = make_pack(sizes_of(), flags={"head_norm": 1.0})
+    with pytest.raises(CheckpointError, match="head flag head_norm is 1.0, but its json says classification"):
+        check_pack("a", meta, raw, GRAPH)
+
+
+def test_a_pack_written_before_embeddings_still_loads():
+    """No task in its json, no head_max / head_norm tensors: a classifier, its missing flags 0."""
+    raw, meta = make_pack(sizes_of(), drop=("head_max", "head_norm"))
+    assert "head_max" not in safetensors_header(raw)
+    t = check_pack("a", meta, raw, GRAPH)
+    assert set(t) == set(spec()) and float(t["head_max"]) == 0.0 and float(t["head_norm"]) == 0.0
+    raw, meta = make_pack(sizes_of(), drop=("head_cls",))
+    with pytest.raises(CheckpointError, match=_re("missing ['head_cls']")):  # only the new ones may be missing
+        check_pack("a", meta, raw, GRAPH)
 
 
 def test_a_graph_without_dims_checks_what_it_can_and_refuses_the_rest():

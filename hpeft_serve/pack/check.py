@@ -1,6 +1,10 @@
 """Validating a pack: its json and safetensors bytes against the served graph (its backbone.json) and the
 slot layout, with json and safetensors only (nothing is unpickled). Every size is checked before any
-tensor is read, and every malformed input is a CheckpointError naming the problem."""
+tensor is read, and every malformed input is a CheckpointError naming the problem.
+
+A pack's json says its task: classification (C >= 1 labels) or embedding (C = 0, labels [], with its
+pooling and normalize, which its head flags must match); a json without a task is a classifier's (packs
+written before embeddings), and its missing head_max / head_norm tensors read as 0 (layout.OPTIONAL)."""
 
 from __future__ import annotations
 
@@ -9,7 +13,8 @@ import json
 import numpy as np
 
 from ..errors import CheckpointError
-from .layout import FIXED, LAYOUT_VERSION, Layout, needs, resolve_shape, size_keys, spec, symbols
+from .layout import (EMBED_POOLINGS, FIXED, LAYOUT_VERSION, OPTIONAL, TASKS, Layout, needs, resolve_shape,
+                     size_keys, spec, symbols)
 
 # a rank, bottleneck width, PHM width or rank, or prefix length above this many times the hidden size is
 # refused (LoRA's full rank is d; the widest bottleneck of the presets is d/2)
@@ -85,8 +90,9 @@ def _is_int(v) -> bool:
     return type(v) is int  # not bool, not float
 
 
-def check_sizes(name: str, sizes, graph: dict) -> dict:
-    """A pack's sizes: every key of the layout, each an int within its bound, L/d/f those of the graph."""
+def check_sizes(name: str, sizes, graph: dict, task: str = "classification") -> dict:
+    """A pack's sizes: every key of the layout, each an int within its bound, L/d/f those of the graph, C
+    labels (1 to MAX_LABELS for a classifier, 0 for an embedding adapter)."""
     if not isinstance(sizes, dict):
         raise CheckpointError(f"adapter {name!r}: its json's sizes are not a JSON object")
     keys = size_keys()
@@ -113,9 +119,29 @@ def check_sizes(name: str, sizes, graph: dict) -> dict:
     if over:
         raise CheckpointError(f"adapter {name!r}: size {over[0]}={sizes[over[0]]} is over the bound "
                               f"{MAX_SIZE_FACTOR} x hidden size = {bound}")
-    if not 1 <= sizes["C"] <= MAX_LABELS:
-        raise CheckpointError(f"adapter {name!r}: it has {sizes['C']} outputs (labels); 1 to {MAX_LABELS} are served")
+    if task == "embedding" and sizes["C"] != 0:
+        raise CheckpointError(f"adapter {name!r} is an embedding adapter with {sizes['C']} outputs (labels): "
+                              "an embedding pack has C = 0")
+    if task != "embedding" and not 1 <= sizes["C"] <= MAX_LABELS:
+        raise CheckpointError(f"adapter {name!r}: it has {sizes['C']} outputs (labels); 1 to {MAX_LABELS} are served"
+                              + (" (0 only for an embedding pack, whose json says task embedding)" if not sizes["C"] else ""))
     return sizes
+
+
+def check_task(name: str, meta: dict) -> str:
+    """The pack's task (json "task"; none: classification), and for an embedding pack its pooling and
+    normalize."""
+    task = meta.get("task", "classification")
+    if task not in TASKS:
+        raise CheckpointError(f"adapter {name!r}: its json's task {str(task)[:40]!r} is not one of {', '.join(TASKS)}")
+    if task == "embedding":
+        if meta.get("pooling") not in EMBED_POOLINGS:
+            raise CheckpointError(f"adapter {name!r}: an embedding pack's pooling {str(meta.get('pooling'))[:40]!r} "
+                                  f"is not one of {', '.join(EMBED_POOLINGS)}")
+        if type(meta.get("normalize")) is not bool:
+            raise CheckpointError(f"adapter {name!r}: an embedding pack's normalize is "
+                                  f"{str(meta.get('normalize'))[:40]!r}, not true or false")
+    return task
 
 
 def check_meta(name: str, meta, graph: dict) -> dict:
@@ -135,7 +161,7 @@ def check_meta(name: str, meta, graph: dict) -> dict:
     for k in ("sha256", "method", "name"):
         if k in meta and not isinstance(meta[k], str):
             raise CheckpointError(f"adapter {name!r}: its json's {k} is not a string")
-    sizes = check_sizes(name, meta.get("sizes"), graph)
+    sizes = check_sizes(name, meta.get("sizes"), graph, check_task(name, meta))
     labels = meta.get("labels")
     if not isinstance(labels, list) or len(labels) != sizes["C"]:
         got = f"{len(labels)} labels" if isinstance(labels, list) else f"labels {str(labels)[:40]}"
@@ -158,9 +184,9 @@ def _utf8(s: str) -> bool:
 def check_header(name: str, header: dict, sizes: dict) -> None:
     """The tensors a safetensors header declares: exactly the layout's, float32, of the shapes the sizes
     give (checked before any tensor is read)."""
-    want = spec()
     declared = {k: v for k, v in header.items() if k != "__metadata__"}
-    missing, extra = sorted(set(want) - set(declared)), sorted(set(declared) - set(want))
+    want = {k: v for k, v in spec().items() if k in declared or k not in OPTIONAL}
+    missing, extra = sorted(set(want) - set(declared)), sorted(set(declared) - set(spec()))
     if missing or extra:
         raise CheckpointError(f"adapter {name!r}: tensors do not match the pack layout "
                               f"(missing {missing[:4]}, unexpected {[str(k)[:40] for k in extra[:4]]})")
@@ -198,4 +224,23 @@ def check_pack(name: str, meta, raw: bytes, graph: dict) -> dict[str, np.ndarray
     for k, t in tensors.items():
         if not np.isfinite(t).all():
             raise CheckpointError(f"adapter {name!r}: tensor {k} has non-finite values")
+    tensors |= {k: np.full((), v, np.float32) for k, v in OPTIONAL.items() if k not in tensors}
+    check_head_flags(name, tensors, meta)
     return tensors
+
+
+def check_head_flags(name: str, tensors: dict, meta: dict) -> None:
+    """head_cls, head_max, head_norm are 0/1 and say what the json says: an embedding pack's pooling and
+    normalize; a classifier is neither max-pooled nor normalised."""
+    embedding = meta.get("task") == "embedding"
+    pooling = meta.get("pooling") if embedding else None
+    want = {"head_max": pooling == "max", "head_norm": bool(embedding and meta.get("normalize"))}
+    if embedding:
+        want["head_cls"] = pooling == "cls"
+    for k in ("head_cls", "head_max", "head_norm"):
+        v = float(tensors[k])
+        if v not in (0.0, 1.0):
+            raise CheckpointError(f"adapter {name!r}: head flag {k} is {v}, not 0 or 1")
+        if k in want and v != float(want[k]):
+            what = f"embedding, pooling {pooling}, normalize {meta.get('normalize')}" if embedding else "classification"
+            raise CheckpointError(f"adapter {name!r}: head flag {k} is {v}, but its json says {what}")

@@ -5,8 +5,14 @@ a sequential and a parallel bottleneck adapter per site, a PHM (Compacter) seque
 gates, BitFit bias deltas; plus the head. A pack is one adapter's tensors in this layout (no K axis);
 what an adapter lacks is exact zeros (zero-width ranks, masked prefix positions, zero deltas), and flags
 (0/1) select per adapter what cannot be zero-padded: gated or scaled, LayerNorm before the sequential
-adapter or not, the activation, the pooling, the gate pooling. A bank stacks packs on a new first axis
-[K, ...], padding every size to the largest (ranks, prefix length, widths, labels) with exact zeros.
+adapter or not, the activation, the pooling (head_cls, head_max), L2 normalisation (head_norm), the gate
+pooling. A bank stacks packs on a new first axis [K, ...], padding every size to the largest (ranks, prefix
+length, widths, labels) with exact zeros.
+
+Heads: a classifier's pack fills head_dense/head_out (C labels); an embedding adapter's has C = 0 (its
+head tensors are zeros and its logits come out as float32 min: "no label") and sets the pooling and
+normalisation flags of its `embeddings` output. The reserved name BACKBONE ("@backbone", not a valid pack
+name) serves the plain backbone as an embedder: `backbone_pack`, an all-zero adapter.
 
 PHM slots come in one kind per n (a pack has one n, the size of its rule): the bank and the graph hold
 `phm{n}_...` tensors for each n they serve (a PHM branch per (n, site)); a pack fills the branch of its
@@ -30,6 +36,12 @@ LAYOUT_VERSION = 1
 ACTS = ("relu", "gelu", "gelu_new", "silu")  # the activations a bottleneck slot can select (one-hot)
 NEG = float(np.finfo(np.float32).min)  # additive mask value / logit of a padded label
 FIXED = ("L", "d", "f")  # the backbone's sizes: every pack of a graph has these
+TASKS = ("classification", "embedding")
+EMBED_POOLINGS = ("mean", "cls", "max")
+BACKBONE = "@backbone"  # the plain backbone's embedding (reserved: NAME never matches it)
+# tensors added to version 1 with embeddings: a pack written before has none of them and is a classifier
+# (not max-pooled, not normalised), so they read as these values
+OPTIONAL = {"head_max": 0.0, "head_norm": 0.0}
 
 
 def _lora_dims(t: str) -> tuple[str, str]:
@@ -62,6 +74,7 @@ def spec() -> dict[str, tuple]:
     for b in BIAS_NAMES:
         s[f"bitfit_{b}"] = ("L", "f" if b == "ffn_in" else "d")
     s |= {"head_dense_w": ("d", "d"), "head_dense_b": ("d",), "head_out_w": ("C", "d"), "head_out_b": ("C",)}
+    s |= {"head_max": (), "head_norm": ()}  # embeddings output: max pooling, L2 normalisation (0/1)
     return s
 
 
@@ -102,8 +115,8 @@ def resolve_shape(syms: tuple, sizes: dict) -> tuple[int, ...]:
 
 def bank_sizes(all_sizes: list[dict]) -> dict:
     """The sizes of a bank: the largest of each over its packs (L, d, f: all equal). PHM kinds are per n, so
-    n is not a bank size; PHM ranks and widths stay >= 1 (exact zeros): ONNX Reshape reads a 0 in a target
-    shape as "copy this dim"."""
+    n is not a bank size; PHM ranks and widths and the labels stay >= 1 (exact zeros, a float32-min logit):
+    ONNX Reshape reads a 0 in a target shape as "copy this dim"."""
     fixed = {k: all_sizes[0][k] for k in FIXED}
     for s in all_sizes:
         if any(s[k] != v for k, v in fixed.items()):
@@ -111,6 +124,7 @@ def bank_sizes(all_sizes: list[dict]) -> dict:
                              f"{ {k: s[k] for k in FIXED} }")
     out = {k: max(s[k] for s in all_sizes) for k in all_sizes[0] if k != "n"}
     out["r"] = max(out["r"], 1)
+    out["C"] = max(out["C"], 1)  # a bank of embedding adapters only still has one (float32 min) logit column
     out |= {k: max(v, 1) for k, v in out.items() if k.startswith("O_")}
     return out
 
@@ -141,7 +155,8 @@ class Layout:
     """The slot kinds a shared graph takes (the union over the adapters exported into it). A slot no
     adapter uses is left out of the graph entirely: an absent slot and an all-zero slot give the same
     logits, so packs never change; a new adapter that needs a new kind of slot re-exports the graph.
-    PHM: a branch for each n in `phm_n` at each site in `phm`."""
+    PHM: a branch for each n in `phm_n` at each site in `phm`. `embeddings`: the graph has the `embeddings`
+    output (and the head_max / head_norm inputs); graphs exported before it lack it, every new one has it."""
 
     lora: tuple[str, ...] = ()
     prefix: bool = False
@@ -152,6 +167,7 @@ class Layout:
     acts: tuple[str, ...] = ()
     bitfit: bool = False
     phm_n: tuple[int, ...] = ()
+    embeddings: bool = False
 
     def phm_prefixes(self) -> list[str]:
         """The PHM branches, `phm{n}_{site}`."""
@@ -163,6 +179,7 @@ class Layout:
         scale = lambda p: [f"{p}_scale"] + ([f"{p}_act"] if len(self.acts) > 1 else [])  # noqa: E731
         want = ["head_cls", "head_dense_w", "head_dense_b", "head_out_w", "head_out_b"]
         want += ["gate_masked"] if self.gated else []
+        want += ["head_max", "head_norm"] if self.embeddings else []
         for t in self.lora:
             want += [f"lora_{t}_A", f"lora_{t}_B", f"lora_{t}_scale"]
         want += ["prefix_k", "prefix_v", "prefix_mask"] if self.prefix else []
@@ -185,7 +202,7 @@ class Layout:
         return Layout(u(self.lora, other.lora), self.prefix or other.prefix, u(self.seq, other.seq),
                       u(self.phm, other.phm), u(self.par, other.par), u(self.gated, other.gated),
                       u(self.acts, other.acts), self.bitfit or other.bitfit,
-                      tuple(sorted(set(self.phm_n) | set(other.phm_n))))
+                      tuple(sorted(set(self.phm_n) | set(other.phm_n))), self.embeddings or other.embeddings)
 
     def covers(self, other: "Layout") -> bool:
         return self.union(other) == self
@@ -218,7 +235,20 @@ def needs(t: dict, sizes: dict) -> Layout:
     acts = tuple(a for j, a in enumerate(ACTS)
                  if any(bool((t[f"{p}_act"][..., j] != 0).any()) for p in slots if f"{p}_act" in t))
     bitfit = any(bool((t[f"bitfit_{b}"] != 0).any()) for b in BIAS_NAMES)
-    return Layout(lora, sizes["P"] > 0, seq, phm, par, gated, acts, bitfit, (n,) if phm else ())
+    embeddings = sizes["C"] == 0 or any(bool((t[k] != 0).any()) for k in OPTIONAL if k in t)
+    return Layout(lora, sizes["P"] > 0, seq, phm, par, gated, acts, bitfit, (n,) if phm else (), embeddings)
+
+
+def backbone_pack(dims: dict, pooling: str, normalize: bool) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """The plain backbone as an embedding adapter (tensors, sizes): no slot filled (exact zeros, the prefix
+    mask and the padded logit at their fills), C = 0, pooled and normalised as `pooling`, `normalize` say."""
+    if pooling not in EMBED_POOLINGS:
+        raise CheckpointError(f"backbone pooling {pooling!r} is not one of {', '.join(EMBED_POOLINGS)}")
+    sizes = {k: 0 for k in size_keys()} | {k: dims[k] for k in FIXED} | {"n": 1}
+    t = {k: np.full(resolve_shape(s, sizes), FILL.get(k, 0.0), np.float32) for k, s in spec().items()}
+    t["head_cls"][...], t["head_max"][...] = float(pooling == "cls"), float(pooling == "max")
+    t["head_norm"][...] = float(normalize)
+    return t, sizes
 
 
 def per_layer(name: str) -> bool:

@@ -49,7 +49,8 @@ def _lock_file(path: str) -> int:
 
 @dataclass(frozen=True)
 class Pack:
-    """One adapter in the shared layout: tensors (numpy, no K axis), its sizes, a version string."""
+    """One adapter in the shared layout: tensors (numpy, no K axis), its sizes, a version string, and its
+    task: classification (answers logits over `labels`) or embedding (answers its embedding)."""
 
     name: str
     tensors: dict[str, np.ndarray]
@@ -57,6 +58,7 @@ class Pack:
     version: str
     labels: tuple[str, ...] = ()
     stamp: tuple | None = None  # the store files' (mtime, size) when read: a change means a new version
+    task: str = "classification"
 
 
 class PackUpdating(CheckpointError):
@@ -132,7 +134,8 @@ class PackStore:
             raise ValueError("this PackStore was opened without the served graph: it cannot check packs")
         tensors = check_pack(name, meta, raw, self.graph)
         version = meta.get("sha256") or hashlib.sha256(raw).hexdigest()
-        return Pack(name, tensors, meta["sizes"], version[:16], tuple(meta.get("labels", ())), stamp)
+        return Pack(name, tensors, meta["sizes"], version[:16], tuple(meta.get("labels", ())), stamp,
+                    meta.get("task", "classification"))
 
     def meta(self, name: str) -> dict | None:
         try:

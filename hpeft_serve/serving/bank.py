@@ -14,6 +14,7 @@ arrays while readers go on with the old ones, then takes the shared lock exclusi
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -134,7 +135,7 @@ class AdapterBank:
                 arrays, slots = self._build(sizes, capacity, keep)
                 slot = len(keep)
             self._write(arrays, slot, pack)
-            meta = Pack(pack.name, {}, pack.sizes, pack.version, pack.labels, pack.stamp)  # tensors live in the slot
+            meta = dataclasses.replace(pack, tensors={})  # the tensors live in the slot
             self._publish(arrays, sizes, capacity, {**slots, pack.name: slot}, meta)
 
     def remove(self, name: str) -> None:

@@ -96,7 +96,7 @@ input [
   {{ name: "input_ids" data_type: TYPE_INT64 dims: [ -1 ] allow_ragged_batch: true }},
   {{ name: "attention_mask" data_type: TYPE_INT64 dims: [ -1 ] allow_ragged_batch: true }}
 ]
-output [ {{ name: "logits" data_type: TYPE_FP32 dims: [ -1 ] }} ]
+output [ {{ name: "{output}" data_type: TYPE_FP32 dims: [ -1 ] }} ]
 dynamic_batching {{ max_queue_delay_microseconds: 0 }}
 instance_group [ {{ kind: KIND_CPU count: 1 }} ]
 parameters {{ key: "MAX_SEQ_LEN" value {{ string_value: "512" }} }}
@@ -105,7 +105,8 @@ parameters {{ key: "MAX_SEQ_LEN" value {{ string_value: "512" }} }}
 
 def deploy_merged(export_dir: Path, repo: Path, log=print) -> list[str]:
     """Each merged ONNX export `<name>.onnx` becomes its own Triton model `<name>` (inputs input_ids,
-    attention_mask; output logits), for the few-adapters, lowest-latency case."""
+    attention_mask; output logits, or embeddings for an embedding adapter), for the few-adapters,
+    lowest-latency case."""
     names = []
     for meta_f in sorted(Path(export_dir).glob("*.json")):
         meta = json.loads(meta_f.read_text())
@@ -115,7 +116,8 @@ def deploy_merged(export_dir: Path, repo: Path, log=print) -> list[str]:
         if name == MODEL:
             raise HpeftError(f"a merged adapter cannot be named {MODEL!r}: that is the shared model's name")
         (repo / name / "1").mkdir(parents=True, exist_ok=True)
-        (repo / name / "config.pbtxt").write_text(MERGED_CONFIG.format(name=name, method=meta["method"]))
+        output = "embeddings" if meta.get("task") == "embedding" else "logits"
+        (repo / name / "config.pbtxt").write_text(MERGED_CONFIG.format(name=name, method=meta["method"], output=output))
         (repo / name / "1" / "model.py").write_text(MERGED_PY)
         _copy_atomic(Path(export_dir) / f"{name}.onnx", repo / name / "1" / "model.onnx")
         names.append(name)

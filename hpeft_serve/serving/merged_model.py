@@ -1,5 +1,5 @@
 """Triton Python-backend model for ONE merged adapter (`hpeft export CKPT --merge`): the few-adapters,
-lowest-latency case. Requests are checked (dtype, shape, length, token ids inside the vocabulary the graph's
+lowest-latency case; its one output is the graph's (logits, or embeddings for an embedding adapter). Requests are checked (dtype, shape, length, token ids inside the vocabulary the graph's
 embedding table holds, masks), padded to the longest sequence, run in one forward pass, and split; should
 that forward raise, each request runs alone so that only the one that fails gets an error. Refusals carry
 their code (hpeft_serve.serving.codes); an exception never reaches clients as a traceback."""
@@ -24,6 +24,7 @@ class TritonPythonModel:
         path = Path(args["model_repository"]) / args["model_version"] / "model.onnx"
         self.session = ort.InferenceSession(str(path), providers=default_providers())
         self.limits = graph_limits(path, int(params.get("MAX_SEQ_LEN", "512")))
+        self.output = self.session.get_outputs()[0].name  # logits, or embeddings
 
     def _read(self, request):
         ids = pb_utils.get_input_tensor_by_name(request, "input_ids").as_numpy()
@@ -35,7 +36,7 @@ class TritonPythonModel:
         return error_response(pb_utils, code, message)
 
     def _run(self, ids, mask):
-        return self.session.run(["logits"], {"input_ids": ids, "attention_mask": mask})[0]
+        return self.session.run([self.output], {"input_ids": ids, "attention_mask": mask})[0]
 
     def execute(self, requests):
         try:
@@ -57,7 +58,7 @@ class TritonPythonModel:
         for i, ids, mask in parsed:
             try:
                 out = logits[row:row + len(ids)] if logits is not None else self._run(ids, mask)
-                responses[i] = pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("logits", out)])
+                responses[i] = pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(self.output, out)])
             except Exception:  # noqa: BLE001
                 log_internal(pb_utils.Logger.log_error, "in the forward of one request")
                 responses[i] = self._refuse(Code.INTERNAL, FAILED)

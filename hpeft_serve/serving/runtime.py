@@ -2,8 +2,11 @@
 store (a folder `packs/` of `<name>.safetensors` + `<name>.json`) from which adapters load on first use.
 
 `infer(input_ids, attention_mask, names)` runs ONE forward for a batch whose rows name different
-adapters and returns logits per row (sliced to each adapter's labels) or a per-row error (a `RowError`: a
-str with its `codes.Code`). Should that forward raise, the batch runs again split by adapter, so that only
+adapters, classifiers and embedding adapters mixed, and returns per row its answer (a classifier's logits
+sliced to its labels, an embedding adapter's embedding) or an error (a `RowError`: a str with its
+`codes.Code`); `.tasks` says which kind each answer is and `.embeddings` holds every row's `embeddings`
+output (a classifier's pooled sentence vector). The reserved name "@backbone" is the plain backbone as an
+embedder (pooled and normalised as backbone.json's "embedding" says). Should that forward raise, the batch runs again split by adapter, so that only
 the rows of the adapter whose forward fails get an error. Messages name the problem, never the store's
 location or a stack frame (those go to the server log).
 """
@@ -22,8 +25,8 @@ import numpy as np
 from ..errors import CheckpointError
 from ..names import NAME
 from ..pack.check import MissingSlots, check_slots
-from ..pack.layout import Layout
-from ..pack.store import PackStore, PackUnreadable, PackUpdating
+from ..pack.layout import BACKBONE, Layout, backbone_pack
+from ..pack.store import Pack, PackStore, PackUnreadable, PackUpdating
 from .bank import AdapterBank
 from .batching import Limits, position_limit
 from .codes import Code
@@ -43,6 +46,20 @@ class RowError(str):
     def __new__(cls, code: Code, message: str):
         self = super().__new__(cls, message)
         self.code = code
+        return self
+
+
+class Answers(tuple):
+    """(answers, errors, versions) per row, as a 3-tuple, with `tasks` (per row "classification": its answer
+    is its logits; "embedding": its embedding; None for a row in error) and `embeddings` (per row the graph's
+    embeddings output: an embedding row's embedding, a classifier row's pooled vector; None without one)."""
+
+    tasks: list
+    embeddings: list
+
+    def __new__(cls, out: list, errors: list, versions: list, tasks: list, embeddings: list):
+        self = super().__new__(cls, (out, errors, versions))
+        self.tasks, self.embeddings = tasks, embeddings
         return self
 
 
@@ -68,6 +85,8 @@ class SharedRuntime:
         info = json.loads((export_dir / "backbone.json").read_text())
         self.layout = Layout.from_dict(info["layout"])
         self.inputs = info["inputs"]
+        self.outputs = ["logits", "embeddings"] if self.layout.embeddings else ["logits"]
+        self.info = info
         self.log = log or logging.getLogger(__name__).warning  # where details go that clients never see
         graph = export_dir / info["graph"]
         so = ort.SessionOptions()
@@ -76,7 +95,8 @@ class SharedRuntime:
         # onnxruntime's default spinning threads: turning them off cost ~2 ms a request at batch 1 on MiniLM
         self.session = ort.InferenceSession(str(graph), so, providers=providers or default_providers())
         self.limits = _limits(info, graph)
-        self.bank = AdapterBank(self.layout, info["backbone"]["num_layers"], budget_bytes, pinned, dims=info.get("dims"))
+        self.bank = AdapterBank(self.layout, info["backbone"]["num_layers"], budget_bytes, pinned + (BACKBONE,),
+                                dims=info.get("dims"))
         # on a GPU the bank lives on the device and is copied there only when it changes, not on every forward
         self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         self.bind_bank = self.device == "cuda" if bind_bank is None else bind_bank
@@ -105,6 +125,8 @@ class SharedRuntime:
         return errors
 
     def _ensure_one(self, n: str, now: float) -> RowError | None:
+        if n == BACKBONE:
+            return self._ensure_backbone()
         if not NAME.fullmatch(n):
             return RowError(Code.INVALID_INPUT, f"adapter name {show(n)} is invalid: use 1-128 letters, digits, "
                                                 "'.', '_' or '-', starting with a letter or digit")
@@ -141,6 +163,20 @@ class SharedRuntime:
             return RowError(Code.INTERNAL, f"adapter {show(n)} could not be loaded (internal error; see the server log)")
         self._pending.pop(n, None)
         self._checked[n] = now  # a load is a check: resident now
+        return None
+
+    def _ensure_backbone(self) -> RowError | None:
+        """The plain backbone's zero adapter, put in the bank (pinned) on first use."""
+        if self.bank.pack(BACKBONE) is not None:
+            return None
+        if not self.layout.embeddings:
+            return RowError(Code.ADAPTER_INVALID, f"{BACKBONE} (the plain backbone's embedding) needs a graph with "
+                                                  "the embeddings output; this one predates it: export an adapter "
+                                                  "again and `hpeft deploy` it, which re-exports the graph")
+        emb = self.info.get("embedding") or {}
+        tensors, sizes = backbone_pack(self.info["dims"], emb.get("pooling", "mean"), bool(emb.get("normalize")))
+        version = str(self.info["backbone"].get("sha256", ""))[:16]
+        self.bank.put(Pack(BACKBONE, tensors, sizes, version, (), None, "embedding"))
         return None
 
     def _load(self, n: str) -> None:
@@ -191,7 +227,7 @@ class SharedRuntime:
         self.log(f"hpeft: internal error {what}:\n{traceback.format_exc()}")
 
     # ------------------------------------------------------------------ running
-    def _run_bound(self, feed: dict, bank: dict) -> np.ndarray:
+    def _run_bound(self, feed: dict, bank: dict) -> list[np.ndarray]:
         """One forward with the bank's tensors bound as device OrtValues, refreshed when the bank's generation
         changed (called under the bank's read lock: no write can change it meanwhile)."""
         import onnxruntime as ort
@@ -209,53 +245,57 @@ class SharedRuntime:
                     hit = (generation, ort.OrtValue.ortvalue_from_numpy(snap, self.device, 0))
                     self._bound[n] = hit
                 binding.bind_ortvalue_input(n, hit[1])
-        binding.bind_output("logits", "cpu")
+        for name in self.outputs:
+            binding.bind_output(name, "cpu")
         self.session.run_with_iobinding(binding)
-        return binding.copy_outputs_to_cpu()[0]
+        return binding.copy_outputs_to_cpu()
 
-    def infer(self, input_ids: np.ndarray, attention_mask: np.ndarray, names: list[str]):
-        """(logits per row or None, error per row or None, version per row or None): one forward for all
-        rows that can run; a row's version is that of the weights that computed it. Token ids and masks are
-        the caller's to check (batching.check_tokens, per request)."""
+    def infer(self, input_ids: np.ndarray, attention_mask: np.ndarray, names: list[str]) -> Answers:
+        """Answers: (answer per row or None, error per row or None, version per row or None), `.tasks` and
+        `.embeddings`: one forward for all rows that can run; a row's version is that of the weights that
+        computed it. Token ids and masks are the caller's to check (batching.check_tokens, per request)."""
         load_errors = self.ensure(names)
         out: list = [None] * len(names)
         errs: list = [load_errors.get(n) for n in names]
         versions: list = [None] * len(names)
+        result = Answers(out, errs, versions, [None] * len(names), [None] * len(names))
         ok = [r for r, n in enumerate(names) if n not in load_errors]
         if not ok:
-            return out, errs, versions
+            return result
         try:
-            self._answer(ok, input_ids, attention_mask, names, (out, errs, versions))
+            self._answer(ok, input_ids, attention_mask, names, result)
         except Exception:  # noqa: BLE001 - defence in depth: find the adapter whose forward fails
             self._log_internal(f"in the forward of a batch of {len(ok)} rows; running it again split by adapter")
             for n in dict.fromkeys(names[r] for r in ok):
                 rows = [r for r in ok if names[r] == n]
                 try:
-                    self._answer(rows, input_ids, attention_mask, names, (out, errs, versions))
+                    self._answer(rows, input_ids, attention_mask, names, result)
                 except Exception:  # noqa: BLE001
                     self._log_internal(f"in the forward of adapter {n!r}")
                     for r in rows:
                         errs[r] = RowError(Code.INTERNAL, f"the forward for adapter {show(n)} failed "
                                                           "(internal error; see the server log)")
-        return out, errs, versions
+        return result
 
-    def _answer(self, rows: list[int], input_ids, attention_mask, names, results) -> None:
-        """One forward over `rows`; fills their logits, errors and versions into `results`."""
-        out, errs, versions = results
+    def _answer(self, rows: list[int], input_ids, attention_mask, names, result: Answers) -> None:
+        """One forward over `rows`; fills their answers, errors, versions, tasks and embeddings into `result`."""
+        out, errs, versions = result
         sub = [names[r] for r in rows]
         with self.bank.reading(sub) as (index, arrays, bank_errs):
             feed = {"input_ids": input_ids[rows], "attention_mask": attention_mask[rows], "adapter_index": index}
             bank = {n: arrays[n] for n in self.inputs if n in arrays}
-            logits = self._run_bound(feed, bank) if self.bind_bank else self.session.run(["logits"], feed | bank)[0]
-            resident = {n: (self.bank.version(n), len(self.bank.labels(n))) for n in set(sub)
-                        if self.bank.version(n) is not None}
+            got = self._run_bound(feed, bank) if self.bind_bank else self.session.run(self.outputs, feed | bank)
+            resident = {n: p for n in set(sub) if (p := self.bank.pack(n)) is not None}
+        logits, emb = got[0], (got[1] if len(got) > 1 else None)
         for j, r in enumerate(rows):
-            if bank_errs[j]:  # loaded by ensure, then evicted to make room for another adapter of the batch
+            p = resident.get(names[r])
+            if bank_errs[j] or p is None:  # loaded by ensure, then evicted to make room for another adapter
                 errs[r] = RowError(Code.ADAPTER_UPDATING, f"adapter {show(names[r])} was evicted from the bank to "
                                                           "make room; retry")
-            else:
-                versions[r], width = resident[names[r]]
-                out[r] = logits[j, :width]
+                continue
+            versions[r], result.tasks[r] = p.version, p.task
+            result.embeddings[r] = emb[j] if emb is not None else None
+            out[r] = emb[j] if p.task == "embedding" else logits[j, :len(p.labels)]
 
 
 def _limits(info: dict, graph: Path) -> Limits:

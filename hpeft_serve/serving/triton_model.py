@@ -1,6 +1,13 @@
 """Triton Python-backend model `hpeft`: the shared-backbone graph in onnxruntime, in-process, with an
 adapter bank (hpeft_serve.serving.runtime). Requests are concatenated (padded to the longest sequence),
-run in ONE forward pass whatever adapters their rows name, and split back.
+run in ONE forward pass whatever adapters their rows name, classifiers and embedding adapters mixed, and
+split back.
+
+Outputs per request: `logits` [rows, widest classifier's labels] (0 wide when every row is an embedding
+row; an embedding row's logits and a narrower classifier's padding are float32 min), `embeddings`
+[rows, hidden] (an embedding row's embedding; a classifier row's pooled sentence vector, as its head pools,
+not normalised), `adapter_version` [rows, 1]. Adapter "@backbone" is the plain backbone's embedding. A
+graph exported before embeddings gives no `embeddings` output.
 
 Each request is checked before the forward (dtype, shape, length, token ids inside the vocabulary, masks
 of 0/1 with a token in every row, one valid adapter name per row); a request that fails a check, or whose
@@ -15,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from hpeft_serve.pack.layout import BACKBONE
 from hpeft_serve.serving.batching import Limits, check_tokens, collect, error_response, log_internal, pad_concat
 from hpeft_serve.serving.codes import Code, ModelError
 from hpeft_serve.serving.runtime import SharedRuntime
@@ -45,7 +53,7 @@ class TritonPythonModel:
 
     def _publish(self):
         """Update the gauges of the adapters whose residency changed (each set is a message to Triton)."""
-        now = set(self.runtime.bank.names())
+        now = set(self.runtime.bank.names()) - {BACKBONE}  # the backbone is no adapter
         for n in now ^ self.published:
             if n not in self.gauges:
                 self.gauges[n] = self.resident.Metric(labels={"adapter": n})
@@ -80,28 +88,34 @@ class TritonPythonModel:
         parsed, responses = collect(requests, self._read, self._refuse, pb_utils.Logger.log_error)
         if parsed:
             ids, mask = pad_concat([p[1] for p in parsed]), pad_concat([p[2] for p in parsed])
-            logits, errors, versions = self.runtime.infer(ids, mask, [n for p in parsed for n in p[3]])
+            answers = self.runtime.infer(ids, mask, [n for p in parsed for n in p[3]])
             row = 0
             for i, _, _, names in parsed:
                 rows = range(row, row + len(names))
                 row += len(names)
-                responses[i] = self._respond(rows, logits, errors, versions)
+                responses[i] = self._respond(rows, answers)
             try:
                 self._publish()
             except Exception:  # noqa: BLE001 - a metrics failure must not fail answered requests
                 log_internal(pb_utils.Logger.log_error, "publishing the residency gauges")
         return responses
 
-    def _respond(self, rows, logits, errors, versions):
-        """One request's response: its rows' logits (padded to the widest adapter's labels), or its rows'
-        errors joined, with the code of the first."""
+    def _respond(self, rows, answers):
+        """One request's response: its rows' logits (padded to the widest classifier's labels), embeddings and
+        versions, or its rows' errors joined, with the code of the first."""
+        out, errors, versions = answers
         errs = [errors[r] for r in rows if errors[r]]
         if errs:
             return self._refuse(getattr(errs[0], "code", Code.INTERNAL), "; ".join(dict.fromkeys(errs)))
-        width = max(len(logits[r]) for r in rows)
-        out = np.full((len(rows), width), np.finfo(np.float32).min, np.float32)
+        classify = {r for r in rows if answers.tasks[r] != "embedding"}
+        width = max((len(out[r]) for r in classify), default=0)
+        logits = np.full((len(rows), width), np.finfo(np.float32).min, np.float32)
         for k, r in enumerate(rows):
-            out[k, :len(logits[r])] = logits[r]
+            if r in classify:
+                logits[k, :len(out[r])] = out[r]
         version = np.array([[versions[r].encode()] for r in rows], dtype=object)
-        return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("logits", out),
-                                                          pb_utils.Tensor("adapter_version", version)])
+        tensors = [pb_utils.Tensor("logits", logits), pb_utils.Tensor("adapter_version", version)]
+        if self.runtime.layout.embeddings:
+            emb = np.stack([answers.embeddings[r] for r in rows]).astype(np.float32, copy=False)
+            tensors.append(pb_utils.Tensor("embeddings", emb))
+        return pb_utils.InferenceResponse(output_tensors=tensors)
