@@ -1,6 +1,9 @@
 """Checkpoint folders: `adapter_config.json` (method, backbone name and sha256, slot dims, labels, head) and
 `adapter.safetensors` (adapter tensors under `adapters.`, head tensors under `head.`).
 
+An embedding adapter's head is {"task": "embedding", "num_labels": 0, "pooling", "normalize"}: its labels
+are [] and it has no head tensors. A head without "task" (checkpoints from before embeddings) is a classifier.
+
 Saving ejects prefixes first (the checkpoint holds the vectors, not the training MLP). Loading is strict:
 a missing, extra or mis-shaped tensor, a non-finite value, or a backbone whose sha256 differs from the
 recorded one is a CheckpointError naming it. Only JSON and safetensors are read; nothing is unpickled.
@@ -134,10 +137,20 @@ def load(folder: Path, backbone: Backbone | None = None) -> tuple[HybridModel, d
         head = HeadConfig(**cfg["head"])
     except (HpeftError, TypeError) as e:
         raise CheckpointError(f"{folder}/{CONFIG_FILE}: invalid method or head config: {e}") from None
+    _check_labels(cfg["labels"], head, folder)
     model = HybridModel(backbone.build_encoder(), method, head)
     model.adapters.eject_prefix()
     _load_strict(model, tensors, folder)
     return model.eval(), cfg
+
+
+def _check_labels(labels, head: HeadConfig, folder: Path) -> None:
+    """A classifier names each of its labels; an embedding adapter has none."""
+    if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+        raise CheckpointError(f"{folder}/{CONFIG_FILE}: labels must be a list of strings, got {labels!r:.80}")
+    if len(labels) != head.num_labels:
+        what = "an embedding adapter has no labels ([])" if head.embedding else f"its head has {head.num_labels}"
+        raise CheckpointError(f"{folder}/{CONFIG_FILE}: {len(labels)} labels, but {what}")
 
 
 def _load_strict(model: HybridModel, tensors: dict[str, torch.Tensor], folder: Path) -> None:

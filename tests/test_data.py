@@ -223,3 +223,68 @@ def test_train_size_too_large(tmp_path):
 def test_sizes_below_one(kwargs, word):
     with pytest.raises(DataError, match=word):
         load_task("rotten_tomatoes", **kwargs)
+
+
+# ---------------------------------------------------------------- retrieval (query / positive pairs)
+
+
+@pytest.fixture(scope="module")
+def bbc_pairs() -> data.PairDataset:
+    return data.load_pairs("bbc_retrieval")
+
+
+def test_bbc_retrieval_split_is_fixed_and_disjoint(bbc_pairs):
+    assert bbc_pairs.name == "bbc_retrieval" and len(bbc_pairs.test) == 500 and 1500 < len(bbc_pairs.train) < 1700
+    assert data.load_pairs("bbc_retrieval") == bbc_pairs
+    small = data.load_pairs("bbc_retrieval", train_size=40)
+    assert small.test == bbc_pairs.test and small.train == bbc_pairs.train[:40]
+    for field in ("query", "positive"):
+        train = {getattr(p, field) for p in bbc_pairs.train}
+        test = {getattr(p, field) for p in bbc_pairs.test}
+        assert not train & test and len(test) == 500  # one right answer per held-out query
+    assert all(p.negative is None for p in bbc_pairs.train + bbc_pairs.test)
+
+
+def test_bbc_retrieval_pairs_are_headline_and_body(bbc_pairs):
+    articles = {text for text, _ in data._read_bbc_news()[1]}  # whitespace-normalised whole articles
+    for p in bbc_pairs.test[:100]:
+        assert f"{p.query} {p.positive}" in articles
+        assert len(p.query.split()) < 20 < len(p.positive.split())
+
+
+def test_task_kinds_refuse_the_other_loader(tmp_path):
+    f = _write_jsonl(tmp_path / "pairs.jsonl", [{"query": f"q{i}", "positive": f"p{i}"} for i in range(10)])
+    assert data.task_kind("bbc_retrieval") == data.task_kind(str(f)) == "embedding"
+    assert data.task_kind("bbc_news") == data.task_kind(str(tmp_path / "absent.jsonl")) == "classification"
+    for task in ("bbc_retrieval", str(f)):
+        with pytest.raises(DataError, match="retrieval task"):
+            load_task(task)
+    with pytest.raises(DataError, match="classification task"):
+        data.load_pairs("rotten_tomatoes")
+    with pytest.raises(DataError, match="unknown retrieval task"):
+        data.load_pairs("nope")
+
+
+def test_pair_files_csv_and_jsonl(tmp_path):
+    rows = [{"query": f"question {i}", "positive": f"answer {i}", "negative": f"wrong {i}" if i % 2 else ""}
+            for i in range(30)]
+    rows.append({"query": "question 3", "positive": "another answer", "negative": ""})  # duplicate query: dropped
+    ds = data.load_pairs(str(_write_csv(tmp_path / "qa.csv", rows, ("query", "positive", "negative"))))
+    assert ds.name == "qa" and len(ds.train) + len(ds.test) == 30 and len(ds.test) == 6
+    by_query = {p.query: p for p in ds.train + ds.test}
+    assert by_query["question 3"] == data.Pair("question 3", "answer 3", "wrong 3")
+    assert by_query["question 4"].negative is None
+    js = [{k: v for k, v in r.items() if v} for r in rows[:30]]
+    assert data.load_pairs(str(_write_jsonl(tmp_path / "qa.jsonl", js)), eval_size=4).test[-1] in ds.train + ds.test
+
+
+def test_pair_file_errors(tmp_path):
+    with pytest.raises(DataError, match="line 3: missing or empty positive"):
+        data.load_pairs(str(_write_jsonl(tmp_path / "a.jsonl", [{"query": "q", "positive": "p"},
+                                                                {"query": "r", "positive": "s"},
+                                                                {"query": "t", "positive": ""}])))
+    with pytest.raises(DataError, match="line 2: missing or empty negative"):
+        data.load_pairs(str(_write_jsonl(tmp_path / "b.jsonl", [{"query": "q", "positive": "p"},
+                                                                {"query": "r", "positive": "s", "negative": 3}])))
+    with pytest.raises(DataError, match="at least 2"):
+        data.load_pairs(str(_write_jsonl(tmp_path / "c.jsonl", [{"query": "q", "positive": "p"}])))
