@@ -222,3 +222,47 @@ def test_raw_requests_get_openai_error_bodies(stack):
         urllib.request.urlopen(req, timeout=30)
     assert e.value.code == 400 and "backbone's model id" in json.loads(e.value.read())["error"]
     assert _served(stack) == before
+
+
+def test_an_uploaded_embedding_adapter_is_served_without_restart(stack):
+    client, url = stack["client"], stack["url"]
+    pack = (stack["repo"] / "hpeft" / "1" / "export" / "packs" / "emb.safetensors").read_bytes()
+    req = urllib.request.Request(f"{url}/v1/adapters/emb-up", pack, method="PUT",
+                                 headers={"authorization": f"Bearer {TOKEN}"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        assert r.status == 201 and json.loads(r.read())["task"] == "embedding"
+    try:
+        ids, mask = _tokens(stack["gateway"], TEXTS)
+        got = _vectors(client.embeddings.create(model="emb-up", input=TEXTS, encoding_format="float"))
+        assert np.abs(got - _reference(stack["cks"]["emb"], (ids, mask))).max() <= TOL
+        assert "emb-up" in {m.id for m in client.models.list()}
+        listing = json.loads(urllib.request.urlopen(f"{url}/v1/adapters", timeout=30).read())["adapters"]
+        assert {a["name"]: a["task"] for a in listing}["emb-up"] == "embedding"
+    finally:
+        req = urllib.request.Request(f"{url}/v1/adapters/emb-up", method="DELETE",
+                                     headers={"authorization": f"Bearer {TOKEN}"})
+        assert urllib.request.urlopen(req, timeout=30).status == 200
+    with pytest.raises(openai.NotFoundError):
+        client.embeddings.create(model="emb-up", input=TEXTS)
+
+
+def test_concurrent_embeddings_and_predictions_are_each_exact(stack):
+    """Embedding and classifier requests at once (Triton may batch their rows into one forward): every
+    answer equals its own PyTorch forward."""
+    from concurrent.futures import ThreadPoolExecutor
+    client, gateway = stack["client"], stack["gateway"]
+    ids, mask = _tokens(gateway, TEXTS)
+    want = {"emb": _reference(stack["cks"]["emb"], (ids, mask)), "tiny-bert": _plain(stack, ids, mask),
+            "clf": _reference(stack["cks"]["clf"], (ids, mask))}
+
+    def call(i):
+        name = ("emb", "tiny-bert", "clf")[i % 3]
+        if name == "clf":
+            code, out = _post(f"{stack['url']}/v1/predict", {"adapter": "clf", "inputs": TEXTS})
+            assert code == 200, out
+            return name, np.array([o["logits"] for o in out["outputs"]], np.float32)
+        return name, _vectors(client.embeddings.create(model=name, input=TEXTS, encoding_format="float"))
+
+    with ThreadPoolExecutor(6) as pool:
+        for name, got in pool.map(call, range(18)):
+            assert got.shape == want[name].shape and np.abs(got - want[name]).max() <= TOL, name
