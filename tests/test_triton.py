@@ -2,7 +2,10 @@
 model `hpeft`: REST (KServe v2 JSON) and gRPC answers equal the PyTorch forward for adapters of all five
 hybrid methods; one request mixing adapters equals each alone; an unknown adapter, a wrong dtype or
 shape, an over-long sequence each get a clear error and serving goes on; an adapter deployed or replaced
-while serving is answered without a restart, and concurrent requests never see a mix of versions."""
+while serving is answered without a restart, and concurrent requests never see a mix of versions.
+Embeddings: a request mixing embedding adapters (max and mean pooling, normalised or not), classifiers and
+"@backbone" gets `embeddings` and `logits` per row equal to PyTorch over REST and gRPC; a merged embedding
+export deploys as a model with output `embeddings`."""
 
 from __future__ import annotations
 
@@ -24,10 +27,12 @@ from hpeft_serve.serving.client import free_ports, hpeft_inputs
 from hpeft_serve.serving.deploy import deploy
 from hpeft_serve.serving.triton import TritonServer
 
+from .test_embed_export import make_embed_ckpt, plain, pooled
 from .test_export import _batches, _make_ckpt, _reference
 
 TOL = 1e-5
 METHODS = {"uni": "unipelt", "mam": "mam", "comp": "compacter", "sparse": "sparse_adapter", "s4": "s4"}
+EMBED = {"emax": ("mam", "max", True), "emean": ("lora", "mean", False)}
 REPO_SRC = Path(__file__).resolve().parent.parent / "model_repository"
 
 
@@ -36,6 +41,7 @@ def server(tmp_path_factory, tiny_bert):
     root = tmp_path_factory.mktemp("triton")
     cks = {n: _make_ckpt(tiny_bert, m, root / "ck" / n, labels=3 if n == "comp" else 2, seed=i)
            for i, (n, m) in enumerate(METHODS.items())}
+    cks |= {n: make_embed_ckpt(tiny_bert, m, root / "ck" / n, p, z, seed=10 + i) for i, (n, (m, p, z)) in enumerate(EMBED.items())}
     for ck in cks.values():
         export_checkpoint(ck, root / "export", "onnx", log=lambda *_: None)
     repo = root / "repo"  # a new repository: deploy writes the model's config and model.py
@@ -53,12 +59,12 @@ def test_the_committed_repository_is_what_deploy_writes(tmp_path):
         assert (tmp_path / "hpeft" / f).read_text() == (REPO_SRC / "hpeft" / f).read_text()
 
 
-def _grpc(srv, ids, mask, names, ids_dtype="INT64"):
+def _grpc(srv, ids, mask, names, ids_dtype="INT64", output="logits"):
     client = grpcclient.InferenceServerClient(srv["grpc"])
-    return client.infer("hpeft", hpeft_inputs(grpcclient, ids, mask, names, ids_dtype)).as_numpy("logits")
+    return client.infer("hpeft", hpeft_inputs(grpcclient, ids, mask, names, ids_dtype)).as_numpy(output)
 
 
-def _rest(srv, ids, mask, names):
+def _rest(srv, ids, mask, names, output="logits"):
     body = {"inputs": [
         {"name": "input_ids", "datatype": "INT64", "shape": list(ids.shape), "data": ids.flatten().tolist()},
         {"name": "attention_mask", "datatype": "INT64", "shape": list(mask.shape), "data": mask.flatten().tolist()},
@@ -66,8 +72,31 @@ def _rest(srv, ids, mask, names):
     req = urllib.request.Request(srv["http"] + "/v2/models/hpeft/infer", json.dumps(body).encode(),
                                  {"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=60) as r:
-        out = json.loads(r.read())["outputs"][0]
+        out = next(o for o in json.loads(r.read())["outputs"] if o["name"] == output)
     return np.array(out["data"], np.float32).reshape(out["shape"])
+
+
+def test_one_request_mixing_embeddings_classifiers_and_the_backbone_over_rest_and_grpc(server, tiny_bert):
+    ids, mask = _tokens()
+    names = ["emax", "uni", "@backbone", "emean", "comp"]
+    cks = server["cks"]
+    for call in (_grpc, _rest):
+        emb, logits = call(server, ids, mask, names, output="embeddings"), call(server, ids, mask, names)
+        assert emb.shape == (5, tiny_bert.config.hidden_size) and logits.shape == (5, 3)  # comp has 3 labels
+        for r, n in enumerate(names):
+            row = (ids[r:r + 1], mask[r:r + 1])
+            if n == "@backbone":  # tiny-bert's backbone.json: mean pooling, not normalised
+                ref = plain(tiny_bert, *row, "mean", False)[0]
+            else:
+                ref = _reference(cks[n], row)[0] if n in EMBED else pooled(cks[n], *row)[0]
+            assert np.abs(emb[r] - ref).max() <= TOL
+            if n in EMBED or n == "@backbone":
+                assert (logits[r] == np.finfo(np.float32).min).all()
+            else:
+                ref = _reference(cks[n], row)[0]
+                assert np.abs(logits[r, :len(ref)] - ref).max() <= TOL
+        only = call(server, ids, mask, ["emean"] * len(ids), output="logits")  # no classifier row: 0 wide
+        assert only.shape == (len(ids), 0)
 
 
 def _tokens():
@@ -220,3 +249,22 @@ def test_merged_adapter_deployed_while_serving(server, tmp_path):
     assert np.abs(got - _reference(ck, (ids, mask))).max() <= TOL
     uni = _reference(server["cks"]["uni"], (ids, mask))
     assert np.abs(_grpc(server, ids, mask, ["uni"] * len(ids)) - uni).max() <= TOL
+
+
+def test_merged_embedding_adapter_deploys_with_output_embeddings(server, tmp_path):
+    import subprocess
+    import sys
+    ck = server["cks"]["emax"]
+    export_checkpoint(ck, tmp_path / "merged", "onnx", merged=True, log=lambda *_: None)
+    r = subprocess.run([sys.executable, "-m", "hpeft_serve.cli", "deploy", str(tmp_path / "merged"), "--repo",
+                        str(server["repo"]), "--url", server["grpc"]], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert 'name: "embeddings"' in (server["repo"] / "emax" / "config.pbtxt").read_text()
+    ids, mask = _tokens()
+    client = grpcclient.InferenceServerClient(server["grpc"])
+    inputs = [grpcclient.InferInput("input_ids", list(ids.shape), "INT64"),
+              grpcclient.InferInput("attention_mask", list(mask.shape), "INT64")]
+    inputs[0].set_data_from_numpy(ids)
+    inputs[1].set_data_from_numpy(mask)
+    got = client.infer("emax", inputs).as_numpy("embeddings")
+    assert np.abs(got - _reference(ck, (ids, mask))).max() <= TOL
