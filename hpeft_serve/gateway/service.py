@@ -17,6 +17,7 @@ import numpy as np
 
 from ..errors import HpeftError
 from ..names import NAME
+from ..pack.layout import BACKBONE  # the adapter name that asks model hpeft for the plain backbone (no adapter)
 from ..pack.store import PackStore
 from ..serving.client import hpeft_inputs, triton_key_headers
 from .catalog import Catalog
@@ -25,7 +26,6 @@ from .limits import BoundedCache
 from .settings import MODEL, Settings
 
 LABEL_CACHE = 4096  # adapter names whose labels and task are kept (least recently answered out first)
-BACKBONE = "@backbone"  # the adapter input that asks model hpeft for the plain backbone (no adapter)
 ADAPTERS = "GET /v1/adapters lists the adapters"
 
 
