@@ -1,7 +1,8 @@
 """What the gateway bounds, over real HTTP (uvicorn), with no Triton behind it (nothing here may reach it):
 request bodies on the stream, for every route (a 40 MiB chunked body is refused at its limit, and the
 gateway's memory grows by far less than the body), texts that are not valid Unicode, unexpected errors,
-and the caches and metric labels that client input could grow."""
+the caches and metric labels that client input could grow, refusals on the OpenAI routes in OpenAI's error
+shape, and the lifespan that opens and closes the Triton client."""
 
 from __future__ import annotations
 

@@ -9,7 +9,7 @@
     DELETE /v1/adapters/{name}    bearer token
     GET    /healthz               200 when the gateway and Triton's model `hpeft` are ready, else 503
     GET    /livez                 200 while the process runs
-    GET    /metrics               Prometheus: requests, errors and latency per adapter
+    GET    /metrics               Prometheus: requests, errors and latency per adapter (embeddings: per model)
     GET    /docs                  OpenAPI
 
 The package, as FastAPI's larger applications are laid out: app.py (`create_app(settings)`, the lifespan that
