@@ -159,12 +159,12 @@ def test_runtime_answers_each_row_its_kind_and_backbone_is_the_plain_encoder(cks
     names = ["e_max", "c_lora", "@backbone", "e_lora", "c_lora"]
     folder = tmp_path / "export"
     shutil.copytree(shared["onnx"], folder)
-    for pooling, normalize in (("mean", False), ("cls", True), ("max", True)):  # backbone.json says how it pools
+    for pooling, normalize in (("mean", False), ("cls", True), ("max", True)):  # as backbone.json says
         info = json.loads((folder / "backbone.json").read_text())
         if pooling == "mean":
             assert info["embedding"] == {"pooling": "mean", "normalize": False}  # tiny-bert's embedding_defaults()
         (folder / "backbone.json").write_text(json.dumps(info | {"embedding": {"pooling": pooling, "normalize": normalize}}))
-        answers = SharedRuntime(folder).infer(ids, mask, names)
+        answers = SharedRuntime(folder, bind_bank=pooling == "max").infer(ids, mask, names)  # bound: the GPU path
         out, errs, versions = answers
         assert not any(errs) and answers.tasks == ["embedding", "classification", "embedding", "embedding",
                                                    "classification"]
