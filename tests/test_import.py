@@ -2,7 +2,7 @@
 give the libraries' logits on a padded batch of mixed lengths (fp32, max abs diff <= 1e-5) -- imported in
 PyTorch, exported merged to ONNX, and served from the shared-backbone graph (each adapter alone and a batch
 mixing them); what is not modelled, a .bin that would run code, a mismatched backbone and corrupt files are
-refused with a message naming the problem."""
+refused with a message naming the problem. Head-less adapters (embedding imports): test_import_embedding.py."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from hpeft_serve.importers.torch_bin import load_state_dict
 TOL = 1e-5
 GOLDEN = Path(__file__).parent / "golden"
 MANIFEST = json.loads((GOLDEN / "manifest.json").read_text())["cases"]
-CASES = sorted(MANIFEST)
+CASES = sorted(c for c in MANIFEST if MANIFEST[c].get("task") != "embedding")  # classifiers: expected logits
 SHIFTED = {c for c in CASES if c.startswith("peft-prefix")}  # positions shift: merged export only
 MAX_DIFF: dict[str, float] = {}  # what the tests measured, printed at the end with -s
 
@@ -51,7 +51,8 @@ def _check(key: str, got, want: torch.Tensor) -> None:
 @pytest.fixture(scope="module")
 def imported(tmp_path_factory):
     root = tmp_path_factory.mktemp("imported")
-    return {c: import_checkpoint(MANIFEST[c]["library"], GOLDEN / "cases" / c, _backbone(c), root / c) for c in CASES}
+    return {c: import_checkpoint(MANIFEST[c]["library"], GOLDEN / "cases" / c, _backbone(c), root / c,
+                                 log=lambda *_: None) for c in CASES}
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -173,11 +174,7 @@ def test_mismatched_backbone_is_refused(tmp_path):
             _import(GOLDEN / "cases" / "ah-seqbn-bert", "adapterhub", family, tmp_path)
 
 
-def test_missing_head_and_corrupt_files_are_refused(tmp_path):
-    folder = _copy("ah-seqbn-bert", tmp_path)
-    (folder / "head_config.json").unlink()
-    with pytest.raises(CheckpointError, match="with_head=True"):
-        _import(folder, "adapterhub", _backbone("ah-seqbn-bert"), tmp_path)
+def test_corrupt_files_are_refused(tmp_path):
     folder = _copy("ah-compacter-bert", tmp_path)
     w = folder / "adapter.safetensors"
     w.write_bytes(w.read_bytes()[:200])

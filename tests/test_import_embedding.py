@@ -1,0 +1,156 @@
+"""Embedding imports: AdapterHub adapters saved without a head or with a head that is not a classifier (ignored,
+with a note) and peft FEATURE_EXTRACTION LoRAs, made by the libraries (tests/golden, make_golden.py), import as
+embedding adapters whose embeddings equal the library's last hidden state pooled the same way (mean over real
+tokens, cls, max, L2-normalised; fp32, padded batch of mixed lengths, max abs diff <= 1e-5); the pooling is
+the one asked for or the backbone's sentence-transformers config; what cannot be imported exactly is refused
+by name."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from hpeft_serve import checkpoint
+from hpeft_serve.errors import CheckpointError
+from hpeft_serve.importers import import_checkpoint
+from tests.test_import import GOLDEN, MANIFEST, _backbone, _check, _copy, _edit_config, _expected, _import
+
+EMBEDDING = sorted(c for c in MANIFEST if MANIFEST[c].get("task") == "embedding")  # expected: embeddings_*
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("imported")
+    return {c: import_checkpoint(MANIFEST[c]["library"], GOLDEN / "cases" / c, _backbone(c), root / c,
+                                 log=lambda *_: None) for c in EMBEDDING}
+
+
+def test_the_golden_set_has_each_kind_of_headless_adapter():
+    kinds = {(MANIFEST[c]["library"], MANIFEST[c]["head"]) for c in EMBEDDING}
+    assert {("adapterhub", "none"), ("adapterhub", "tagging"), ("peft", "none")} <= kinds
+
+
+@pytest.mark.parametrize("case", EMBEDDING)
+def test_headless_adapter_imports_as_an_embedder_giving_the_library_pooled_output(case, imported):
+    model, cfg = checkpoint.load(imported[case])
+    e = _expected(case)
+    with torch.no_grad():
+        got = model(e["input_ids"], e["attention_mask"])
+    assert got.shape == e["embeddings_mean"].shape  # [batch, hidden]: an embedding, not logits
+    _check(f"pytorch embedding {case}", got, e["embeddings_mean"])
+    assert cfg["head"]["task"] == "embedding" and cfg["labels"] == [] and cfg["name"] == case
+    assert (cfg["head"]["pooling"], cfg["head"]["normalize"]) == ("mean", False)  # the tiny backbone's defaults
+
+
+@pytest.mark.parametrize("pooling,normalize,key", [
+    ("cls", None, "embeddings_cls"), ("max", False, "embeddings_max"), ("mean", True, "embeddings_mean_normalized"),
+    (None, True, "embeddings_mean_normalized"),
+])
+def test_embedding_import_pools_as_asked(pooling, normalize, key, tmp_path):
+    case, notes = "ah-seqbn-nohead-bert", []
+    out = import_checkpoint("adapterhub", GOLDEN / "cases" / case, _backbone(case), tmp_path / "o", pooling=pooling,
+                            normalize=normalize, log=notes.append)
+    model, _ = checkpoint.load(out)
+    e = _expected(case)
+    with torch.no_grad():
+        _check(f"pytorch embedding {case} {key}", model(e["input_ids"], e["attention_mask"]), e[key])
+    assert notes == [f"note: imported as an embedding adapter: {pooling or 'mean'} pooling, "
+                     f"{'L2-normalised' if normalize else 'not normalised'} (as asked)"]
+
+
+def test_a_head_that_is_not_a_classifier_is_ignored_with_a_note_naming_it(tmp_path):
+    notes = []
+    case = "ah-compacterpp-tagging-roberta"
+    import_checkpoint("adapterhub", GOLDEN / "cases" / case, _backbone(case), tmp_path / "o", log=notes.append)
+    assert len(notes) == 2 and "'tagging' head" in notes[0] and "is ignored" in notes[0]
+    assert "mean pooling, not normalised (the backbone's defaults)" in notes[1]
+    folder = _copy("ah-seqbn-bert", tmp_path)  # a static Hugging Face head of another task: likewise
+    (folder / "head_config.json").write_text(json.dumps({"config": None, "model_class": "BertForTokenClassification",
+                                                         "num_labels": 3}))
+    notes.clear()
+    import_checkpoint("adapterhub", folder, _backbone("ah-seqbn-bert"), tmp_path / "o2", log=notes.append)
+    assert "head of model class 'BertForTokenClassification' is not a classifier" in notes[0]
+
+
+def test_embedding_defaults_come_from_the_backbone_sentence_transformers_config(tmp_path):
+    bb = tmp_path / "bert-st"  # the golden BERT as a sentence-transformers folder: cls pooling, Normalize
+    shutil.copytree(GOLDEN / "backbones" / "bert", bb)
+    (bb / "1_Pooling").mkdir()
+    (bb / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_cls_token": True}))
+    (bb / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]))
+    case = "peft-lora-fe-bert"
+    out = import_checkpoint("peft", GOLDEN / "cases" / case, str(bb), tmp_path / "o", log=lambda *_: None)
+    model, cfg = checkpoint.load(out)
+    assert (cfg["head"]["pooling"], cfg["head"]["normalize"]) == ("cls", True)
+    e = _expected(case)
+    with torch.no_grad():
+        got = model(e["input_ids"], e["attention_mask"])
+    want = torch.nn.functional.normalize(e["embeddings_cls"], dim=1)  # the library's first token, normalised
+    _check(f"pytorch embedding {case} st-defaults", got, want)
+
+
+def test_embedding_imports_refuse_what_they_cannot_import_exactly(tmp_path):
+    with pytest.raises(CheckpointError, match="holds a classification head .* --pooling and --normalize"):
+        import_checkpoint("adapterhub", GOLDEN / "cases" / "ah-seqbn-bert", _backbone("ah-seqbn-bert"),
+                          tmp_path / "o", pooling="mean")
+    folder = _copy("ah-seqbn-bert", tmp_path)  # a classifier's options still refused by name
+    hc = json.loads((folder / "head_config.json").read_text())
+    hc["config"]["head_type"] = "multilabel_classification"
+    (folder / "head_config.json").write_text(json.dumps(hc))
+    with pytest.raises(CheckpointError, match="'head_type': 'multilabel_classification'"):
+        _import(folder, "adapterhub", _backbone("ah-seqbn-bert"), tmp_path)
+    with pytest.raises(CheckpointError, match="for a bert model of hidden size 128, the backbone .* is a roberta"):
+        _import(GOLDEN / "cases" / "ah-seqbn-nohead-bert", "adapterhub", str(GOLDEN / "backbones" / "roberta"),
+                tmp_path)
+    with pytest.raises(CheckpointError, match="expected .* for this backbone: the adapter was trained on a different"):
+        _import(GOLDEN / "cases" / "peft-lora-fe-bert", "peft", "minilm", tmp_path)  # hidden 384, not 128
+    folder = _copy("peft-lora-fe-bert", tmp_path)  # keys without bert./roberta.: the recorded base model says
+    _edit_config(folder, lambda c: c.update(base_model_name_or_path=str(GOLDEN / "backbones" / "bert")))
+    with pytest.raises(CheckpointError, match="trained on .*backbones/bert, a bert model; the backbone .* is a roberta"):
+        _import(folder, "peft", str(GOLDEN / "backbones" / "roberta"), tmp_path)
+    _edit_config(folder, lambda c: c.update(peft_type="PREFIX_TUNING"))
+    with pytest.raises(CheckpointError, match="PREFIX_TUNING of a feature extractor"):
+        _import(folder, "peft", _backbone("peft-lora-fe-bert"), tmp_path)
+    folder = _copy("ah-unipelt-nohead-roberta", tmp_path)
+    w = folder / "pytorch_adapter.bin"
+    w.write_bytes(w.read_bytes()[:3000])
+    with pytest.raises(CheckpointError, match="corrupt"):
+        _import(folder, "adapterhub", _backbone("ah-unipelt-nohead-roberta"), tmp_path)
+    assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_peft_feature_extractor_lora_on_the_pooler_is_ignored_with_a_note(tmp_path):
+    folder = _copy("peft-lora-fe-bert", tmp_path)
+    t = load_file(str(folder / "adapter_model.safetensors"))
+    t["base_model.model.pooler.dense.lora_A.weight"] = torch.ones(4, 128)
+    t["base_model.model.pooler.dense.lora_B.weight"] = torch.ones(128, 4)
+    save_file(t, str(folder / "adapter_model.safetensors"))
+    notes = []
+    out = import_checkpoint("peft", folder, _backbone("peft-lora-fe-bert"), tmp_path / "o", log=notes.append)
+    assert "LoRA on the pooler (pooler.dense) is ignored" in notes[0]
+    model, _ = checkpoint.load(out)
+    e = _expected("peft-lora-fe-bert")
+    with torch.no_grad():
+        _check("pytorch embedding pooler-lora", model(e["input_ids"], e["attention_mask"]), e["embeddings_mean"])
+
+
+def test_cli_embedding_import_takes_pooling_flags_and_prints_the_notes(tmp_path, capsys):
+    from hpeft_serve.cli import main
+    case = "ah-compacterpp-tagging-roberta"
+    assert main(["import", "adapterhub", str(GOLDEN / "cases" / case), "--backbone", _backbone(case), "--out",
+                 str(tmp_path / "emb"), "--pooling", "cls", "--normalize"]) in (0, None)
+    out = capsys.readouterr().out
+    assert "note:" in out and "'tagging' head" in out and "cls pooling, L2-normalised (as asked)" in out
+    head = checkpoint.read_config(tmp_path / "emb")["head"]
+    assert (head["task"], head["pooling"], head["normalize"]) == ("embedding", "cls", True)
+    assert main(["import", "adapterhub", str(GOLDEN / "cases" / "ah-seqbn-bert"), "--backbone",
+                 _backbone("ah-seqbn-bert"), "--out", str(tmp_path / "c"), "--no-normalize"]) == 2
+    assert "--pooling and --normalize apply to adapters saved without a classifier" in capsys.readouterr().err
