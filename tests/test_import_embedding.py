@@ -1,9 +1,11 @@
 """Embedding imports: AdapterHub adapters saved without a head or with a head that is not a classifier (ignored,
 with a note) and peft FEATURE_EXTRACTION LoRAs, made by the libraries (tests/golden, make_golden.py), import as
 embedding adapters whose embeddings equal the library's last hidden state pooled the same way (mean over real
-tokens, cls, max, L2-normalised; fp32, padded batch of mixed lengths, max abs diff <= 1e-5); the pooling is
-the one asked for or the backbone's sentence-transformers config; what cannot be imported exactly is refused
-by name."""
+tokens, cls, max, L2-normalised; fp32, padded batch of mixed lengths, max abs diff <= 1e-5) -- in PyTorch, in
+their merged ONNX export (output `embeddings`) and in ONE shared graph with imported classifiers (each alone
+and a batch mixing them: embedding rows give the library's embeddings, classifier rows its logits); the
+pooling is the one asked for or the backbone's sentence-transformers config; what cannot be imported
+exactly is refused by name."""
 
 from __future__ import annotations
 
@@ -11,23 +13,29 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from exporters.export import export_checkpoint, read_layout
+from exporters.layout import bank_feed, stack
 from hpeft_serve import checkpoint
 from hpeft_serve.errors import CheckpointError
 from hpeft_serve.importers import import_checkpoint
 from tests.test_import import GOLDEN, MANIFEST, _backbone, _check, _copy, _edit_config, _expected, _import
 
 EMBEDDING = sorted(c for c in MANIFEST if MANIFEST[c].get("task") == "embedding")  # expected: embeddings_*
+MIXED = {"bert": ["ah-seqbn-nohead-bert", "peft-lora-fe-bert", "ah-seqbn-bert", "peft-lora-bert"],  # + classifiers
+         "roberta": ["ah-unipelt-nohead-roberta", "ah-compacterpp-tagging-roberta", "ah-unipelt-roberta"]}
 
 
 @pytest.fixture(scope="module")
 def imported(tmp_path_factory):
     root = tmp_path_factory.mktemp("imported")
     return {c: import_checkpoint(MANIFEST[c]["library"], GOLDEN / "cases" / c, _backbone(c), root / c,
-                                 log=lambda *_: None) for c in EMBEDDING}
+                                 log=lambda *_: None) for c in sorted(set(EMBEDDING).union(*MIXED.values()))}
 
 
 def test_the_golden_set_has_each_kind_of_headless_adapter():
@@ -154,3 +162,59 @@ def test_cli_embedding_import_takes_pooling_flags_and_prints_the_notes(tmp_path,
     assert main(["import", "adapterhub", str(GOLDEN / "cases" / "ah-seqbn-bert"), "--backbone",
                  _backbone("ah-seqbn-bert"), "--out", str(tmp_path / "c"), "--no-normalize"]) == 2
     assert "--pooling and --normalize apply to adapters saved without a classifier" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- export and the shared graph
+def _ort(path: Path):
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("case", EMBEDDING)
+def test_merged_onnx_of_an_imported_embedder_outputs_the_library_embeddings(case, imported, tmp_path):
+    export_checkpoint(imported[case], tmp_path, "onnx", merged=True, log=lambda *_: None)
+    sess = _ort(tmp_path / f"{case}.onnx")
+    assert [o.name for o in sess.get_outputs()] == ["embeddings"]
+    e = _expected(case)
+    got = sess.run(["embeddings"], {"input_ids": e["input_ids"].numpy(), "attention_mask": e["attention_mask"].numpy()})
+    _check(f"onnx merged embedding {case}", got[0], e["embeddings_mean"])
+
+
+@pytest.mark.parametrize("arch", sorted(MIXED))
+def test_one_shared_graph_serves_imported_embedders_and_classifiers_alone_and_mixed(arch, imported, tmp_path):
+    cases = MIXED[arch]
+    for c in cases:
+        export_checkpoint(imported[c], tmp_path, "onnx", log=lambda *_: None)
+    assert read_layout(tmp_path).embeddings
+    sess = _ort(tmp_path / "backbone.onnx")
+    packs = [(load_file(str(tmp_path / "packs" / f"{c}.safetensors")),
+              json.loads((tmp_path / "packs" / f"{c}.json").read_text())["sizes"]) for c in cases]
+    feed = {k: v.numpy() for k, v in bank_feed(stack(packs), read_layout(tmp_path)).items()}
+    e0 = _expected(cases[0])  # every case of a backbone has the same inputs
+    base = {"input_ids": e0["input_ids"].numpy(), "attention_mask": e0["attention_mask"].numpy()}
+    rows = len(e0["input_ids"])
+
+    def check_row(tag, c, r, logits, emb):
+        want = _expected(c)
+        if c in EMBEDDING:
+            _check(tag, emb[r:r + 1], want["embeddings_mean"][r:r + 1])
+        else:
+            _check(tag, logits[r:r + 1], want["logits"][r:r + 1])
+
+    for k, c in enumerate(cases):  # each alone
+        logits, emb = sess.run(["logits", "embeddings"], base | {"adapter_index": np.full(rows, k, np.int64)} | feed)
+        for r in range(rows):
+            check_row(f"onnx shared embedding {c}", c, r, logits, emb)
+    idx = (np.arange(rows) + 1) % len(cases)  # one forward, a different adapter per row, embedders and classifiers
+    assert {cases[k] in EMBEDDING for k in idx} == {True, False}
+    logits, emb = sess.run(["logits", "embeddings"], base | {"adapter_index": idx} | feed)
+    for r, k in enumerate(idx):
+        check_row(f"onnx shared embedding mixed {arch}", cases[k], r, logits, emb)
+
+
+def test_report_max_diffs():
+    """Prints the largest embedding differences measured above (run with -s)."""
+    from tests.test_import import MAX_DIFF
+    for kind in ("pytorch embedding", "onnx merged embedding", "onnx shared embedding"):
+        got = {k: v for k, v in MAX_DIFF.items() if k.startswith(kind)}
+        if got:
+            print(f"\n{kind}: max abs diff {max(got.values()):.2e} over {len(got)} checks")
