@@ -277,7 +277,9 @@ def _not_a_classifier(hc: dict) -> str | None:
     if cfg is None:  # a static Hugging Face head: its model class says what it is
         mc = str(hc.get("model_class", ""))
         return None if mc.endswith("ForSequenceClassification") else f"head of model class {mc!r}"
-    kind = cfg.get("head_type") if isinstance(cfg, dict) else None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"head_config.json: 'config' is {type(cfg).__name__}, not an object: the file is corrupt")
+    kind = cfg.get("head_type", "classification")  # without a type: checked (and refused) as a classifier
     return None if kind in CLASSIFIER_HEADS else f"{kind!r} head {hc.get('name')!r}"
 
 

@@ -4,7 +4,7 @@ Writes, under tests/golden/:
 - backbones/{bert,roberta,xlmr}/: tiny random Hugging Face backbones (hidden 128, 2 layers, vocab 200),
   config.json + model.safetensors, the folders `hpeft import --backbone` takes;
 - cases/<case>/: an adapter checkpoint exactly as the library saved it (AdapterHub `save_adapter` with its
-  head, or peft `save_pretrained`), every adapter tensor perturbed away from its (often zero) init so that
+  head, or without / with a tagging head for the embedding cases, or peft `save_pretrained`), every adapter tensor perturbed away from its (often zero) init so that
   a wrong import cannot pass; the two legacy cases are hand-edited to the older on-disk form afterwards;
 - expected/<case>.safetensors: input_ids, attention_mask (a padded batch of mixed lengths) and the logits
   the library computes (eval mode) after loading the saved folder back into a fresh model;
