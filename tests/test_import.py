@@ -269,9 +269,10 @@ def test_report_max_diffs():
             print(f"\n{kind}: max abs diff {max(got.values()):.2e} over {len(got)} checks")
 
 
-def test_imported_adapters_served_by_tritonserver_give_the_library_logits(imported, tmp_path):
+def test_imported_adapters_served_by_tritonserver_give_the_library_outputs(imported, tmp_path):
     """An imported checkpoint is a normal checkpoint: exported, deployed and served by the real tritonserver
-    (the BERT cases, several libraries and methods in one graph), each answers the library's logits."""
+    (the BERT cases, several libraries and methods in one graph, classifiers and head-less embedders), each
+    answers the library's logits or pooled embeddings, alone and in one request mixing them."""
     import tritonclient.grpc as grpcclient
 
     from hpeft_serve.serving.client import free_ports, hpeft_inputs
@@ -279,14 +280,31 @@ def test_imported_adapters_served_by_tritonserver_give_the_library_logits(import
     from hpeft_serve.serving.triton import TritonServer
     cases = [c for c in CASES if MANIFEST[c]["backbone"] == "bert" and c not in SHIFTED]
     assert {MANIFEST[c]["library"] for c in cases} == {"adapterhub", "peft"}
-    for c in cases:
-        export_checkpoint(imported[c], tmp_path / "export", "onnx", log=lambda *_: None)
+    embedders = [c for c in sorted(MANIFEST) if MANIFEST[c].get("task") == "embedding"
+                 and MANIFEST[c]["backbone"] == "bert"]
+    folders = {c: imported[c] for c in cases} | {c: import_checkpoint(
+        MANIFEST[c]["library"], GOLDEN / "cases" / c, _backbone(c), tmp_path / "emb" / c, log=lambda *_: None)
+        for c in embedders}
+    for c, folder in folders.items():
+        export_checkpoint(folder, tmp_path / "export", "onnx", log=lambda *_: None)
     deploy(tmp_path / "export", tmp_path / "repo", log=lambda *_: None)
     http, grpc, metrics = free_ports()
+    e0 = _expected(cases[0])  # every BERT case has the same inputs
+    ids, mask = e0["input_ids"].numpy(), e0["attention_mask"].numpy()
     with TritonServer(tmp_path / "repo", http, grpc, metrics, work=tmp_path / "work"):
         client = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc}")
-        for c in cases:
+
+        def infer(names):
+            r = client.infer("hpeft", hpeft_inputs(grpcclient, ids, mask, names))
+            return r.as_numpy("logits"), r.as_numpy("embeddings").reshape(len(names), -1)
+
+        for c in folders:
+            logits, emb = infer([c] * len(ids))
             e = _expected(c)
-            ids, mask = e["input_ids"].numpy(), e["attention_mask"].numpy()
-            got = client.infer("hpeft", hpeft_inputs(grpcclient, ids, mask, [c] * len(ids))).as_numpy("logits")
-            _check(f"tritonserver {c}", got, e["logits"])
+            _check(f"tritonserver {c}", emb if c in embedders else logits, e.get("embeddings_mean", e.get("logits")))
+        names = [embedders[0], cases[0], embedders[-1], cases[-1]][:len(ids)]  # one request, both kinds
+        logits, emb = infer(names)
+        for r, c in enumerate(names):
+            e = _expected(c)
+            got, want = (emb, e["embeddings_mean"]) if c in embedders else (logits, e["logits"])
+            _check(f"tritonserver mixed {c}", got[r:r + 1], want[r:r + 1])

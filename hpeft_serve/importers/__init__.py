@@ -1,7 +1,7 @@
 """Bring your own checkpoint: adapters trained with AdapterHub `adapters` or Hugging Face `peft`, imported
 exactly into a normal hpeft checkpoint (export, deploy and serve it like any other), or refused with a
-message naming what is not modelled. Adapters saved without a classifier import as embedding adapters. Weights are read from safetensors, or from a torch .bin by a loader
-that runs no code (torch_bin.py).
+message naming what is not modelled. Adapters saved without a classifier import as embedding adapters.
+Weights are read from safetensors, or from a torch .bin by a loader that runs no code (torch_bin.py).
 """
 
 from __future__ import annotations

@@ -1,11 +1,12 @@
-"""Golden fixtures for tests/test_import.py, made with the original libraries.
+"""Golden fixtures for tests/test_import.py and test_import_embedding.py, made with the original libraries.
 
 Writes, under tests/golden/:
 - backbones/{bert,roberta,xlmr}/: tiny random Hugging Face backbones (hidden 128, 2 layers, vocab 200),
   config.json + model.safetensors, the folders `hpeft import --backbone` takes;
 - cases/<case>/: an adapter checkpoint exactly as the library saved it (AdapterHub `save_adapter` with its
-  head, or without / with a tagging head for the embedding cases, or peft `save_pretrained`), every adapter tensor perturbed away from its (often zero) init so that
-  a wrong import cannot pass; the two legacy cases are hand-edited to the older on-disk form afterwards;
+  head, or without / with a tagging head for the embedding cases, or peft `save_pretrained`), every adapter
+  tensor perturbed away from its (often zero) init so that a wrong import cannot pass; the two legacy cases
+  are hand-edited to the older on-disk form afterwards;
 - expected/<case>.safetensors: input_ids, attention_mask (a padded batch of mixed lengths) and the logits
   the library computes (eval mode) after loading the saved folder back into a fresh model;
 - embedding cases (head-less adapters: AdapterHub saved without head or with a head that is not a classifier,
@@ -241,11 +242,12 @@ def make_peft_case(case, arch, config, backbone: Path, labels: int, seed: int):
 
 # ---------------------------------------------------------------- embedding cases (no classifier)
 def embedding_cases():
-    from adapters import CompacterPlusPlusConfig, PrefixTuningConfig, SeqBnConfig, UniPELTConfig
+    from adapters import CompacterPlusPlusConfig, LoRAConfig, PrefixTuningConfig, SeqBnConfig, UniPELTConfig
     from peft import LoraConfig, TaskType
     small_prefix = dict(prefix_length=8, bottleneck_size=64)
     return [
-        # case, library, backbone, config, config name, safetensors?, AdapterHub head saved with it (None: no head)
+        # case, library, backbone, config, config name, safetensors?, AdapterHub head saved with it (None: no head;
+        # "init": the bare model made adaptable with adapters.init, whose keys lack the "roberta." prefix)
         ("ah-seqbn-nohead-bert", "adapterhub", "bert", SeqBnConfig(reduction_factor=8),
          "SeqBnConfig, no head (as SPECTER2 ships its adapters)", True, None),
         ("ah-unipelt-nohead-roberta", "adapterhub", "roberta", UniPELTConfig(PrefixTuningConfig(**small_prefix)),
@@ -255,6 +257,8 @@ def embedding_cases():
         ("peft-lora-fe-bert", "peft", "bert", LoraConfig(task_type=TaskType.FEATURE_EXTRACTION, r=4, lora_alpha=8,
                                                           target_modules=["query", "value", "attention.output.dense"]),
          "LoraConfig (FEATURE_EXTRACTION)", True, None),
+        ("ah-lora-init-xlmr", "adapterhub", "xlmr", LoRAConfig(r=4, alpha=8, attn_matrices=["q", "k", "v"]),
+         "LoRAConfig on adapters.init(XLMRobertaModel)", True, "init"),
     ]
 
 
@@ -272,11 +276,22 @@ def _ah_hidden(model, ids, mask) -> torch.Tensor:
     return out.hidden_states[-1] if getattr(out, "hidden_states", None) is not None else out.last_hidden_state
 
 
-def make_adapterhub_embedding(case, arch, config, backbone: Path, safetensors: bool, head, seed: int):
+def _ah_bare(backbone: Path, head):
+    """A flex-head model without heads (AutoAdapterModel), or the bare Hugging Face model after adapters.init."""
+    import adapters
     from adapters import AutoAdapterModel
+    from transformers import AutoModel
+    if head != "init":
+        return AutoAdapterModel.from_pretrained(backbone)
+    model = AutoModel.from_pretrained(backbone)
+    adapters.init(model)
+    return model
+
+
+def make_adapterhub_embedding(case, arch, config, backbone: Path, safetensors: bool, head, seed: int):
     torch.manual_seed(seed)
     name = case.replace("-", "_")
-    model = AutoAdapterModel.from_pretrained(backbone)
+    model = _ah_bare(backbone, head)
     model.add_adapter(name, config=config)
     if head == "tagging":
         model.add_tagging_head(name, num_labels=3)
@@ -285,11 +300,11 @@ def make_adapterhub_embedding(case, arch, config, backbone: Path, safetensors: b
     perturb(model, lambda n: f".{name}." in n or n.startswith(f"heads.{name}."), seed)
     folder = HERE / "cases" / case
     shutil.rmtree(folder, ignore_errors=True)
-    model.save_adapter(str(folder), name, with_head=head is not None, use_safetensors=safetensors)
+    model.save_adapter(str(folder), name, with_head=head == "tagging", use_safetensors=safetensors)
     ids, mask = inputs(arch)
     with torch.no_grad():
         direct = _ah_hidden(model.eval(), ids, mask)
-    model = AutoAdapterModel.from_pretrained(backbone)
+    model = _ah_bare(backbone, head)
     loaded = model.load_adapter(str(folder), set_active=True, use_safetensors=safetensors)
     model.set_active_adapters(loaded)
     with torch.no_grad():
@@ -334,8 +349,9 @@ def make_embeddings(backbones: dict, manifest: dict) -> None:
         save_expected(case, arch, pooled(hidden, inputs(arch)[1]))
         weights = ("adapter.safetensors" if st else "pytorch_adapter.bin") if lib == "adapterhub" else \
             "adapter_model.safetensors"
-        manifest["cases"][case] = {"library": lib, "backbone": arch, "config": cls, "head": head or "none",
-                                   "task": "embedding", "weights": weights}
+        manifest["cases"][case] = {"library": lib, "backbone": arch, "config": cls,
+                                   "head": "tagging" if head == "tagging" else "none", "task": "embedding",
+                                   "weights": weights}
         print(f"{case}: {sorted(p.name for p in (HERE / 'cases' / case).iterdir())}, reload diff {diff:.1e}")
 
 
