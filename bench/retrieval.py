@@ -21,10 +21,11 @@ from pathlib import Path
 import torch
 
 from hpeft_serve.backbone import load_backbone
-from hpeft_serve.data import load_pairs
+from hpeft_serve.data import PairDataset, load_pairs
 from hpeft_serve.methods.presets import resolve
 from hpeft_serve.model import HeadConfig
-from hpeft_serve.training import TrainConfig, backbone_embedder, build_model, evaluate_retrieval, train
+from hpeft_serve.training import (TrainConfig, backbone_embedder, build_model, evaluate_retrieval, mine_negatives,
+                                  train)
 
 METHODS = ["lora", "adapter", "compacter_pp", "unipelt", "mam"]
 
@@ -67,6 +68,8 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=32, help="pairs per step (each query's in-batch negatives)")
     ap.add_argument("--max-length", type=int, default=64, help="tokens per headline or body, train and eval")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-hard-negatives", dest="hard_negatives", action="store_false",
+                    help="in-batch negatives only (default: also one hard negative per pair, mined by the backbone)")
     ap.add_argument("--quiet", action="store_true", help="no progress bars (one line per method still)")
     ap.add_argument("--out", type=Path, default=Path("bench/results/retrieval.md"))
     args = ap.parse_args()
@@ -78,6 +81,12 @@ def main() -> int:
     n_backbone = sum(p.numel() for p in backbone.build_encoder().parameters())
     t0 = time.perf_counter()
     rows = [baseline(backbone, head, data, cfg)]
+    if args.hard_negatives:
+        plain = backbone_embedder(build_model(backbone, resolve("lora", backbone.config.num_hidden_layers), head))
+        data = PairDataset(data.name, mine_negatives(plain, backbone.tokenizer(), data.train, cfg.max_length),
+                           data.test)
+        print(f"mined one hard negative per training pair with the backbone ({time.perf_counter() - t0:.0f}s)",
+              file=sys.stderr, flush=True)
     log = lambda r, i: print(f"[{i}/{len(args.methods)} {time.perf_counter() - t0:.0f}s] {r['method']:<22} "
                              f"recall@1 {r['recall@1']:.3f} recall@10 {r['recall@10']:.3f} mrr@10 {r['mrr@10']:.3f} "
                              f"train {r['train_s']:.0f}s", file=sys.stderr, flush=True)
@@ -87,7 +96,8 @@ def main() -> int:
         log(rows[-1], i)
     setup = (f"MiniLM (all-MiniLM-L6-v2), {pooling} pooling, {'normalised' if normalize else 'not normalised'}; "
              f"bbc_retrieval: {len(data.train)} training pairs x {args.epochs} epoch(s), batch {args.batch_size} "
-             f"(in-batch negatives), {args.max_length} tokens, seed {args.seed}; {len(data.test)} held-out "
+             f"(in-batch negatives{' + one mined hard negative per pair' if args.hard_negatives else ''}), "
+             f"{args.max_length} tokens, seed {args.seed}; {len(data.test)} held-out "
              f"headlines each ranked against all {len(data.test)} held-out bodies; {torch.get_num_threads()} "
              f"threads, total {time.perf_counter() - t0:.0f}s")
     text = f"{setup}\n\n{table(rows, n_backbone)}\n"

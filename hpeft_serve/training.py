@@ -116,6 +116,23 @@ def evaluate_retrieval(model, tokenizer, pairs: list[Pair], max_length: int = 12
     return metrics(cos_sim(q, d))
 
 
+@torch.no_grad()
+def mine_negatives(embedder, tokenizer, pairs: list[Pair], max_length: int = 128, batch_size: int = 64,
+                   near_duplicate: float = 0.95) -> list[Pair]:
+    """The pairs, each with a hard negative: the other positive that embedder (e.g. backbone_embedder(model))
+    ranks highest for its query, as sentence-transformers' mine_hard_negatives with one negative. A candidate
+    whose cosine to the pair's own positive is >= near_duplicate is skipped (the same story, not a negative).
+    Pairs that already have a negative keep it."""
+    pad = tokenizer.pad_token_id
+    q = predict_logits(embedder, encode(tokenizer, [p.query for p in pairs], max_length), pad, batch_size)
+    d = predict_logits(embedder, encode(tokenizer, [p.positive for p in pairs], max_length), pad, batch_size)
+    sim = cos_sim(q, d)  # (N, N)
+    sim[cos_sim(d, d) >= near_duplicate] = float("-inf")  # includes the diagonal: the positive itself
+    best = sim.argmax(dim=1).tolist()
+    return [p if p.negative is not None or len(pairs) < 2 else p._replace(negative=pairs[j].positive)
+            for p, j in zip(pairs, best)]
+
+
 def _optimizer(model: HybridModel, cfg: TrainConfig, method_lr: float) -> torch.optim.Optimizer:
     groups = [{"params": [p for p in model.adapters.parameters() if p.requires_grad], "lr": cfg.lr or method_lr},
               {"params": list(model.head.parameters()), "lr": cfg.head_lr}]

@@ -7,21 +7,21 @@ import json
 import math
 import random
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from hpeft_serve import checkpoint
+from hpeft_serve.cli import main
 from hpeft_serve.data import Pair, PairDataset
 from hpeft_serve.errors import CheckpointError, DataError
 from hpeft_serve.methods.presets import resolve
 from hpeft_serve.model import HeadConfig
 from hpeft_serve.retrieval import metrics, mnrl_loss, ranks, summary
+from hpeft_serve.retrieval import cos_sim
 from hpeft_serve.training import (TrainConfig, backbone_embedder, build_model, collate, encode, evaluate_retrieval,
-                                  train)
+                                  mine_negatives, predict_logits, train)
 
 from .conftest import keyword_task
 
@@ -48,7 +48,7 @@ def pair_task(n_train: int = 16, n_test: int = 8, seed: int = 0, negatives: bool
 
 @pytest.fixture(scope="module")
 def tok(tiny_bert):
-    return tok
+    return tiny_bert.tokenizer()
 
 
 def _cos(a, b):
@@ -114,8 +114,8 @@ def test_a_training_step_changes_only_adapter_parameters(tiny_bert, tok, name):
 def test_training_is_deterministic_under_the_seed(tiny_bert, tok):
     runs = []
     for seed in (3, 3, 4):
-        model = _embedder(tiny_bert, "unipelt", seed=seed)
-        res = train(model, tok, pair_task(12, 4), TrainConfig(batch_size=4, seed=seed),
+        model = _embedder(tiny_bert, "adapter", seed=seed)
+        res = train(model, tok, pair_task(8, 4), TrainConfig(batch_size=4, seed=seed),
                     progress=False, evaluate_after=False)
         runs.append((res.losses, model.adapters.state_dict()))
     assert runs[0][0] == runs[1][0] and runs[0][0] != runs[2][0]
@@ -129,6 +129,24 @@ def test_the_baseline_is_the_plain_backbone_pooled_the_same_way(tiny_bert, tok):
     ids, mask = collate(encode(tok, [p.positive for p in data.test], 32), tok.pad_token_id)
     plain = torch.nn.functional.normalize(tiny_bert.build_encoder()(ids, mask)[:, 0], dim=-1)
     assert torch.allclose(backbone_embedder(model)(ids, mask), plain, atol=1e-6)
+
+
+def test_mined_negatives_are_the_backbones_best_wrong_positive(tiny_bert, tok):
+    pairs = pair_task(12, 1).train
+    pairs[5] = pairs[5]._replace(positive=pairs[4].positive)  # the same text: a duplicate, never a negative
+    embed = backbone_embedder(_embedder(tiny_bert, "lora"))
+    mined = mine_negatives(embed, tok, pairs, 32, near_duplicate=0.9999)
+    emb = lambda texts: predict_logits(embed, encode(tok, texts, 32), tok.pad_token_id)
+    sim = cos_sim(emb([p.query for p in pairs]), emb([p.positive for p in pairs]))
+    positives = [p.positive for p in pairs]
+    for i, (p, m) in enumerate(zip(pairs, mined)):
+        assert m.query == p.query and m.positive == p.positive
+        if p.negative is not None:
+            assert m.negative == p.negative
+            continue
+        j = positives.index(m.negative)
+        assert j != i and {i, j} != {4, 5}
+        assert all(sim[i, j] >= sim[i, k] for k in range(12) if k not in (i, j) and {i, k} != {4, 5})
 
 
 def test_task_and_head_must_match(tiny_bert, tok):
@@ -177,22 +195,25 @@ def test_an_old_checkpoint_without_task_loads_as_a_classifier(tiny_bert, tmp_pat
         checkpoint.load(folder)
 
 
-def _hpeft(*args):
-    return subprocess.run([sys.executable, "-m", "hpeft_serve.cli", *map(str, args)], capture_output=True,
-                          text=True, timeout=300)
+def _hpeft(capsys, *args) -> tuple[int, str, str]:
+    """`hpeft ARGS` in this process (the CLI's own main; test_cli runs the installed command)."""
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
-def test_cli_trains_an_embedding_adapter_from_a_jsonl_file(tmp_path):
+def test_cli_trains_an_embedding_adapter_from_a_jsonl_file(tmp_path, capsys):
     data = pair_task(24, 8)
     f = tmp_path / "pairs.jsonl"
     f.write_text("".join(json.dumps({k: v for k, v in p._asdict().items() if v is not None}) + "\n"
                          for p in data.train + data.test))
     out = tmp_path / "emb"
-    r = _hpeft("train", "--backbone", "tiny-bert", "--method", "lora", "--task", f, "--out", out, "--quiet",
-               "--pooling", "max", "--no-normalize", "--batch-size", "8", "--seed", "1")
-    assert r.returncode == 0, r.stderr
-    assert "accuracy" not in r.stdout
-    last = r.stdout.strip().splitlines()[-1]
+    code, stdout, err = _hpeft(capsys, "train", "--backbone", "tiny-bert", "--method", "lora", "--task", f, "--out", out,
+                               "--quiet",
+               "--pooling", "max", "--no-normalize", "--batch-size", "8", "--seed", "1", "--hard-negatives")
+    assert code == 0, err
+    assert "accuracy" not in stdout
+    last = stdout.strip().splitlines()[-1]
     num = r"(\d\.\d{3})"
     m = re.fullmatch(rf"recall@1: {num} \(backbone {num}\) recall@10: {num} \(backbone {num}\) "
                      rf"mrr@10: {num} \(backbone {num}\)", last)
@@ -202,6 +223,6 @@ def test_cli_trains_an_embedding_adapter_from_a_jsonl_file(tmp_path):
     assert cfg["labels"] == [] and cfg["task"] == "pairs" and cfg["train"]["train_size"] == 26
     assert f"{cfg['metrics']['recall@1']:.3f}" == m.group(1)
     assert f"{cfg['metrics']['backbone']['mrr@10']:.3f}" == m.group(6)
-    r = _hpeft("train", "--backbone", "tiny-bert", "--method", "lora", "--task", "rotten_tomatoes", "--out",
-               tmp_path / "x", "--normalize")
-    assert r.returncode == 2 and "embedding (retrieval) tasks only" in r.stderr
+    code, _, err = _hpeft(capsys, "train", "--backbone", "tiny-bert", "--method", "lora", "--task", "rotten_tomatoes",
+                          "--out", tmp_path / "x", "--normalize")
+    assert code == 2 and "embedding (retrieval) tasks only" in err and not (tmp_path / "x").exists()

@@ -37,6 +37,9 @@ def add_arguments(p) -> None:
     p.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
                    help="embedding tasks: L2-normalise the embedding (default: as the backbone's "
                    "sentence-transformers config says; MiniLM: yes)")
+    p.add_argument("--hard-negatives", action="store_true",
+                   help="embedding tasks: give every training pair without a negative one mined by the plain "
+                   "backbone (its highest-ranked other positive)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a method setting, e.g. --set r=16 --set sparsity=0.6 --set pruner=grasp (list below)")
     p.add_argument("--name", default=None, help="adapter name (default: the --out folder's name); letters, "
@@ -64,6 +67,8 @@ def run(args) -> int:
     print(f"{args.method} on {backbone.name}: {len(data.train)} training / {len(data.test)} held-out {what}; "
           f"trainable adapter parameters {n_adapter:,} ({100 * n_adapter / n_backbone:.3f}% of the backbone)")
     tokenizer = backbone.tokenizer()
+    if args.hard_negatives:
+        data = _with_negatives(args, data, model, tokenizer, cfg)
     result = train(model, tokenizer, data, cfg, progress=not args.quiet)
     scores = dict(result.metrics)
     if embedding:
@@ -81,6 +86,18 @@ def run(args) -> int:
     else:
         print(f"accuracy: {result.accuracy:.3f}")
     return 0
+
+
+def _with_negatives(args, data, model, tokenizer, cfg):
+    """data with a hard negative, mined by the plain backbone, for every training pair that lacks one."""
+    from dataclasses import replace
+    from ..errors import ConfigError
+    from ..training import backbone_embedder, mine_negatives
+    if not model.head.cfg.embedding:
+        raise ConfigError(f"--hard-negatives applies to embedding (retrieval) tasks only; {args.task!r} is a "
+                          "classification task")
+    return replace(data, train=mine_negatives(backbone_embedder(model), tokenizer, data.train, cfg.max_length,
+                                              cfg.eval_batch_size))
 
 
 def _classification_task(args, backbone):
