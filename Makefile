@@ -4,7 +4,7 @@ HPEFT := $(VENV)/bin/hpeft
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install demo test bench-quality bench-export
+.PHONY: install demo test bench-quality bench-export bench-embed
 
 install:
 	VENV=$(VENV) ./scripts/install.sh
@@ -20,3 +20,7 @@ test: install
 
 bench-quality: install
 	$(VENV)/bin/python bench/quality.py
+
+bench-embed: install
+	$(VENV)/bin/python -m pip install -q -e ".[bench]"
+	$(VENV)/bin/python bench/embed.py
