@@ -107,7 +107,8 @@ def _gateway(args, triton_key: str):
                                  triton_metrics=f"http://{LOOPBACK}:{args.metrics_port}/metrics",
                                  store=store.group(1) if store and store.group(1) else None, triton_key=triton_key)
     g = GatewayThread(settings, args.address, args.gateway_port).start()
-    print(f"gateway (the public face): http://{args.address}:{args.gateway_port}/v1/predict, /v1/embeddings (OpenAI-compatible), /v1/models (docs /docs); adapter "
-          f"writes {'need the admin token' if settings.admin_token else 'disabled (HPEFT_ADMIN_TOKEN unset)'}",
+    print(f"gateway (the public face): http://{args.address}:{args.gateway_port}/v1/predict, /v1/embeddings "
+          f"(OpenAI-compatible), /v1/models (docs /docs); adapter writes "
+          f"{'need the admin token' if settings.admin_token else 'disabled (HPEFT_ADMIN_TOKEN unset)'}",
           flush=True)
     return g
