@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from exporters.export import export_checkpoint, read_layout
 from exporters.layout import bank_feed, stack
 from hpeft_serve import checkpoint
-from hpeft_serve.errors import CheckpointError
+from hpeft_serve.errors import CheckpointError, HpeftError
 from hpeft_serve.importers import import_checkpoint
 from tests.test_import import GOLDEN, MANIFEST, _backbone, _check, _copy, _edit_config, _expected, _import
 
@@ -41,6 +41,8 @@ def imported(tmp_path_factory):
 def test_the_golden_set_has_each_kind_of_headless_adapter():
     kinds = {(MANIFEST[c]["library"], MANIFEST[c]["head"]) for c in EMBEDDING}
     assert {("adapterhub", "none"), ("adapterhub", "tagging"), ("peft", "none")} <= kinds
+    assert {MANIFEST[c]["config"].split(" ")[0] for c in EMBEDDING if MANIFEST[c]["library"] == "peft"} == {
+        "LoraConfig", "PrefixTuningConfig"}
 
 
 @pytest.mark.parametrize("case", EMBEDDING)
@@ -124,9 +126,14 @@ def test_embedding_imports_refuse_what_they_cannot_import_exactly(tmp_path):
     _edit_config(folder, lambda c: c.update(base_model_name_or_path=str(GOLDEN / "backbones" / "bert")))
     with pytest.raises(CheckpointError, match="trained on .*bert, a bert model; the backbone .* is a roberta"):
         _import(folder, "peft", str(GOLDEN / "backbones" / "roberta"), tmp_path)
-    _edit_config(folder, lambda c: c.update(peft_type="PREFIX_TUNING"))
-    with pytest.raises(CheckpointError, match="PREFIX_TUNING of a feature extractor"):
-        _import(folder, "peft", _backbone("peft-lora-fe-bert"), tmp_path)
+    folder = _copy("peft-prefix-fe-roberta", tmp_path)
+    _edit_config(folder, lambda c: c.update(num_layers=3))
+    with pytest.raises(CheckpointError, match=r"prefix config \{'num_layers': 3\} does not fit backbone"):
+        _import(folder, "peft", _backbone("peft-prefix-fe-roberta"), tmp_path)
+    with pytest.raises(HpeftError, match="--merge"):  # shifted positions: no slot in the shared layout
+        export_checkpoint(import_checkpoint("peft", GOLDEN / "cases" / "peft-prefix-fe-bert", _backbone(
+            "peft-prefix-fe-bert"), tmp_path / "pfx", log=lambda *_: None), tmp_path / "shared", "onnx",
+            log=lambda *_: None)
     folder = _copy("ah-unipelt-nohead-roberta", tmp_path)
     w = folder / "pytorch_adapter.bin"
     w.write_bytes(w.read_bytes()[:3000])

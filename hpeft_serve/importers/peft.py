@@ -1,5 +1,5 @@
-"""Import Hugging Face `peft` checkpoints exactly: LoRA and prefix tuning of a sequence classifier, and
-LoRA of a feature extractor (an embedding adapter).
+"""Import Hugging Face `peft` checkpoints exactly: LoRA and prefix tuning of a sequence classifier or of a
+feature extractor (an embedding adapter).
 
 A checkpoint folder is what `PeftModel.save_pretrained(dir)` writes: `adapter_config.json` and
 `adapter_model.safetensors` (or `adapter_model.bin`, read without unpickling code), with the classifier
@@ -14,7 +14,8 @@ hidden state never uses, is ignored with a note).
 - Prefix tuning: `prompt_embeddings` (P, 2 L d) are the key/values (the MLP, if any, was evaluated at save).
   peft passes them as past key/values, so transformers shifts the token positions by P: imported as a prefix
   with shift_positions. peft runs this for BERT-type classifiers only (on RoBERTa / XLM-R its sequence-
-  classification forward feeds the cache to the classifier and fails), so those are refused.
+  classification forward feeds the cache to the classifier and fails), so those are refused; feature
+  extractors (embedding adapters) run on all three.
 Any config option that changes the forward and is not modelled (DoRA, LoRA biases, fan_in_fan_out, ...) is
 refused, naming it.
 """
@@ -70,9 +71,6 @@ def _check_options(cfg: dict, folder: Path) -> None:
         raise CheckpointError(f"{folder}: task_type {cfg.get('task_type')!r}: hpeft imports sequence classifiers "
                               "(task_type SEQ_CLS, whose classifier peft saves with the adapter) and embedding "
                               "adapters (task_type FEATURE_EXTRACTION)")
-    if cfg["task_type"] == "FEATURE_EXTRACTION" and cfg.get("peft_type") != "LORA":
-        raise _refuse(folder, f"{cfg.get('peft_type')} of a feature extractor (FEATURE_EXTRACTION imports LoRA; "
-                      "prefix tuning is imported for sequence classifiers only)")
 
 
 def _pattern(patterns: dict, key: str, default):
@@ -146,9 +144,9 @@ def _lora(cfg: dict, tensors: dict, backbone: Backbone, folder: Path) -> tuple[l
     return comps, out
 
 
-def _prefix(cfg: dict, tensors: dict, backbone: Backbone, folder: Path) -> tuple[list, dict]:
+def _prefix(cfg: dict, tensors: dict, backbone: Backbone, folder: Path, embedding: bool) -> tuple[list, dict]:
     ec = backbone.config
-    if ec.model_type != "bert":
+    if ec.model_type != "bert" and not embedding:
         raise _refuse(folder, f"peft prefix tuning of a {ec.model_type} sequence classifier (peft runs it for BERT "
                       "only: on RoBERTa / XLM-R its forward fails, so there is no reference to match)")
     want = {"num_layers": ec.num_hidden_layers, "token_dim": ec.hidden_size,
@@ -185,7 +183,7 @@ def import_peft(folder: Path, backbone: Backbone) -> Imported:
         comps, out = _lora(cfg, tensors, backbone, folder)
         head_prefix = "base_model.model."
     else:
-        comps, out = _prefix(cfg, tensors, backbone, folder)
+        comps, out = _prefix(cfg, tensors, backbone, folder, embedding)
         head_prefix = "base_model."
     head, head_t, labels = None, {}, ()
     if not embedding:

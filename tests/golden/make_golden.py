@@ -244,6 +244,7 @@ def make_peft_case(case, arch, config, backbone: Path, labels: int, seed: int):
 def embedding_cases():
     from adapters import CompacterPlusPlusConfig, LoRAConfig, PrefixTuningConfig, SeqBnConfig, UniPELTConfig
     from peft import LoraConfig, TaskType
+    from peft import PrefixTuningConfig as PeftPrefix
     small_prefix = dict(prefix_length=8, bottleneck_size=64)
     return [
         # case, library, backbone, config, config name, safetensors?, AdapterHub head saved with it (None: no head;
@@ -259,6 +260,13 @@ def embedding_cases():
          "LoraConfig (FEATURE_EXTRACTION)", True, None),
         ("ah-lora-init-xlmr", "adapterhub", "xlmr", LoRAConfig(r=4, alpha=8, attn_matrices=["q", "k", "v"]),
          "LoRAConfig on adapters.init(XLMRobertaModel)", True, "init"),
+        # peft prefix tuning of a feature extractor runs on RoBERTa too (the classifier's forward is what fails)
+        ("peft-prefix-fe-roberta", "peft", "roberta", PeftPrefix(task_type=TaskType.FEATURE_EXTRACTION,
+                                                                  num_virtual_tokens=5, prefix_projection=True,
+                                                                  encoder_hidden_size=32),
+         "PrefixTuningConfig (FEATURE_EXTRACTION, MLP)", True, None),
+        ("peft-prefix-fe-bert", "peft", "bert", PeftPrefix(task_type=TaskType.FEATURE_EXTRACTION, num_virtual_tokens=4),
+         "PrefixTuningConfig (FEATURE_EXTRACTION)", True, None),
     ]
 
 
@@ -316,7 +324,7 @@ def make_peft_embedding(case, arch, config, backbone: Path, seed: int):
     from transformers import AutoModel
     torch.manual_seed(seed)
     model = get_peft_model(AutoModel.from_pretrained(backbone), config)
-    perturb(model, lambda n: "lora_" in n, seed)
+    perturb(model, lambda n: "lora_" in n or "prompt_encoder" in n, seed)
     folder = HERE / "cases" / case
     shutil.rmtree(folder, ignore_errors=True)
     model.save_pretrained(str(folder))
