@@ -335,6 +335,23 @@ def _family(comps: list) -> str:
     return "union"
 
 
+def _components(config: dict, src: _Source, meta: dict, old: bool) -> list:
+    """The method components of a config (a union's sub-configs in order), their tensors moved to src.out."""
+    subs = config.get("configs") if config.get("architecture") == "union" else [config]
+    comps = []
+    for c in subs or []:
+        arch = c.get("architecture") if isinstance(c, dict) else "?"
+        if arch in (None, "bottleneck"):
+            comps += _bottleneck(c, src, meta)
+        elif arch == "prefix_tuning":
+            comps += _prefix(c, src)
+        elif arch == "lora":
+            comps += _lora(c, src, old)
+        else:
+            raise src.refuse(f"adapter architecture {arch!r} (supported: bottleneck, prefix_tuning, lora, union)")
+    return comps
+
+
 def import_adapterhub(folder: Path, backbone: Backbone) -> Imported:
     folder = Path(folder)
     meta = read_json(folder / "adapter_config.json")
@@ -361,18 +378,7 @@ def import_adapterhub(folder: Path, backbone: Backbone) -> Imported:
             k = k.replace(a, b)
         tensors[k.removeprefix(base)] = v
     src = _Source(tensors, name, folder, ec.num_hidden_layers, ec.hidden_size, ec.intermediate_size)
-    subs = config.get("configs") if config.get("architecture") == "union" else [config]
-    comps = []
-    for c in subs or []:
-        arch = c.get("architecture") if isinstance(c, dict) else "?"
-        if arch in (None, "bottleneck"):
-            comps += _bottleneck(c, src, meta)
-        elif arch == "prefix_tuning":
-            comps += _prefix(c, src)
-        elif arch == "lora":
-            comps += _lora(c, src, old)
-        else:
-            raise src.refuse(f"adapter architecture {arch!r} (supported: bottleneck, prefix_tuning, lora, union)")
+    comps = _components(config, src, meta, old)
     if not comps:
         raise src.refuse("the config adds no adapter to any layer")
     if src.t:
