@@ -29,6 +29,7 @@ from hpeft_serve.serving.deploy import deploy
 from hpeft_serve.serving.triton import TritonServer
 from hpeft_serve.training import build_model
 
+from .test_embed_export import make_embed_ckpt
 from .test_export import _make_ckpt, _reference
 
 TOL = 1e-5
@@ -36,22 +37,10 @@ TOKEN = "openai-admin-token"
 TEXTS = ["a wonderful, moving film", "dull and far too long, with actors who seem bored by their own lines", "ok"]
 
 
-def _embedding_ckpt(backbone, method, folder, seed=0):
-    """An embedding adapter (mean pooling, L2-normalised), every adapter part non-zero."""
-    model = build_model(backbone, resolve(method, backbone.config.num_hidden_layers, {}),
-                        HeadConfig(0, "mean", task="embedding", normalize=True), seed)
-    model.adapters.eject_prefix()
-    with torch.no_grad():
-        g = torch.Generator().manual_seed(seed + 1)
-        for p in model.adapters.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    return checkpoint.save(model, backbone, folder, (), {})
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, tiny_bert):
     root = tmp_path_factory.mktemp("openai")
-    cks = {"emb": _embedding_ckpt(tiny_bert, "unipelt", root / "ck" / "emb", seed=3),
+    cks = {"emb": make_embed_ckpt(tiny_bert, "unipelt", root / "ck" / "emb", seed=3),
            "clf": _make_ckpt(tiny_bert, "lora", root / "ck" / "clf", seed=4)}
     for ck in cks.values():
         export_checkpoint(ck, root / "export", "onnx", log=lambda *_: None)

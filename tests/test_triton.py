@@ -230,41 +230,33 @@ def test_a_pack_the_graph_cannot_serve_is_refused(tmp_path, tiny_bert):
     assert errs[1] and "lacks" in errs[1] and out[0] is not None
 
 
-def test_merged_adapter_deployed_while_serving(server, tmp_path):
-    """A merged export becomes its own Triton model, loaded over gRPC into the running server."""
+def _deploy_merged(server, ck, tmp_path, output: str) -> np.ndarray:
+    """`hpeft deploy --url` of ck's merged export into the running server; its answer (`output`) on _tokens()."""
     import subprocess
     import sys
-    ck = server["cks"]["mam"]
     export_checkpoint(ck, tmp_path / "merged", "onnx", merged=True, log=lambda *_: None)
     r = subprocess.run([sys.executable, "-m", "hpeft_serve.cli", "deploy", str(tmp_path / "merged"), "--repo",
                         str(server["repo"]), "--url", server["grpc"]], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     ids, mask = _tokens()
-    client = grpcclient.InferenceServerClient(server["grpc"])
     inputs = [grpcclient.InferInput("input_ids", list(ids.shape), "INT64"),
               grpcclient.InferInput("attention_mask", list(mask.shape), "INT64")]
     inputs[0].set_data_from_numpy(ids)
     inputs[1].set_data_from_numpy(mask)
-    got = client.infer("mam", inputs).as_numpy("logits")
-    assert np.abs(got - _reference(ck, (ids, mask))).max() <= TOL
+    return grpcclient.InferenceServerClient(server["grpc"]).infer(ck.name, inputs).as_numpy(output)
+
+
+def test_merged_adapter_deployed_while_serving(server, tmp_path):
+    """A merged export becomes its own Triton model, loaded over gRPC into the running server."""
+    ck = server["cks"]["mam"]
+    ids, mask = _tokens()
+    assert np.abs(_deploy_merged(server, ck, tmp_path, "logits") - _reference(ck, (ids, mask))).max() <= TOL
     uni = _reference(server["cks"]["uni"], (ids, mask))
     assert np.abs(_grpc(server, ids, mask, ["uni"] * len(ids)) - uni).max() <= TOL
 
 
 def test_merged_embedding_adapter_deploys_with_output_embeddings(server, tmp_path):
-    import subprocess
-    import sys
     ck = server["cks"]["emax"]
-    export_checkpoint(ck, tmp_path / "merged", "onnx", merged=True, log=lambda *_: None)
-    r = subprocess.run([sys.executable, "-m", "hpeft_serve.cli", "deploy", str(tmp_path / "merged"), "--repo",
-                        str(server["repo"]), "--url", server["grpc"]], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
+    got = _deploy_merged(server, ck, tmp_path, "embeddings")
     assert 'name: "embeddings"' in (server["repo"] / "emax" / "config.pbtxt").read_text()
-    ids, mask = _tokens()
-    client = grpcclient.InferenceServerClient(server["grpc"])
-    inputs = [grpcclient.InferInput("input_ids", list(ids.shape), "INT64"),
-              grpcclient.InferInput("attention_mask", list(mask.shape), "INT64")]
-    inputs[0].set_data_from_numpy(ids)
-    inputs[1].set_data_from_numpy(mask)
-    got = client.infer("emax", inputs).as_numpy("embeddings")
-    assert np.abs(got - _reference(ck, (ids, mask))).max() <= TOL
+    assert np.abs(got - _reference(ck, _tokens())).max() <= TOL
