@@ -89,14 +89,17 @@ def _rest_body(ids, mask, names, ids_dtype="INT64"):
     return {"inputs": inputs}
 
 
-def _rest(srv, body, model="hpeft") -> tuple[int, dict]:
-    req = urllib.request.Request(f"{srv['http']}/v2/models/{model}/infer", json.dumps(body).encode(),
-                                 {"Content-Type": "application/json"})
+def _post(url: str, body: dict) -> tuple[int, dict]:
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(req, timeout=60) as r:
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read() or b"{}")
+
+
+def _rest(srv, body, model="hpeft") -> tuple[int, dict]:
+    return _post(f"{srv['http']}/v2/models/{model}/infer", body)
 
 
 def _clean(srv, msg: str) -> str:
@@ -367,14 +370,7 @@ def test_the_gateway_answers_the_models_codes_with_their_statuses(srv):
     gw = GatewayThread(settings, "127.0.0.1", gport).start()
     try:
         def predict(name):
-            req = urllib.request.Request(f"http://127.0.0.1:{gport}/v1/predict",
-                                         json.dumps({"adapter": name, "inputs": ["a fine film"]}).encode(),
-                                         {"Content-Type": "application/json"})
-            try:
-                with urllib.request.urlopen(req, timeout=60) as r:
-                    return r.status, json.loads(r.read())
-            except urllib.error.HTTPError as e:
-                return e.code, json.loads(e.read() or b"{}")
+            return _post(f"http://127.0.0.1:{gport}/v1/predict", {"adapter": name, "inputs": ["a fine film"]})
 
         tensors, _ = _copy_pack(srv, "uni", "gtrunc")
         tensors.write_bytes(tensors.read_bytes()[:-100])
