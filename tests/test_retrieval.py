@@ -221,6 +221,7 @@ def test_cli_trains_an_embedding_adapter_from_a_jsonl_file(tmp_path, capsys):
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["head"]["task"] == "embedding" and cfg["head"]["pooling"] == "max" and not cfg["head"]["normalize"]
     assert cfg["labels"] == [] and cfg["task"] == "pairs" and cfg["train"]["train_size"] == 26
+    assert cfg["train"]["hard_negatives"] is True
     assert f"{cfg['metrics']['recall@1']:.3f}" == m.group(1)
     assert f"{cfg['metrics']['backbone']['mrr@10']:.3f}" == m.group(6)
     code, _, err = _hpeft(capsys, "train", "--backbone", "tiny-bert", "--method", "lora", "--task", "rotten_tomatoes",

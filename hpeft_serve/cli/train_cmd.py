@@ -78,6 +78,8 @@ def run(args) -> int:
     meta = {"task": data.name, "train": {"train_size": len(data.train), "epochs": args.epochs, "seed": args.seed,
             "batch_size": args.batch_size, "max_length": args.max_length, "steps": result.steps,
             "seconds": round(result.train_seconds, 1)}, "metrics": scores}
+    if embedding:
+        meta["train"]["hard_negatives"] = args.hard_negatives
     checkpoint.save(model, backbone, args.out, getattr(data, "labels", ()), meta, name=args.name)
     print(f"trained {result.steps} steps in {result.train_seconds:.1f}s; checkpoint: {args.out}")
     if embedding:
