@@ -6,7 +6,7 @@ with the same seed and budget (multiple-negatives ranking loss, in-batch negativ
 normalised as MiniLM's sentence-transformers config says (mean, L2); the plain backbone, pooled the same
 way, is the baseline (what a user has today). Reports recall@1, recall@10, MRR@10 and training seconds.
 
-    python bench/retrieval.py                              # the README table (~15-20 min on 2 cores)
+    python bench/retrieval.py                              # the README table (~12 min on 2 idle cores at ~3.6 s a step; much longer on busy ones)
     python bench/retrieval.py --methods lora --train-size 200
 """
 
@@ -63,7 +63,7 @@ def table(rows: list[dict], n_backbone: int) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--methods", nargs="+", default=METHODS)
-    ap.add_argument("--train-size", type=int, default=1000)
+    ap.add_argument("--train-size", type=int, default=1024, help="training pairs (same for every method)")
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=32, help="pairs per step (each query's in-batch negatives)")
     ap.add_argument("--max-length", type=int, default=64, help="tokens per headline or body, train and eval")
