@@ -180,11 +180,16 @@ def test_corrupt_files_are_refused(tmp_path):
     w.write_bytes(w.read_bytes()[:200])
     with pytest.raises(CheckpointError, match="truncated or corrupt"):
         _import(folder, "adapterhub", _backbone("ah-compacter-bert"), tmp_path)
-    folder = _copy("ah-mam-bert", tmp_path)
+    refuses_truncated_bin("ah-mam-bert", tmp_path)
+
+
+def refuses_truncated_bin(case: str, tmp_path: Path) -> None:
+    """The case's pytorch_adapter.bin cut short is refused as corrupt, and nothing is written."""
+    folder = _copy(case, tmp_path)
     w = folder / "pytorch_adapter.bin"
     w.write_bytes(w.read_bytes()[:3000])
     with pytest.raises(CheckpointError, match="corrupt"):
-        _import(folder, "adapterhub", _backbone("ah-mam-bert"), tmp_path)
+        _import(folder, "adapterhub", _backbone(case), tmp_path)
     assert not (tmp_path / "out").exists()  # nothing half-written
 
 

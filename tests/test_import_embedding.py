@@ -24,7 +24,8 @@ from exporters.layout import bank_feed, stack
 from hpeft_serve import checkpoint
 from hpeft_serve.errors import CheckpointError, HpeftError
 from hpeft_serve.importers import import_checkpoint
-from tests.test_import import GOLDEN, MANIFEST, _backbone, _check, _copy, _edit_config, _expected, _import
+from tests.test_import import (GOLDEN, MANIFEST, _backbone, _check, _copy, _edit_config, _expected, _import,
+                               refuses_truncated_bin)
 
 EMBEDDING = sorted(c for c in MANIFEST if MANIFEST[c].get("task") == "embedding")  # expected: embeddings_*
 MIXED = {"bert": ["ah-seqbn-nohead-bert", "peft-lora-fe-bert", "ah-seqbn-bert", "peft-lora-bert"],  # + classifiers
@@ -134,12 +135,7 @@ def test_embedding_imports_refuse_what_they_cannot_import_exactly(tmp_path):
         export_checkpoint(import_checkpoint("peft", GOLDEN / "cases" / "peft-prefix-fe-bert", _backbone(
             "peft-prefix-fe-bert"), tmp_path / "pfx", log=lambda *_: None), tmp_path / "shared", "onnx",
             log=lambda *_: None)
-    folder = _copy("ah-unipelt-nohead-roberta", tmp_path)
-    w = folder / "pytorch_adapter.bin"
-    w.write_bytes(w.read_bytes()[:3000])
-    with pytest.raises(CheckpointError, match="corrupt"):
-        _import(folder, "adapterhub", _backbone("ah-unipelt-nohead-roberta"), tmp_path)
-    assert not (tmp_path / "out").exists()  # nothing half-written
+    refuses_truncated_bin("ah-unipelt-nohead-roberta", tmp_path)
 
 
 def test_peft_feature_extractor_lora_on_the_pooler_is_ignored_with_a_note(tmp_path):
