@@ -27,6 +27,7 @@ from hpeft_serve.backbone import load_backbone
 
 from .layout import LAYOUT_VERSION, Layout, bank_feed, input_names, needs, pack, per_layer, resolve_shape, symbols
 from .merge import merge
+from .quantize import Precision
 from .onnx_export import INPUTS, TOKEN_AXES, example_inputs, export_merged_onnx, export_onnx, merged_outputs
 from .shared import SharedModel
 from .torchscript import export_program, export_torchscript
@@ -99,7 +100,7 @@ def read_layout(folder: Path) -> Layout:
     return Layout.from_dict(json.loads((Path(folder) / "backbone.json").read_text())["layout"])
 
 
-def _write_graph(model, cfg: dict, out: Path, fmt: str, layout: Layout, log) -> list[str]:
+def _write_graph(model, cfg: dict, out: Path, fmt: str, layout: Layout, log, precision: Precision) -> list[str]:
     graph = "backbone.onnx" if fmt == "onnx" else "backbone.pt"
     layout = layout.union(WITH_EMBEDDINGS)
     info_file = out / "backbone.json"
@@ -108,6 +109,9 @@ def _write_graph(model, cfg: dict, out: Path, fmt: str, layout: Layout, log) -> 
         if info.get("backbone", {}).get("sha256") != cfg["backbone"]["sha256"]:
             raise HpeftError(f"{out} holds a shared graph for backbone {info['backbone'].get('name')!r}; "
                              f"this adapter is for {cfg['backbone']['name']!r}: export it into another folder")
+        if Precision.of(info) != precision:
+            raise HpeftError(f"{out} holds a {Precision.of(info)} shared graph; this export asks for {precision}: "
+                             f"export with the same --quantize/--precision, or into another folder")
         have = served_layout(info, out / "packs")
         if have.covers(layout) and not predates_phm_n(info):
             log(f"reusing the shared graph {out / graph}")
@@ -115,13 +119,15 @@ def _write_graph(model, cfg: dict, out: Path, fmt: str, layout: Layout, log) -> 
         log(f"re-exporting the shared graph {out / graph}: this adapter needs slots it lacks"
             + ("" if have.embeddings else " (the graph predates the embeddings output)"))
         layout = have.union(layout)
-    return write_shared_graph(model.encoder, cfg["backbone"], layout, out, fmt)
+    return write_shared_graph(model.encoder, cfg["backbone"], layout, out, fmt, precision=precision)
 
 
 def write_shared_graph(encoder, backbone: dict, layout: Layout, out: Path, fmt: str = "onnx",
-                       embedding: tuple[str, bool] | None = None) -> list[str]:
+                       embedding: tuple[str, bool] | None = None, precision: Precision | None = None) -> list[str]:
     """Export the shared graph of `encoder` for `layout` into `out` (+ backbone.json); `embedding`: the
-    plain backbone's (pooling, normalize), by default its Backbone.embedding_defaults()."""
+    plain backbone's (pooling, normalize), by default its Backbone.embedding_defaults(); `precision`:
+    fp32 (default), the backbone's MatMuls int8, or fp16 (exporters.quantize)."""
+    precision = precision or Precision()
     graph = "backbone.onnx" if fmt == "onnx" else "backbone.pt"
     embedding = embedding or load_backbone(backbone["name"]).embedding_defaults()
     shared, args = SharedModel(encoder, layout), _shared_args(encoder, layout)
@@ -135,6 +141,7 @@ def write_shared_graph(encoder, backbone: dict, layout: Layout, out: Path, fmt: 
     else:
         export_torchscript(shared, args, out / graph)
     info = _graph_info(backbone, fmt, graph, layout, encoder.config, embedding)
+    info |= precision.apply(out / graph, encoder, external=True)
     (out / "backbone.json").write_text(json.dumps(info, indent=2) + "\n")
     return [graph] + (["backbone.onnx.data"] if fmt == "onnx" else [])
 
@@ -165,36 +172,40 @@ def _task(cfg: dict) -> dict:
 
 
 def export_checkpoint(ckpt: Path, out: Path, fmt: str = "onnx", merged: bool = False, log=print,
-                      fold_phm: bool = False) -> dict:
+                      fold_phm: bool = False, quantize: str | None = None, precision: str = "fp32") -> dict:
+    """`quantize` "int8": the backbone's MatMuls int8 (CPU); `precision` "fp16": the graph fp16 (CUDA)."""
     if fmt not in ("onnx", "torchscript"):
         raise HpeftError(f"unknown format {fmt!r}: use onnx or torchscript")
+    prec = Precision.check(quantize, precision, fmt)
     model, cfg = checkpoint.load(ckpt)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     name, t0 = cfg["name"], time.perf_counter()
     if merged:
-        files = _export_merged(model, name, out, fmt, fold_phm)
+        files, done = _export_merged(model, name, out, fmt, fold_phm, prec)
     else:
         tensors, sizes = pack(model)
-        files = _write_graph(model, cfg, out, fmt, needs(tensors, sizes), log)
+        files = _write_graph(model, cfg, out, fmt, needs(tensors, sizes), log, prec)
         files += write_pack(tensors, sizes, cfg, out / "packs")
+        done = {}
     info = {"name": name, "format": fmt, "mode": "merged" if merged else "shared", "files": files,
             "method": cfg["method"], "labels": cfg["labels"], "backbone": cfg["backbone"],
-            "seconds": round(time.perf_counter() - t0, 2)} | _task(cfg)
+            "seconds": round(time.perf_counter() - t0, 2)} | _task(cfg) | done
     if merged:
         io = {"inputs": list(INPUTS), "outputs": list(merged_outputs(model))}
         (out / f"{name}.json").write_text(json.dumps(info | io, indent=2) + "\n")
-    log(f"exported {name} ({cfg['method']}, {fmt}, {info['mode']}) in {info['seconds']}s: "
+    log(f"exported {name} ({cfg['method']}, {fmt}, {info['mode']}{prec.suffix()}) in {info['seconds']}s: "
         + ", ".join(f"{f} ({(out / f).stat().st_size / 1e6:.2f} MB)" for f in files))
     return info
 
 
-def _export_merged(model, name: str, out: Path, fmt: str, fold_phm: bool) -> list[str]:
+def _export_merged(model, name: str, out: Path, fmt: str, fold_phm: bool, prec: Precision) -> tuple[list[str], dict]:
     inference = merge(model, fold_phm)
     if fmt == "onnx":
-        return [export_merged_onnx(inference, out / f"{name}.onnx").name]
+        path = export_merged_onnx(inference, out / f"{name}.onnx")
+        return [path.name], prec.apply(path, model.encoder)
     args = example_inputs(model.encoder.config.vocab_size)
     files = [export_torchscript(inference, args, out / f"{name}.pt").name]
     pt2 = export_program(inference, example_inputs(model.encoder.config.vocab_size, batch=3, seq=9),
                          out / f"{name}.pt2")
-    return files + ([pt2.name] if pt2 is not None else [])
+    return files + ([pt2.name] if pt2 is not None else []), {}
