@@ -1,9 +1,14 @@
 """Export speed on MiniLM, CPU (README table): PyTorch eager with adapters (our model), ONNX merged, ONNX
-shared (one adapter, and eight mixed), TorchScript; at batch 1 x seq 32 and batch 32 x seq 128. Medians
-in the same run, with a large fp32 matmul measured alongside for the machine's own rate; plus the
-PHMLinear body against a dense MatMul of the same shape, export times and file sizes.
+shared (one adapter, and eight mixed), TorchScript, and the same exports with the backbone's MatMuls int8
+(`--quantize int8`); beside them, peers on the plain MiniLM (no adapter): transformers eager, a plain
+torch.onnx.export of transformers' AutoModel, that export after onnxruntime.transformers' BERT fusions,
+and onnxruntime's int8 dynamic quantization of both (what a user who only needs the backbone would take);
+and the FLOP floor (the backbone's FLOPs at the fp32 matmul rate measured in the same run). At batch 1 x
+seq 32 and batch 32 x seq 128; variants run interleaved in rounds, medians over all rounds. Plus the
+PHMLinear body against a dense MatMul of the same shape, export times and file sizes; PNG plots
+(bench/plots.py) beside the json.
 
-    python bench/export.py [--method unipelt] [--reps 30] [--out bench/results/export.json]
+    python bench/export.py [--method unipelt] [--reps 30] [--rounds 3] [--out bench/results/export.json]
 """
 
 from __future__ import annotations
@@ -29,6 +34,10 @@ from hpeft_serve.methods.presets import resolve
 from hpeft_serve.model import HeadConfig
 from hpeft_serve.training import build_model
 
+PEER_EAGER = "transformers eager (plain MiniLM)"
+PEERS = {"plain": "ORT HF export (plain MiniLM)", "fused": "ORT HF export + fusions",
+         "plain int8": "ORT HF export int8", "fused int8": "ORT HF export + fusions, int8"}
+FLOOR = "FLOP floor (fp32 matmul rate)"
 MIXED = ("unipelt", "mam", "compacter", "sparse_adapter", "lora", "adapter", "s4", "prefix")
 
 
@@ -109,6 +118,49 @@ def phm_vs_dense(threads: int) -> list[dict]:
     return rows
 
 
+def hf_peers(folder: Path, work: Path) -> dict[str, Path]:
+    """The plain MiniLM as a user would export it: torch.onnx.export of transformers' AutoModel (output
+    last_hidden_state), the same after onnxruntime.transformers' BERT fusions (attention, skip-LayerNorm,
+    GELU), and onnxruntime's int8 dynamic quantization of each (its defaults: every op type it supports)."""
+    import warnings
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.transformers.optimizer import optimize_model
+    from transformers import AutoModel
+    hf = AutoModel.from_pretrained(str(folder)).eval()
+    ids, mask = batch_inputs(2, 16)
+    plain = work / "hf.onnx"
+    axes = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"},
+            "last_hidden_state": {0: "batch", 1: "seq"}}
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(hf, (ids, mask), str(plain), dynamo=False, opset_version=17,
+                          input_names=["input_ids", "attention_mask"], output_names=["last_hidden_state"],
+                          dynamic_axes=axes, do_constant_folding=True)
+    c = hf.config
+    fused = work / "hf-fused.onnx"
+    optimize_model(str(plain), model_type="bert", num_heads=c.num_attention_heads,
+                   hidden_size=c.hidden_size).save_model_to_file(str(fused))
+    out = {"plain": plain, "fused": fused}
+    for k in ("plain", "fused"):
+        out[f"{k} int8"] = work / f"hf-{k}-int8.onnx"
+        quantize_dynamic(out[k], out[f"{k} int8"], weight_type=QuantType.QInt8)
+    return out
+
+
+def timed(variants: dict, reps: int, rounds: int) -> dict[str, float]:
+    """Median ms of each variant over `rounds` interleaved rounds of `reps` runs (a noisy, shared machine
+    slows all variants of a round alike)."""
+    samples: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(rounds):
+        for k, fn in variants.items():
+            fn()
+            for _ in range(reps):
+                t = time.perf_counter()
+                fn()
+                samples[k].append(1000 * (time.perf_counter() - t))
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
 def batch_inputs(b: int, s: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(1000, 20000, (b, s), generator=g)
@@ -119,7 +171,8 @@ def batch_inputs(b: int, s: int, seed: int = 0):
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--method", default="unipelt")
-    ap.add_argument("--reps", type=int, default=30, help="timed runs at batch 1 (batch 32: reps // 6)")
+    ap.add_argument("--reps", type=int, default=30, help="timed runs a round at batch 1 (batch 32: reps // 10)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (each runs every variant reps times)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--out", type=Path, default=Path("bench/results/export.json"))
     args = ap.parse_args()
@@ -165,12 +218,26 @@ def main() -> int:
     same_packs = [(load_file(str(same_dir / "packs" / f"{ck.name}.safetensors")),
                    json.loads((same_dir / "packs" / f"{ck.name}.json").read_text())["sizes"]) for ck in same]
     eight_same = np_feed(stack(same_packs), same_dir)
+    # the same exports with the backbone's MatMuls int8
+    q = {"quantize": "int8", "log": lambda *_: None}
+    export_checkpoint(ckpts[args.method], work / "merged-int8", "onnx", merged=True, **q)
+    for m in ckpts:
+        export_checkpoint(ckpts[m], work / "shared-int8", "onnx", **q)
+    export_checkpoint(ckpts[args.method], work / "shared-one-int8", "onnx", **q)
+    sizes["merged ONNX int8 (one adapter)"] = (work / "merged-int8" / f"{args.method}.onnx").stat().st_size
+    sizes["shared int8 weights backbone.onnx.data"] = (work / "shared-int8" / "backbone.onnx.data").stat().st_size
+    merged8 = session(work / "merged-int8" / f"{args.method}.onnx", args.threads)
+    shared8 = session(work / "shared-int8" / "backbone.onnx", args.threads)
+    shared8_one = session(work / "shared-one-int8" / "backbone.onnx", args.threads)
+    peers = {k: session(v, args.threads) for k, v in hf_peers(backbone.folder, work / "hf").items()}
+    from transformers import AutoModel
+    hf = AutoModel.from_pretrained(str(backbone.folder)).eval()
     gf = matmul_gflops(args.threads)
     rows = []
     for b, s in ((1, 32), (32, 128)):
         ids, mask = batch_inputs(b, s)
         feed = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
-        reps = args.reps if b == 1 else max(3, args.reps // 6)
+        reps = args.reps if b == 1 else max(2, args.reps // 10)
         idx0 = {"adapter_index": np.zeros(b, np.int64)}
         idx8 = {"adapter_index": (np.arange(b) % 8).astype(np.int64)}
         variants = {
@@ -180,28 +247,64 @@ def main() -> int:
             f"ONNX shared, 8 {args.method} mixed": lambda: shared_same.run(["logits"], feed | idx8 | eight_same),
             "ONNX shared, 8 methods mixed": lambda: shared.run(["logits"], feed | idx8 | eight),
             "TorchScript merged": lambda: ts(ids, mask),
-        }
+            "ONNX merged int8": lambda: merged8.run(["logits"], feed),
+            "ONNX shared int8, 1 adapter": lambda: shared8_one.run(["logits"], feed | idx0 | one),
+            "ONNX shared int8, 8 methods mixed": lambda: shared8.run(["logits"], feed | idx8 | eight),
+            PEER_EAGER: lambda: hf(input_ids=ids, attention_mask=mask),
+        } | {PEERS[k]: (lambda p=p: p.run(None, feed)) for k, p in peers.items()}
         with torch.no_grad():
-            res = {k: median_ms(fn, reps) for k, fn in variants.items()}
+            res = timed(variants, reps, args.rounds)
         flop = model_gflop(backbone.config, b, s, prefix=10 if args.method == "unipelt" else 0)
+        res[FLOOR] = 1000 * model_gflop(backbone.config, b, s) / gf
         for k, ms in res.items():
             rows.append({"batch": b, "seq": s, "variant": k, "ms": ms, "vs_eager": res["PyTorch eager (our model)"] / ms,
-                         "gflops": flop / (ms / 1000), "of_matmul": flop / (ms / 1000) / gf})
+                         "vs_merged": ms / res["ONNX merged"], "gflops": flop / (ms / 1000), "of_matmul": flop / (ms / 1000) / gf})
     phm = phm_vs_dense(args.threads)
     report(args, gf, rows, phm, times, sizes)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"matmul_gflops": gf, "rows": rows, "phm": phm, "export_s": times,
-                                    "bytes": sizes}, indent=1))
+    args.out.write_text(json.dumps({"matmul_gflops": gf, "threads": args.threads, "method": args.method,
+                                    "rows": rows, "phm": phm, "export_s": times, "bytes": sizes}, indent=1))
+    from plots import export_plots
+    for f in export_plots(json.loads(args.out.read_text()), args.out.with_suffix("")):
+        print(f"plot: {f}", file=sys.stderr)
     return 0
 
 
+RATIOS = (  # (label, numerator variant, denominator variant): time ratios, < 1 is faster
+    ("shared 1 adapter / merged", "ONNX shared, 1 adapter", "ONNX merged"),
+    ("shared 8 of one method mixed / merged", "ONNX shared, 8 {m} mixed", "ONNX merged"),
+    ("shared 8 methods mixed / merged", "ONNX shared, 8 methods mixed", "ONNX merged"),
+    ("int8: shared 8 methods mixed / merged", "ONNX shared int8, 8 methods mixed", "ONNX merged int8"),
+    ("int8 merged / fp32 merged", "ONNX merged int8", "ONNX merged"),
+    ("int8 shared 1 adapter / fp32 shared 1 adapter", "ONNX shared int8, 1 adapter", "ONNX shared, 1 adapter"),
+    ("int8 merged / ORT HF export int8", "ONNX merged int8", "ORT HF export int8"),
+    ("int8 merged / ORT HF export + fusions, int8", "ONNX merged int8", "ORT HF export + fusions, int8"),
+    ("fp32 merged / ORT HF export + fusions", "ONNX merged", "ORT HF export + fusions"),
+)
+
+
+def ratios(rows: list[dict], method: str | None = None) -> None:
+    method = method or next(r["variant"].split()[3] for r in rows if r["variant"].startswith("ONNX shared, 8 ")
+                            and not r["variant"].endswith("methods mixed"))
+    by = {(r["batch"], r["seq"], r["variant"]): r["ms"] for r in rows}
+    shapes = list(dict.fromkeys((r["batch"], r["seq"]) for r in rows))
+    print("\n| time ratio (same run; < 1: faster) | " + " | ".join(f"{b} x {s}" for b, s in shapes) + " |")
+    print("|---|" + "---|" * len(shapes))
+    for label, a, b in RATIOS:
+        a = a.format(m=method)
+        cells = [f"{by[(*sh, a)] / by[(*sh, b)]:.2f}x" if (*sh, a) in by and (*sh, b) in by else "-" for sh in shapes]
+        print(f"| {label} | " + " | ".join(cells) + " |")
+
+
 def report(args, gf, rows, phm, times, sizes) -> None:
-    print(f"MiniLM + {args.method}, CPU, {args.threads} threads; medians; fp32 matmul 2048^3: {gf:.1f} GFLOP/s\n")
-    print("| batch x seq | variant | median ms | speed-up vs eager | GFLOP/s | % of matmul rate |")
-    print("|---|---|---|---|---|---|")
+    print(f"MiniLM + {args.method}, CPU, {args.threads} threads; medians of {args.rounds} interleaved rounds; "
+          f"fp32 matmul 2048^3: {gf:.1f} GFLOP/s (GFLOP/s columns count fp32-equivalent FLOPs)\n")
+    print("| batch x seq | variant | median ms | speed-up vs eager | time vs ONNX merged | GFLOP/s | % of matmul rate |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['batch']} x {r['seq']} | {r['variant']} | {r['ms']:.2f} | {r['vs_eager']:.2f}x | "
-              f"{r['gflops']:.1f} | {100 * r['of_matmul']:.0f}% |")
+              f"{r['vs_merged']:.2f}x | {r['gflops']:.1f} | {100 * r['of_matmul']:.0f}% |")
+    ratios(rows, args.method)
     print("\n| PHMLinear vs dense MatMul (ORT) | PHM body ms | dense ms | dense / PHM |\n|---|---|---|---|")
     for r in phm:
         print(f"| {r['shape']} | {r['phm_ms']:.3f} | {r['dense_ms']:.3f} | {r['dense_ms'] / r['phm_ms']:.2f}x |")

@@ -203,7 +203,7 @@ def _export_merged(model, name: str, out: Path, fmt: str, fold_phm: bool, prec: 
     inference = merge(model, fold_phm)
     if fmt == "onnx":
         path = export_merged_onnx(inference, out / f"{name}.onnx")
-        return [path.name], prec.apply(path, model.encoder)
+        return [path.name], prec.apply(path, inference.encoder)  # its folded projections
     args = example_inputs(model.encoder.config.vocab_size)
     files = [export_torchscript(inference, args, out / f"{name}.pt").name]
     pt2 = export_program(inference, example_inputs(model.encoder.config.vocab_size, batch=3, seq=9),

@@ -6,9 +6,9 @@ FFN in and out of every layer: weights int8 per output channel, activations uint
 everything else stays fp32: embeddings, LayerNorms, softmax, the head, and every adapter tensor (in the
 shared graph they are graph inputs, never constants, so they cannot be quantized; in a merged graph an
 adapter's own MatMuls are left alone, and only a LoRA folded into a backbone projection is quantized with
-it, being part of that one weight). A MatMul is the backbone's when its constant weight has a backbone
-projection's shape and lies within MAX_DELTA (relative Frobenius distance) of one of the backbone's own
-weights: an adapter's weight never does, whatever its width. Custom-op nodes (hpeft::PHMLinear,
+it, being part of that one weight). A MatMul is the backbone's when its constant weight equals (within
+MAX_DELTA, relative) one of the exported encoder's own projection weights (for a merged export: the folded
+ones): an adapter's weight never does, whatever its width. Custom-op nodes (hpeft::PHMLinear,
 hpeft::SparseLinear) and their ONNX function bodies are not touched.
 
 fp16 (CUDA): every float tensor fp16 but the graph's inputs and outputs (kept fp32, so the runtime and
@@ -33,7 +33,7 @@ from onnx import numpy_helper
 
 from .ops import DOMAIN, attach_functions
 
-MAX_DELTA = 0.5  # ||W - W_backbone|| / ||W_backbone|| below this: a backbone projection (a merged LoRA moves ~1e-2)
+MAX_DELTA = 1e-6  # ||W - W_encoder|| / ||W_encoder||: the same tensor, up to the exporter's transpose
 MODES = ("int8",)
 PRECISIONS = ("fp32", "fp16")
 # kept fp32 in an fp16 graph (onnxruntime's fp16 LayerNormalization accumulates in fp32 itself)
@@ -41,7 +41,8 @@ FP16_KEEP: list[str] = []
 
 
 def backbone_weights(encoder) -> dict[tuple, list[np.ndarray]]:
-    """The encoder's projection weights as a MatMul's constant operand (in, out), by shape."""
+    """The encoder's projection weights as a MatMul's constant operand (in, out), by shape (the encoder
+    that was exported: a merged model's holds the folded LoRA weights)."""
     by_shape: dict[tuple, list[np.ndarray]] = {}
     for name, p in encoder.named_parameters():
         if p.dim() == 2 and "embeddings" not in name:
@@ -125,31 +126,52 @@ def quantize_int8(path: Path, reference: dict[tuple, list[np.ndarray]], per_chan
                          per_channel=per_channel, reduce_range=False, weight_type=QuantType.QInt8,
                          use_external_data_format=external, extra_options={"MatMulConstBOnly": True})
         q = _load(out)
+    _topological(q.graph)  # the quantizer's node order ignores the outer names that If branches read
     _same_functions(model, q)
     if [i.name for i in q.graph.input] != [i.name for i in model.graph.input] or \
             [o.name for o in q.graph.output] != [o.name for o in model.graph.output]:
         raise RuntimeError("quantization changed the graph's inputs or outputs")
-    onnx.checker.check_model(q, full_check=False)
+    onnx.checker.check_model(q, full_check=True)
     _save(q, path, external)
     return {"mode": "int8", "method": "onnxruntime dynamic (weights int8 symmetric, activations uint8 per call)",
             "per_channel": per_channel, "reduce_range": False, "quantized": "backbone projection MatMuls",
             "matmuls": len(nodes), "fp32": "embeddings, LayerNorms, attention scores, adapters, heads"}
 
 
+def _outer_names(graph: onnx.GraphProto) -> set[str]:
+    """Names a subgraph reads from enclosing scopes."""
+    local = {i.name for i in graph.input} | {i.name for i in graph.initializer}
+    used = set()
+    for n in graph.node:
+        used.update(_reads(n))
+        local.update(n.output)
+    return used - local
+
+
+def _reads(node: onnx.NodeProto) -> set[str]:
+    """A node's inputs, and the outer names its subgraphs (If, Loop, Scan bodies) read."""
+    names = set(node.input)
+    for a in node.attribute:
+        for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+            names |= _outer_names(g)
+    return names
+
+
 def _topological(graph: onnx.GraphProto) -> None:
-    """Reorder `graph`'s nodes so that each comes after the producers of its inputs (stable)."""
+    """Reorder `graph`'s nodes so that each comes after the producers of what it reads, its subgraphs'
+    outer-scope names included (stable: an ordered graph stays as it is)."""
     ready = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
-    pending, order = list(graph.node), []
+    pending, order = [(n, _reads(n)) for n in graph.node], []
     while pending:
         rest = []
-        for n in pending:
-            if all(i in ready for i in n.input):
+        for n, reads in pending:
+            if reads <= ready:
                 order.append(n)
                 ready.update(n.output)
             else:
-                rest.append(n)
+                rest.append((n, reads))
         if len(rest) == len(pending):
-            raise RuntimeError(f"graph has a cycle or a dangling input at {rest[0].name}")
+            raise RuntimeError(f"graph has a cycle or a dangling input at {rest[0][0].name}")
         pending = rest
     del graph.node[:]
     graph.node.extend(order)

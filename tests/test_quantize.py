@@ -1,0 +1,156 @@
+"""Quantized and half-precision exports (exporters/quantize.py), on the tiny random BERT.
+
+int8 (`--quantize int8`) is not exact; its tolerance, stated in the README and held here: max |logit
+difference| vs the fp32 PyTorch forward <= INT8_TOL (measured on this backbone: 1.6e-4 to 4e-4 for logits
+of magnitude ~0.3; on MiniLM trained adapters bench/quantize.py measures it), and every row whose fp32 top
+logit leads by more than 2 x INT8_TOL keeps its argmax. Only the backbone's 6 projections per layer are
+quantized: adapter MatMuls (even one as wide as a backbone projection), heads, LayerNorms and the hpeft
+custom ops with their function bodies stay fp32, and SharedRuntime serves the int8 shared graph unchanged.
+fp16 (`--precision fp16`, for CUDA; no GPU here, so it runs on CPU onnxruntime only): a valid graph with
+fp32 inputs and outputs, within FP16_TOL.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from exporters.export import export_checkpoint
+from hpeft_serve import checkpoint
+from hpeft_serve.errors import HpeftError
+from hpeft_serve.methods.presets import resolve
+from hpeft_serve.model import HeadConfig
+from hpeft_serve.serving.runtime import SharedRuntime
+from hpeft_serve.training import build_model
+
+INT8_TOL = 1e-2  # ~25x the largest difference measured on the tiny backbone; MiniLM: see bench/quantize.py
+FP16_TOL = 2e-3
+QUANT_OPS = ("MatMulInteger", "DynamicQuantizeMatMul")
+
+
+def _ckpt(backbone, method, folder, seed=0, **overrides):
+    model = build_model(backbone, resolve(method, backbone.config.num_hidden_layers, overrides), HeadConfig(3), seed)
+    model.adapters.eject_prefix()
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(seed + 1)
+        for p in model.adapters.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+        for proj in model.adapters.sparse_projections():
+            proj.sparse_mask.copy_(torch.rand(proj.weight.shape, generator=g) > 0.4)
+            proj.weight.mul_(proj.sparse_mask)
+    return checkpoint.save(model, backbone, folder, ("a", "b", "c"), {})
+
+
+def _batch(b=6, s=17, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1000, 5000, (b, s), generator=g)
+    mask = torch.ones(b, s, dtype=torch.long)
+    for r in range(1, b):
+        mask[r, max(2, s - 3 * r):] = 0
+    return ids.numpy(), mask.numpy()
+
+
+def _reference(ckpt, ids, mask):
+    model, _ = checkpoint.load(ckpt)
+    with torch.no_grad():
+        return model(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
+
+
+def _check_close(got, ref, tol):
+    diff = float(np.abs(got - ref).max())
+    assert diff <= tol, f"max logit difference {diff:.2e} > {tol}"
+    top = np.sort(ref, axis=1)
+    clear = top[:, -1] - top[:, -2] > 2 * tol
+    assert (got.argmax(1) == ref.argmax(1))[clear].all()
+    return diff
+
+
+def _quantized(path):
+    m = onnx.load(str(path), load_external_data=False)
+    return m, sum(n.op_type in QUANT_OPS for n in m.graph.node)
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory, tiny_bert):
+    root = tmp_path_factory.mktemp("q8")
+    d = tiny_bert.config.hidden_size
+    return {"lora": _ckpt(tiny_bert, "lora", root / "lora"),
+            "compacter": _ckpt(tiny_bert, "compacter", root / "compacter", seed=1),
+            # a dense adapter exactly as wide as the backbone: shape alone cannot tell it from a projection
+            "adapter": _ckpt(tiny_bert, "adapter", root / "adapter", seed=2, bottleneck=d)}
+
+
+@pytest.mark.parametrize("method", ["lora", "compacter", "adapter"])
+def test_int8_merged_within_tolerance_backbone_only(method, ckpts, tiny_bert, tmp_path):
+    info = export_checkpoint(ckpts[method], tmp_path, merged=True, quantize="int8", log=lambda *_: None)
+    path = tmp_path / f"{method}.onnx"
+    model, n = _quantized(path)
+    layers = tiny_bert.config.num_hidden_layers
+    assert n == 6 * layers and info["quantization"]["matmuls"] == 6 * layers
+    assert json.loads((tmp_path / f"{method}.json").read_text())["quantization"]["mode"] == "int8"
+    # the hpeft ops (compacter: PHMLinear) and their function bodies are kept
+    assert ({n.op_type for n in model.graph.node if n.domain == "hpeft"} == {f.name for f in model.functions})
+    if method == "compacter":
+        assert [f.name for f in model.functions] == ["PHMLinear"]
+    ids, mask = _batch()
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+        ["logits"], {"input_ids": ids, "attention_mask": mask})[0]
+    diff = _check_close(got, _reference(ckpts[method], ids, mask), INT8_TOL)
+    assert diff > 1e-7  # really quantized
+
+
+def test_int8_shared_served_by_runtime_mixed(ckpts, tmp_path):
+    for m in ("lora", "compacter"):
+        export_checkpoint(ckpts[m], tmp_path, quantize="int8", log=lambda *_: None)
+    info = json.loads((tmp_path / "backbone.json").read_text())
+    assert info["quantization"]["mode"] == "int8"
+    model, n = _quantized(tmp_path / "backbone.onnx")
+    assert n == info["quantization"]["matmuls"] > 0
+    # every adapter tensor is still a float graph input
+    bank = {i.name: i.type.tensor_type.elem_type for i in model.graph.input if i.name in info["inputs"][3:]}
+    assert bank and set(bank.values()) == {onnx.TensorProto.FLOAT}
+    ids, mask = _batch()
+    names = ["lora", "compacter", "lora", "compacter", "compacter", "lora"]
+    answers = SharedRuntime(tmp_path).infer(ids, mask, names)
+    assert answers[1] == [None] * len(names)
+    refs = {m: _reference(ckpts[m], ids, mask) for m in ("lora", "compacter")}
+    got = np.stack(answers[0])
+    ref = np.stack([refs[n][r] for r, n in enumerate(names)])
+    _check_close(got, ref, INT8_TOL)
+
+
+def test_fp16_graph_valid_io_fp32(ckpts, tmp_path):
+    """fp16 is for CUDA; CUDA is not run here: the graph is checked and run on CPU onnxruntime."""
+    export_checkpoint(ckpts["compacter"], tmp_path / "m", merged=True, precision="fp16", log=lambda *_: None)
+    export_checkpoint(ckpts["compacter"], tmp_path / "s", precision="fp16", log=lambda *_: None)
+    ids, mask = _batch()
+    ref = _reference(ckpts["compacter"], ids, mask)
+    m = onnx.load(str(tmp_path / "m" / "compacter.onnx"))
+    onnx.checker.check_model(m, full_check=True)
+    assert [i.type.tensor_type.elem_type for i in m.graph.output] == [onnx.TensorProto.FLOAT]
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in m.graph.initializer)
+    got = ort.InferenceSession(str(tmp_path / "m" / "compacter.onnx"), providers=["CPUExecutionProvider"]).run(
+        ["logits"], {"input_ids": ids, "attention_mask": mask})[0]
+    _check_close(got, ref, FP16_TOL)
+    answers = SharedRuntime(tmp_path / "s").infer(ids, mask, ["compacter"] * len(ids))
+    _check_close(np.stack(answers[0]), ref, FP16_TOL)
+
+
+def test_precision_refusals(ckpts, tmp_path):
+    with pytest.raises(HpeftError, match="needs --format onnx"):
+        export_checkpoint(ckpts["lora"], tmp_path / "ts", "torchscript", merged=True, quantize="int8")
+    with pytest.raises(HpeftError, match="exclude each other"):
+        export_checkpoint(ckpts["lora"], tmp_path / "x", quantize="int8", precision="fp16")
+    with pytest.raises(HpeftError, match="unknown --quantize"):
+        export_checkpoint(ckpts["lora"], tmp_path / "x", quantize="int4")
+    export_checkpoint(ckpts["lora"], tmp_path / "s", quantize="int8", log=lambda *_: None)
+    before = (tmp_path / "s" / "backbone.onnx").read_bytes()
+    with pytest.raises(HpeftError, match="holds a int8 shared graph"):  # fp32 into an int8 folder
+        export_checkpoint(ckpts["compacter"], tmp_path / "s", log=lambda *_: None)
+    assert (tmp_path / "s" / "backbone.onnx").read_bytes() == before
+    assert not (tmp_path / "s" / "packs" / "compacter.json").exists()
