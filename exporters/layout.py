@@ -1,12 +1,13 @@
 """A trained model as a pack of the shared layout (hpeft_serve/pack/layout.py), and packs stacked into a
-bank of torch tensors (what the shared graph is traced and tested with)."""
+bank of torch tensors (what the shared graph is traced and tested with). A pack holds only the tensors
+that are not all their fill (compact); stacking pads what a pack leaves out."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from hpeft_serve.pack.layout import (ACTS, FILL, LAYOUT_VERSION, Layout, bank_sizes, input_names, needs,  # noqa: F401
-                                     per_layer, place, resolve_shape, spec, split_n, symbols)
+from hpeft_serve.pack.layout import (ACTS, FILL, LAYOUT_VERSION, Layout, bank_sizes, compact, input_names,  # noqa: F401
+                                     needs, per_layer, place, resolve_shape, spec, split_n, symbols)
 from hpeft_serve.methods.config import BIAS_NAMES, LORA_TARGETS, SITES
 
 if TYPE_CHECKING:
@@ -33,10 +34,12 @@ def _gate_into(t: dict, p: str, i: int, gate) -> None:
 
 
 def pack(model: "HybridModel") -> tuple[dict[str, "torch.Tensor"], dict[str, int]]:
-    """One adapter's tensors in the shared layout, and its sizes (the symbols of spec())."""
+    """One adapter's tensors in the shared layout, less those that are all their fill (a compact pack:
+    hpeft_serve.pack.layout.complete gives them back), and its sizes (the symbols of spec())."""
     import torch
     with torch.no_grad():
-        return _pack(model)
+        tensors, sizes = _pack(model)
+    return compact(tensors), sizes
 
 
 def _pack(model: "HybridModel") -> tuple[dict, dict]:
@@ -150,7 +153,8 @@ def stack(packs: list[tuple[dict, dict]], layout: Layout | None = None) -> dict[
         base, _ = split_n(name)
         out[name] = torch.empty((len(packs), *resolve_shape(symbols(name), sizes)))
         for k, (t, s) in enumerate(packs):
-            place(out[name][k], t[base], name, s)
+            src = t[base] if base in t else torch.full(resolve_shape(spec()[base], s), FILL.get(base, 0.0))
+            place(out[name][k], src, name, s)
     return out
 
 

@@ -164,9 +164,28 @@ def test_tensors_are_checked_against_the_sizes_before_they_are_read():
     t["lora_q_A"][0, 0, 0] = np.nan
     with pytest.raises(CheckpointError, match="non-finite"):
         check_pack("a", meta, save(t), GRAPH)
-    del t["head_cls"]
-    with pytest.raises(CheckpointError, match=r"missing \['head_cls'\]"):
+    t["lora_q_A"][0, 0, 0] = 0.0
+    t["extra"] = np.zeros(2, np.float32)
+    with pytest.raises(CheckpointError, match=r"unexpected \['extra'\]"):
         check_pack("a", meta, save(t), GRAPH)
+
+
+def test_a_compact_pack_reads_as_the_whole_pack_it_was_cut_from():
+    """A pack file may leave out any tensor that is all its fill (what `hpeft export` writes): it reads as
+    that fill, so the compact and the whole pack load to the same tensors, bit for bit."""
+    from safetensors.numpy import load
+    from hpeft_serve.pack.layout import compact
+    raw, meta = make_pack(sizes_of())
+    whole = check_pack("a", meta, raw, GRAPH)
+    t = load(raw)
+    t["bitfit_q"][...] = 0.0  # all zeros: left out
+    whole["bitfit_q"][...] = 0.0
+    cut = compact(t)
+    assert "bitfit_q" not in cut and "prefix_mask" not in cut and "head_cls" not in cut and "lora_q_A" in cut
+    small = save(cut, metadata={"format": "hpeft-pack", "hpeft_pack": json.dumps(meta)})
+    assert len(small) < len(raw)
+    got = check_pack("a", meta, small, GRAPH)
+    assert got.keys() == whole.keys() and all(np.array_equal(got[k], whole[k]) for k in whole)
 
 
 def test_a_pack_for_another_hidden_size_is_refused_on_upload_and_on_load(tmp_path):
@@ -222,9 +241,8 @@ def test_a_pack_written_before_embeddings_still_loads():
     assert "head_max" not in safetensors_header(raw)
     t = check_pack("a", meta, raw, GRAPH)
     assert set(t) == set(spec()) and float(t["head_max"]) == 0.0 and float(t["head_norm"]) == 0.0
-    raw, meta = make_pack(sizes_of(), drop=("head_cls",))
-    with pytest.raises(CheckpointError, match=_re("missing ['head_cls']")):  # only the new ones may be missing
-        check_pack("a", meta, raw, GRAPH)
+    raw, meta = make_pack(sizes_of(), drop=("head_cls",))  # any tensor left out is its fill (a compact pack)
+    assert float(check_pack("a", meta, raw, GRAPH)["head_cls"]) == 0.0
 
 
 def test_a_graph_without_dims_checks_what_it_can_and_refuses_the_rest():

@@ -167,7 +167,7 @@ def _crafted(sizes: dict, seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def _state(bank):
-    return {k: v.copy() for k, v in bank._arrays.items()}, dict(bank._sizes), dict(bank._slots), bank.names()
+    return {k: v.copy() for k, v in bank._view.items()}, dict(bank._sizes), dict(bank._slots), bank.names()
 
 
 def test_a_refused_pack_leaves_the_bank_and_every_answer_bit_identical(served):

@@ -4,7 +4,9 @@ tensor is read, and every malformed input is a CheckpointError naming the proble
 
 A pack's json says its task: classification (C >= 1 labels) or embedding (C = 0, labels [], with its
 pooling and normalize, which its head flags must match); a json without a task is a classifier's (packs
-written before embeddings), and its missing head_max / head_norm tensors read as 0 (layout.OPTIONAL)."""
+written before embeddings). A pack may leave out any tensor that is all its fill (a compact pack, as
+`hpeft export` writes them; layout.complete): it reads as that fill, so packs written whole before, and
+those from before embeddings without head_max / head_norm, read as they always did."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import json
 import numpy as np
 
 from ..errors import CheckpointError
-from .layout import (EMBED_POOLINGS, FIXED, LAYOUT_VERSION, OPTIONAL, TASKS, Layout, needs, resolve_shape,
+from .layout import (EMBED_POOLINGS, FIXED, LAYOUT_VERSION, TASKS, Layout, complete, needs, resolve_shape,
                      size_keys, spec, symbols)
 
 # a rank, bottleneck width, PHM width or rank, or prefix length above this many times the hidden size is
@@ -182,14 +184,14 @@ def _utf8(s: str) -> bool:
 
 
 def check_header(name: str, header: dict, sizes: dict) -> None:
-    """The tensors a safetensors header declares: exactly the layout's, float32, of the shapes the sizes
-    give (checked before any tensor is read)."""
+    """The tensors a safetensors header declares: the layout's (any may be left out: it is its fill),
+    float32, of the shapes the sizes give (checked before any tensor is read)."""
     declared = {k: v for k, v in header.items() if k != "__metadata__"}
-    want = {k: v for k, v in spec().items() if k in declared or k not in OPTIONAL}
-    missing, extra = sorted(set(want) - set(declared)), sorted(set(declared) - set(spec()))
-    if missing or extra:
+    extra = sorted(set(declared) - set(spec()))
+    if extra:
         raise CheckpointError(f"adapter {name!r}: tensors do not match the pack layout "
-                              f"(missing {missing[:4]}, unexpected {[str(k)[:40] for k in extra[:4]]})")
+                              f"(unexpected {[str(k)[:40] for k in extra[:4]]})")
+    want = {k: v for k, v in spec().items() if k in declared}
     for k, syms in want.items():
         entry, shape = declared[k], list(resolve_shape(syms, sizes))
         got = entry.get("shape") if isinstance(entry, dict) else None
@@ -224,7 +226,7 @@ def check_pack(name: str, meta, raw: bytes, graph: dict) -> dict[str, np.ndarray
     for k, t in tensors.items():
         if not np.isfinite(t).all():
             raise CheckpointError(f"adapter {name!r}: tensor {k} has non-finite values")
-    tensors |= {k: np.full((), v, np.float32) for k, v in OPTIONAL.items() if k not in tensors}
+    tensors = complete(tensors, sizes)
     check_head_flags(name, tensors, meta)
     return tensors
 

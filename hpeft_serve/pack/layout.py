@@ -18,6 +18,11 @@ PHM slots come in one kind per n (a pack has one n, the size of its rule): the b
 `phm{n}_...` tensors for each n they serve (a PHM branch per (n, site)); a pack fills the branch of its
 own n and is zeros in the others (an all-zero branch adds exactly 0).
 How a trained model becomes a pack (torch) is exporters/layout.py.
+
+Packs are stored compactly: a pack file holds only the tensors that are not all their fill (zeros; the
+prefix mask's and the padded logit's float32 min), so a LoRA's pack is its LoRA and head tensors, not the
+union's slots; `complete` gives the missing ones back (packs written whole before stay readable). The
+padding to the union and to the bank's sizes happens in the bank only.
 """
 
 from __future__ import annotations
@@ -86,6 +91,23 @@ def size_keys() -> tuple[str, ...]:
 
 FILL = {"prefix_mask": NEG, "head_out_b": NEG}  # padding that must stay out of softmax / argmax
 _PHM_N = re.compile(r"phm(\d+)_(.+)")
+
+
+def is_fill(name: str, t) -> bool:
+    """Whether pack tensor `t` (numpy or torch) is all its fill: a compact pack leaves it out."""
+    return bool((t == FILL.get(name, 0.0)).all())
+
+
+def compact(tensors: dict) -> dict:
+    """A pack's tensors less those that are all their fill (what a pack file holds)."""
+    return {k: t for k, t in tensors.items() if not is_fill(k, t)}
+
+
+def complete(tensors: dict, sizes: dict) -> dict:
+    """A compact pack's tensors (numpy) with every spec tensor it leaves out, at its fill."""
+    missing = {k: np.full(resolve_shape(syms, sizes), FILL.get(k, 0.0), np.float32)
+               for k, syms in spec().items() if k not in tensors}
+    return tensors | missing if missing else tensors
 
 
 def split_n(name: str) -> tuple[str, int | None]:
@@ -231,11 +253,12 @@ def needs(t: dict, sizes: dict) -> Layout:
     slots = [f"lora_{x}" for x in lora] + (["prefix"] if sizes["P"] > 0 else []) + \
         [f"seq_{s}" for s in seq] + [f"par_{s}" for s in par] + [f"phm_{s}" for s in phm]
     named = lambda p: f"phm{n}_{p[4:]}" if p.startswith("phm_") else p  # noqa: E731  the bank's name
-    gated = tuple(named(p) for p in slots if bool((t[f"{p}_gated"] != 0).any()))
+    nonzero = lambda k: k in t and bool((t[k] != 0).any())  # noqa: E731  a compact pack lacks zero tensors
+    gated = tuple(named(p) for p in slots if nonzero(f"{p}_gated"))
     acts = tuple(a for j, a in enumerate(ACTS)
                  if any(bool((t[f"{p}_act"][..., j] != 0).any()) for p in slots if f"{p}_act" in t))
-    bitfit = any(bool((t[f"bitfit_{b}"] != 0).any()) for b in BIAS_NAMES)
-    embeddings = sizes["C"] == 0 or any(bool((t[k] != 0).any()) for k in OPTIONAL if k in t)
+    bitfit = any(nonzero(f"bitfit_{b}") for b in BIAS_NAMES)
+    embeddings = sizes["C"] == 0 or any(nonzero(k) for k in OPTIONAL)
     return Layout(lora, sizes["P"] > 0, seq, phm, par, gated, acts, bitfit, (n,) if phm else (), embeddings)
 
 

@@ -6,6 +6,14 @@ budget. The slots' sizes (ranks, prefix length, widths, labels) are always the l
 packs: they grow when a larger pack arrives and shrink back when it leaves (replaced, removed, evicted);
 smaller packs are zero-padded (exact, see hpeft_serve/pack/layout.py).
 
+Thousands of adapters: the arrays are reserved for as many slots as the memory budget holds (up to half
+the machine's memory), zero-filled by the OS page by page as slots are written, so an untouched slot costs
+no memory and adding, evicting or replacing an adapter is one slot written and a name -> slot map updated:
+no copy of the others, whatever their number. Only a change of the slots' sizes (a larger pack, or the
+largest leaving) or more pinned adapters than the reservation holds copies the residents into new arrays
+(one copy per graph input, slot numbers kept). What a bank costs is `resident_bytes()`; `nbytes()` is what
+it has reserved.
+
 A pack is checked whole before anything changes (`put` refuses it with a CheckpointError and the bank is
 as it was). Atomicity: one writer at a time; it writes a free slot (no reader indexes it) or builds new
 arrays while readers go on with the old ones, then takes the shared lock exclusively only to publish
@@ -15,17 +23,37 @@ arrays while readers go on with the old ones, then takes the shared lock exclusi
 from __future__ import annotations
 
 import dataclasses
+import heapq
+import os
 import threading
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import numpy as np
 
 from ..errors import CheckpointError
 from ..pack.check import check_shapes, check_slots
-from ..pack.layout import (FILL, FIXED, Layout, bank_sizes, copy_slot, input_names, per_layer, place, resolve_shape,
-                           size_keys, split_n, symbols)
+from ..pack.layout import (FILL, FIXED, Layout, bank_sizes, input_names, per_layer, place, resolve_shape, size_keys,
+                           split_n, symbols)
 from ..pack.store import Pack
+
+SPARE = 2  # slots beyond the budget's: a replacement is written beside the version being served
+
+
+def _reservable_bytes() -> int:
+    """At most half the machine's memory is reserved (address space: untouched pages cost nothing)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    except (ValueError, OSError):
+        return 8 << 30
+
+
+class _State(NamedTuple):
+    arrays: dict
+    sizes: dict
+    capacity: int
+    free: list
 
 
 class RWLock:
@@ -82,8 +110,12 @@ class AdapterBank:
         self._slots: dict[str, int] = {}  # name -> slot
         self._packs: OrderedDict[str, Pack] = OrderedDict()  # LRU order, most recent last
         self._sizes: dict[str, int] | None = None
-        self._arrays: dict[str, np.ndarray] = {}
+        self._counts: dict[str, Counter] = {k: Counter() for k in size_keys() if k != "n"}  # size -> residents
+        self._arrays: dict[str, np.ndarray] = {}  # reserved [capacity, ...]
+        self._view: dict[str, np.ndarray] = {}  # the used slots [:highest used + 1] of each
         self._capacity = 0
+        self._free: list[int] = []  # a heap of the slots no name maps to (lowest first: residents stay packed)
+        self._slot_cache: dict[tuple, int] = {}  # sizes -> bytes of a slot
         self.generation = 0  # +1 whenever the arrays' contents change (a device copy of them is then stale)
 
     # ------------------------------------------------------------------ reading
@@ -101,11 +133,14 @@ class AdapterBank:
                 for n in names:
                     if n in self._packs:
                         self._packs.move_to_end(n)
-            yield index, self._arrays, errors
+            yield index, self._view, errors
 
     def names(self) -> list[str]:
         with self._lru:
             return list(self._packs)
+
+    def __len__(self) -> int:
+        return len(self._slots)
 
     def pack(self, name: str) -> Pack | None:
         return self._packs.get(name)
@@ -118,39 +153,43 @@ class AdapterBank:
         return self._packs[name].labels
 
     def nbytes(self) -> int:
+        """Bytes reserved: every slot of the arrays (untouched slots cost no memory)."""
         return sum(a.nbytes for a in self._arrays.values())
+
+    def slot_bytes(self) -> int:
+        return self._slot_bytes(self._sizes) if self._sizes else 0
+
+    def resident_bytes(self) -> int:
+        """Bytes the resident adapters' slots hold."""
+        return len(self._slots) * self.slot_bytes()
 
     # ------------------------------------------------------------------ writing
     def put(self, pack: Pack) -> None:
         """Add or atomically replace an adapter (CheckpointError, and no change, if it cannot be served)."""
         with self._writer:
             self._check(pack)
-            keep, sizes = self._plan(pack)
-            old = self._slots.get(pack.name)
-            capacity = self._capacity_for(len(keep) + 1)
-            if sizes == self._sizes and capacity == self._capacity and len(self._slots) < self._capacity:
-                arrays, slots = self._arrays, {n: self._slots[n] for n in keep}
-                slot = self._free_slot(exclude=old)  # no reader indexes it: written in place
-            else:
-                arrays, slots = self._build(sizes, capacity, keep)
-                slot = len(keep)
+            victims, sizes = self._plan(pack)
+            state = None
+            if sizes != self._sizes or not self._free:  # beside every resident: victims and an old version
+                staying = len(self._slots) - len(victims) - (pack.name in self._slots) + 1  # leave on publish
+                state = self._rebuild(sizes, self._capacity_for(max(staying, len(self._slots) + 1), sizes))
+            arrays, free = (self._arrays, self._free) if state is None else (state.arrays, state.free)
+            slot = heapq.heappop(free)  # no reader indexes it
             self._write(arrays, slot, pack)
             meta = dataclasses.replace(pack, tensors={})  # the tensors live in the slot
-            self._publish(arrays, sizes, capacity, {**slots, pack.name: slot}, meta)
+            self._publish(state, victims, (meta, slot))
 
     def remove(self, name: str) -> None:
         """Drop an adapter; the slots shrink to the sizes of the packs that stay."""
         with self._writer:
             if name not in self._slots:
                 raise UnknownAdapter(name)
-            keep = [n for n in self.names() if n != name]
-            sizes = bank_sizes([self._packs[n].sizes for n in keep]) if keep else self._sizes
-            capacity = self._capacity_for(len(keep)) if keep else self._capacity
-            if sizes == self._sizes and capacity == self._capacity:
-                arrays, slots = self._arrays, {n: self._slots[n] for n in keep}
-            else:
-                arrays, slots = self._build(sizes, capacity, keep)
-            self._publish(arrays, sizes, capacity, slots)
+            state = None
+            if len(self._slots) > 1:
+                sizes = self._sizes_without([name])
+                if sizes != self._sizes:
+                    state = self._rebuild(sizes, self._capacity_for(len(self._slots), sizes))
+            self._publish(state, [name])
 
     def _check(self, pack: Pack) -> None:
         """Everything that could refuse `pack`, before anything changes."""
@@ -170,63 +209,108 @@ class AdapterBank:
         check_slots(pack.name, self.layout, pack.tensors, pack.sizes)
 
     def _plan(self, pack: Pack) -> tuple[list[str], dict]:
-        """The residents that stay beside `pack` (the least recently used unpinned ones leave while the bank
-        is over its memory budget) and the bank's sizes then."""
-        keep = [n for n in self.names() if n != pack.name]  # least recently used first
+        """The residents that leave for `pack` (the least recently used unpinned ones, while the bank is over
+        its memory budget) and the bank's sizes then. O(victims + pinned), whatever the number resident."""
+        victims: list[str] = []
+        gone = [pack.name] if pack.name in self._slots else []
+        with self._lru:
+            order = iter(list(self._packs))  # least recently used first
         while True:
-            sizes = bank_sizes([pack.sizes] + [self._packs[n].sizes for n in keep])
-            if (len(keep) + 1) * self._slot_bytes(sizes) <= self.budget:
-                return keep, sizes
-            victim = next((n for n in keep if n not in self.pinned), None)
+            sizes = self._sizes_without(gone + victims, pack.sizes)
+            staying = len(self._slots) - len(gone) - len(victims) + 1
+            if staying * self._slot_bytes(sizes) <= self.budget:
+                return victims, sizes
+            victim = next((n for n in order if n not in self.pinned and n != pack.name), None)
             if victim is None:
-                return keep, sizes
-            keep.remove(victim)
+                return victims, sizes
+            victims.append(victim)
 
-    def _capacity_for(self, needed: int) -> int:
-        """Slots to allocate for `needed` adapters (+1 spare, so a replacement never overwrites the version
-        being served): the current capacity while it fits and is not over twice what is needed."""
-        if needed < self._capacity <= 2 * max(needed, 4) + 1:
-            return self._capacity
-        return max(needed + needed // 4, 4) + 1
+    def _sizes_without(self, gone: list[str], added: dict | None = None) -> dict:
+        """The bank's sizes once `gone` left and `added` (a pack's sizes) came: the largest of each."""
+        if not gone and added is None:
+            return self._sizes
+        counts = {k: Counter(c) for k, c in self._counts.items()} if gone else self._counts
+        for n in gone:
+            for k, v in self._packs[n].sizes.items():
+                if k in counts:
+                    counts[k][v] -= 1
+        fixed = {k: (added or self._sizes)[k] for k in FIXED}
+        out = {k: max([v for v, c in c_.items() if c > 0] + ([added[k]] if added else []), default=0)
+               for k, c_ in counts.items()}
+        return bank_sizes([out | fixed | {"n": 1}])  # the floors of bank_sizes (r, C, O_* >= 1)
+
+    def _capacity_for(self, needed: int, sizes: dict) -> int:
+        """Slots to reserve: as many as the budget holds (+ spares), at most half the machine's memory, and
+        never fewer than `needed` + spares."""
+        slot = max(self._slot_bytes(sizes), 1)
+        return max(needed, min(self.budget, _reservable_bytes()) // slot) + SPARE
 
     def _slot_bytes(self, sizes: dict) -> int:
-        return sum(4 * int(np.prod(resolve_shape(self._slot_symbols(n), sizes), dtype=np.int64)) for n in self.inputs)
+        key = tuple(sorted(sizes.items()))
+        got = self._slot_cache.get(key)
+        if got is None:
+            got = sum(4 * int(np.prod(resolve_shape(self._slot_symbols(n), sizes), dtype=np.int64)) for n in self.inputs)
+            self._slot_cache = {key: got} if len(self._slot_cache) > 64 else self._slot_cache | {key: got}
+        return got
 
     @staticmethod
     def _slot_symbols(name: str) -> tuple:
         base = name.split(".")[0]
         return symbols(base)[1:] if per_layer(base) else symbols(base)
 
-    def _build(self, sizes: dict, capacity: int, keep: list[str]) -> tuple[dict, dict]:
-        """New arrays of `sizes` holding the residents `keep` in slots 0.. (padded or cut: exact, see
-        layout.copy_slot), built while readers go on with the current ones."""
+    def _rebuild(self, sizes: dict, capacity: int) -> "_State":
+        """New arrays of `sizes` with every resident in its own slot, padded or cut (exact: a bank's sizes
+        are at least every resident's, so what a smaller bank cuts off is padding), built while readers go
+        on with the current ones: one copy per graph input, of the used slots only."""
+        used = self._used()
+        capacity = max(capacity, used + 1)
         arrays = {}
         for name in self.inputs:
-            shape = (capacity, *resolve_shape(self._slot_symbols(name), sizes))
-            arrays[name] = np.full(shape, FILL.get(split_n(name.split(".")[0])[0], 0.0), np.float32)
-            for new, n in enumerate(keep):
-                copy_slot(arrays[name][new, ...], self._arrays[name][self._slots[n], ...])
-        return arrays, {n: i for i, n in enumerate(keep)}
+            new = np.zeros((capacity, *resolve_shape(self._slot_symbols(name), sizes)), np.float32)  # lazy pages
+            old = self._arrays.get(name)
+            if old is not None and used:
+                fill = FILL.get(split_n(name.split(".")[0])[0])
+                if fill is not None:
+                    new[:used] = fill
+                common = (slice(0, used),) + tuple(slice(0, min(a, b)) for a, b in zip(new.shape[1:], old.shape[1:]))
+                new[common] = old[common]
+            arrays[name] = new
+        taken = set(self._slots.values())
+        return _State(arrays, sizes, capacity, [s for s in range(capacity) if s not in taken])  # ascending: a heap
 
-    def _publish(self, arrays: dict, sizes: dict | None, capacity: int, slots: dict, added: Pack | None = None):
-        """Make the new state the one readers see, all at once."""
+    def _used(self) -> int:
+        """Slots 0.. up to the highest a name maps to."""
+        return max(self._slots.values(), default=-1) + 1
+
+    def _publish(self, state: "_State | None", gone: list[str], added: tuple[Pack, int] | None = None) -> None:
+        """Make the new state the one readers see, all at once; the slots of `gone` (and of a replaced
+        version) are free once no reader can index them."""
+        gone = [n for n in gone if n in self._slots] + ([added[0].name] if added and added[0].name in self._slots
+                                                          and added[0].name not in gone else [])
         with self.lock.write():
-            self._arrays, self._sizes, self._capacity = arrays, sizes, capacity
-            self._slots = slots  # readers see old or new, never a mix
+            if state is not None:
+                self._arrays, self._sizes, self._capacity, self._free = state
+            freed = [self._slots.pop(n) for n in gone]
+            if added is not None:
+                self._slots[added[0].name] = added[1]
+            used = max(self._used(), 1)  # a row in error reads slot 0: it exists
+            self._view = {n: a[:used] for n, a in self._arrays.items()}  # what the graph is fed (no copy)
             self.generation += 1
             with self._lru:
+                for n in gone:
+                    self._count(self._packs.pop(n).sizes, -1)
                 if added is not None:
-                    self._packs[added.name] = added
-                    self._packs.move_to_end(added.name)
-                for n in [n for n in self._packs if n not in slots]:
-                    del self._packs[n]
+                    self._packs[added[0].name] = added[0]
+                    self._count(added[0].sizes, +1)
+        for s in freed:
+            heapq.heappush(self._free, s)
 
-    def _free_slot(self, exclude: int | None) -> int:
-        used = set(self._slots.values()) | ({exclude} if exclude is not None else set())
-        for s in range(self._capacity):
-            if s not in used:
-                return s
-        raise RuntimeError("no free slot")  # cannot happen: put rebuilds when none is free
+    def _count(self, sizes: dict, by: int) -> None:
+        for k, v in sizes.items():
+            if k in self._counts:
+                self._counts[k][v] += by
+                if self._counts[k][v] <= 0:
+                    del self._counts[k][v]
 
     def _write(self, arrays: dict, slot: int, pack: Pack) -> None:
         for name, arr in arrays.items():

@@ -120,7 +120,7 @@ class SharedRuntime:
             err = self._ensure_one(n, now)
             if err is not None:
                 errors[n] = err
-        if len(self._checked) > 2 * len(self.bank.names()) + 16:  # evicted adapters leave
+        if len(self._checked) > 2 * len(self.bank) + 16:  # evicted adapters leave
             self._checked = {n: t for n, t in self._checked.items() if self.bank.pack(n) is not None}
         return errors
 

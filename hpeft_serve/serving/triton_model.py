@@ -49,16 +49,20 @@ class TritonPythonModel:
         # which adapters are resident, on Triton's metrics port (the gateway's GET /v1/adapters reads it)
         self.resident = pb_utils.MetricFamily(name="hpeft_adapter_resident", kind=pb_utils.MetricFamily.GAUGE,
                                               description="1 while the adapter is loaded in the bank, else 0")
-        self.gauges, self.published = {}, set()
+        self.gauges, self.published, self.seen = {}, set(), -1
 
     def _publish(self):
-        """Update the gauges of the adapters whose residency changed (each set is a message to Triton)."""
+        """Update the gauges of the adapters whose residency changed (each set is a message to Triton); nothing
+        to do, and no walk over thousands of names, while the bank did not change."""
+        generation = self.runtime.bank.generation
+        if generation == self.seen:
+            return
         now = set(self.runtime.bank.names()) - {BACKBONE}  # the backbone is no adapter
         for n in now ^ self.published:
             if n not in self.gauges:
                 self.gauges[n] = self.resident.Metric(labels={"adapter": n})
             self.gauges[n].set(1.0 if n in now else 0.0)
-        self.published = now
+        self.published, self.seen = now, generation
 
     def _read(self, request):
         ids = pb_utils.get_input_tensor_by_name(request, "input_ids").as_numpy()

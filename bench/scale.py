@@ -1,0 +1,345 @@
+"""Thousands of adapters through the real tritonserver: MiniLM + LoRA packs, 8, 200 and 2,000 (--sizes)
+adapters registered and made resident in one server, mixed traffic (each request 8 rows of mixed lengths
+naming 8 distinct adapters drawn from those registered).
+
+Per level: steady p50/p99 latency and rows/s (one gRPC client), the model's stub process RSS (the bank's
+memory per adapter, against the packs' own bytes), first-use latency (a 1-row request naming an adapter
+not yet resident), and the longest latency a steady request saw while the bank grew to the level (a
+loader thread making the new adapters resident meanwhile). With every adapter resident: the 8-adapter and
+the N-adapter working sets in alternating rounds (paired ratio), and the longest latency while packs are
+replaced in the store (hot swap). A second server with a bank budget of 10% of the packs: an LRU miss (a
+request one of whose adapters is not resident) against a hit, and the longest latency of a hit while
+misses evict. Answers of a sample of adapters are checked against the PyTorch forward (fp32, 1e-5).
+
+Packs are made from one exported LoRA: adapter i scales the LoRA B matrices by (1 + i / N) and shifts the
+head's output bias by i / N (its reference is the PyTorch model with the same edits).
+
+    python bench/scale.py [--sizes 8,200,2000] [--seconds 8] [--out bench/results/scale]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import tritonclient.grpc as grpcclient
+from safetensors.numpy import load, save
+
+sys.path.insert(0, str(Path(__file__).parent))
+from export import make_ckpt  # noqa: E402
+
+from exporters.export import export_checkpoint  # noqa: E402
+from hpeft_serve import checkpoint  # noqa: E402
+from hpeft_serve.backbone import load_backbone  # noqa: E402
+from hpeft_serve.pack.store import PackStore  # noqa: E402
+from hpeft_serve.serving.client import free_ports, hpeft_inputs  # noqa: E402
+from hpeft_serve.serving.deploy import deploy  # noqa: E402
+from hpeft_serve.serving.triton import TritonServer  # noqa: E402
+
+TOL = 1e-5
+TEXTS = ["a wonderful, moving film", "dull", "the plot was thin but the actors carried it with charm and wit",
+         "I walked out after twenty minutes", "an uneven but often funny comedy about growing up",
+         "pretentious", "one of the best films of the year, and the most surprising", "it is what it is"]
+
+
+# ------------------------------------------------------------------ packs
+def variant(tensors: dict, i: int, n: int) -> dict:
+    """Adapter i's pack tensors: LoRA B scaled by 1 + i/n, the output bias shifted by i/n."""
+    s = 1.0 + i / n
+    out = {k: (v * s if k.startswith("lora_") and k.endswith("_B") else v) for k, v in tensors.items()}
+    out["head_out_b"] = tensors["head_out_b"] + np.float32(i / n)
+    return {k: np.array(v, np.float32) for k, v in out.items()}  # (0-d stays 0-d)
+
+
+def reference(ck: Path, i: int, n: int, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """PyTorch logits of adapter i (the checkpoint's model with the same edits)."""
+    model, _ = checkpoint.load(ck)
+    with torch.no_grad():
+        for la in model.adapters.layers:
+            for lo in la.lora.values():
+                lo.lora_B.mul_(1.0 + i / n)
+        model.head.out_proj.bias.add_(i / n)
+        return model(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask)).numpy()
+
+
+def write_packs(store: Path, names: range, base: dict, meta: dict, n_total: int) -> None:
+    st = PackStore(store)
+    for i in names:
+        m = meta | {"name": f"a{i}"}
+        m.pop("sha256", None)
+        raw = save(variant(base, i, n_total), metadata={"format": "hpeft-pack", "hpeft_pack": json.dumps(m)})
+        st.write(f"a{i}", raw, m)
+
+
+# ------------------------------------------------------------------ measuring
+def stub_rss_mb(server_pid: int) -> float:
+    """RSS of the model's Python-backend stub (the process holding the bank), MB."""
+    kids = [int(p) for p in Path(f"/proc/{server_pid}/task/{server_pid}/children").read_text().split()]
+    for p in kids:
+        if "triton_python_backend_stub" in Path(f"/proc/{p}/cmdline").read_text():
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    raise RuntimeError("no Python-backend stub process under tritonserver")
+
+
+class Client:
+    def __init__(self, url: str, tok):
+        self.c = grpcclient.InferenceServerClient(url)
+        enc = tok(TEXTS, padding=True, return_tensors="np")
+        self.ids, self.mask = enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
+
+    def infer(self, names: list[str], rows: slice | None = None) -> tuple[float, np.ndarray, np.ndarray]:
+        ids, mask = (self.ids, self.mask) if rows is None else (self.ids[rows], self.mask[rows])
+        ids, mask = ids[:len(names)], mask[:len(names)]
+        t = time.perf_counter()
+        r = self.c.infer("hpeft", hpeft_inputs(grpcclient, ids, mask, names))
+        return 1000 * (time.perf_counter() - t), r.as_numpy("logits"), r.as_numpy("adapter_version")
+
+
+def steady(cl: Client, pool: list[int], seconds: float, rng, stop: threading.Event | None = None) -> list[float]:
+    """Requests of 8 rows naming 8 distinct adapters of `pool`, for `seconds` (or until `stop`)."""
+    lat, end = [], time.monotonic() + seconds
+    while time.monotonic() < end and not (stop is not None and stop.is_set()):
+        lat.append(cl.infer([f"a{i}" for i in rng.choice(pool, 8, replace=False)])[0])
+    return lat
+
+
+def while_running(cl: Client, pool: list[int], job) -> tuple[list[float], object]:
+    """Steady traffic over `pool` while `job()` runs in another thread: (latencies, job's result)."""
+    box, stop = {}, threading.Event()
+
+    def run():
+        box["out"] = job()
+        stop.set()
+    t = threading.Thread(target=run)
+    t.start()
+    lat = steady(cl, pool, 1e9, np.random.default_rng(7), stop) if pool else []
+    t.join()
+    return lat, box["out"]
+
+
+def pct(xs, q) -> float:
+    return float(np.percentile(xs, q)) if xs else float("nan")
+
+
+# ------------------------------------------------------------------ phases
+def grow_and_measure(srv, cl: Client, loader: Client, sizes: list[int], seconds: float) -> list[dict]:
+    levels, resident = [], 0
+    rng = np.random.default_rng(0)
+    for n in sizes:
+        def load_new(lo=resident, hi=n):  # first use of each new adapter: a 1-row request
+            return [loader.infer([f"a{i}"], slice(i % 8, i % 8 + 1))[0] for i in range(lo, hi)]
+        grow_lat, first_use = while_running(cl, list(range(resident)) if resident >= 8 else [], load_new)
+        resident = n
+        time.sleep(0.5)
+        rss = stub_rss_mb(srv.proc.pid)
+        hit = [loader.infer([f"a{i}"], slice(i % 8, i % 8 + 1))[0] for i in rng.choice(n, 50)]
+        lat = steady(cl, list(range(n)), seconds, rng)
+        levels.append({"adapters": n, "rss_mb": rss, "p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99),
+                       "rows_per_s": 8 * len(lat) / (sum(lat) / 1000), "requests": len(lat),
+                       "first_use_p50_ms": pct(first_use, 50), "first_use_max_ms": max(first_use),
+                       "resident_1row_p50_ms": pct(hit, 50),
+                       "growth_max_ms": max(grow_lat) if grow_lat else None,
+                       "growth_requests": len(grow_lat)})
+        print(f"[scale] {n} resident: {json.dumps(levels[-1])}", flush=True)
+    return levels
+
+
+def paired(cl: Client, n: int, seconds: float, rounds: int = 4) -> dict:
+    """Working sets of 8 and of n adapters (all n resident), alternating rounds."""
+    rng = np.random.default_rng(1)
+    a, b = [], []
+    for _ in range(rounds):
+        a += steady(cl, list(range(8)), seconds / rounds, rng)
+        b += steady(cl, list(range(n)), seconds / rounds, rng)
+    return {"p50_8_ms": pct(a, 50), "p50_n_ms": pct(b, 50), "p99_8_ms": pct(a, 99), "p99_n_ms": pct(b, 99),
+            "ratio_p50": pct(b, 50) / pct(a, 50)}
+
+
+def replacements(cl: Client, store: Path, base: dict, meta: dict, n: int, count: int = 20) -> dict:
+    """Packs replaced in the store (a new version each) while requests name them: every request's latency
+    and whether the new version answered."""
+    rng, lat, swapped = np.random.default_rng(2), [], 0
+    st = PackStore(store)
+    for k in range(count):
+        i = int(rng.integers(n))
+        m = meta | {"name": f"a{i}"}
+        m.pop("sha256", None)
+        raw = save(variant(base, i, n), metadata={"format": "hpeft-pack", "hpeft_pack": json.dumps(m | {"v": k})})
+        st.write(f"a{i}", raw, m | {"v": k})
+        want = json.loads((store / f"a{i}.json").read_text())["sha256"][:16]
+        others = [int(x) for x in rng.choice(n, 7, replace=False) if x != i][:7]
+        ms, _, versions = cl.infer([f"a{i}"] + [f"a{j}" for j in others])
+        lat.append(ms)
+        swapped += versions[0][0].decode() == want
+        lat += steady(cl, list(range(n)), 0.2, rng)
+    return {"replacements": count, "answered_new_version": swapped, "max_ms": max(lat), "p50_ms": pct(lat, 50),
+            "p99_ms": pct(lat, 99)}
+
+
+def lru(cl: Client, n: int, slots: int, seconds: float) -> dict:
+    """Under a budget of `slots` packs: requests of 8 rows whose 8 adapters are all resident (hit) against
+    ones with one adapter not resident (miss: loaded from the store, the least recently used evicted)."""
+    rng = np.random.default_rng(3)
+    recent: list[int] = []  # most recent last: the last slots / 4 asked for are surely resident
+    hits, misses, end = [], [], time.monotonic() + seconds
+    for i in range(0, min(slots, n) - 7, 8):
+        cl.infer([f"a{j}" for j in range(i, i + 8)])
+        recent += list(range(i, i + 8))
+    while time.monotonic() < end:
+        warm = [int(x) for x in rng.choice(recent[-max(slots // 4, 8):], 8, replace=False)]
+        hits.append(cl.infer([f"a{j}" for j in warm])[0])
+        recent = [j for j in recent if j not in warm] + warm
+        cold = int(rng.integers(n))
+        while cold in recent[-2 * slots:]:
+            cold = int(rng.integers(n))
+        misses.append(cl.infer([f"a{cold}"] + [f"a{j}" for j in warm[:7]])[0])
+        recent = [j for j in recent if j != cold] + [cold]
+    return {"hit_p50_ms": pct(hits, 50), "miss_p50_ms": pct(misses, 50), "ratio": pct(misses, 50) / pct(hits, 50),
+            "hit_max_ms": max(hits), "miss_max_ms": max(misses), "requests": len(hits) + len(misses)}
+
+
+def exact(cl: Client, ck: Path, n: int) -> float:
+    """Max abs diff of served logits against PyTorch, for 8 adapters spread over the n in one request."""
+    idx = [int(x) for x in np.linspace(0, n - 1, 8)]
+    _, logits, _ = cl.infer([f"a{i}" for i in idx])
+    diff = 0.0
+    for r, i in enumerate(idx):
+        ref = reference(ck, i, n, cl.ids[r:r + 1], cl.mask[r:r + 1])
+        diff = max(diff, float(np.abs(logits[r:r + 1, :ref.shape[1]] - ref).max()))
+    return diff
+
+
+def set_budget(repo: Path, mb: float) -> None:
+    cfg = repo / "hpeft" / "config.pbtxt"
+    text = cfg.read_text()
+    start = text.index('key: "BANK_BUDGET_MB"')
+    end = text.index("}", text.index("string_value", start)) + 1
+    cfg.write_text(text[:start] + f'key: "BANK_BUDGET_MB" value {{ string_value: "{mb:.1f}" }}' + text[end:])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="8,200,2000")
+    ap.add_argument("--seconds", type=float, default=8.0)
+    ap.add_argument("--out", type=Path, default=Path("bench/results/scale"))
+    args = ap.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    n = sizes[-1]
+    torch.manual_seed(0)
+    work = Path(tempfile.mkdtemp(prefix="hpeft-scale-"))
+    backbone = load_backbone("minilm")
+    ck = make_ckpt(backbone, "lora", work / "ck", 0, "a0")
+    export_checkpoint(ck, work / "export", "onnx", log=lambda *_: None)
+    src = work / "export" / "packs"
+    base, meta = load((src / "a0.safetensors").read_bytes()), json.loads((src / "a0.json").read_text())
+    repo = work / "repo"
+    deploy(work / "export", repo, log=lambda *_: None)
+    store = repo / "hpeft" / "1" / "export" / "packs"
+    print(f"[scale] writing {n} packs into {store}", flush=True)
+    write_packs(store, range(n), base, meta, n)
+    pack_file = (store / "a1.safetensors").stat().st_size
+    pack_tensors = sum(v.nbytes for v in base.values())
+    res = {"adapters": n, "pack_file_bytes": pack_file, "pack_tensor_bytes": pack_tensors,
+           "pack_tensors": sorted(base)}
+    slot_mb = 1.02 * pack_tensors / 2 ** 20
+    set_budget(repo, 1.5 * n * slot_mb + 64)
+    tok = backbone.tokenizer()
+
+    def server() -> TritonServer:
+        http, grpc, metrics = free_ports()
+        s = TritonServer(repo, http, grpc, metrics, work=work / "triton")
+        s.url_grpc = f"127.0.0.1:{grpc}"
+        return s
+
+    with server() as srv:
+        cl, loader = Client(srv.url_grpc, tok), Client(srv.url_grpc, tok)
+        res["rss_empty_mb"] = stub_rss_mb(srv.proc.pid)
+        res["levels"] = grow_and_measure(srv, cl, loader, sizes, args.seconds)
+        res["paired"] = paired(cl, n, args.seconds)
+        res["max_abs_diff"] = exact(cl, ck, n)
+        res["replace"] = replacements(cl, store, base, meta, n)
+        print(f"[scale] paired {res['paired']}, replace {res['replace']}, diff {res['max_abs_diff']:.1e}", flush=True)
+    write_packs(store, range(n), base, meta, n)  # the replaced packs back, for the reference check
+    slots = max(n // 10, 24)  # 10% of the packs (at least 3 requests' worth)
+    set_budget(repo, slots * pack_tensors / 2 ** 20)
+    with server() as srv:
+        cl = Client(srv.url_grpc, tok)
+        res["lru"] = lru(cl, n, slots, args.seconds)
+        res["lru"]["budget_mb"] = slots * pack_tensors / 2 ** 20
+        res["lru"]["rss_mb"] = stub_rss_mb(srv.proc.pid)
+        res["lru_max_abs_diff"] = exact(cl, ck, n)
+    return report(res, args.out)
+
+
+def report(res: dict, out: Path) -> int:
+    lv, base = res["levels"], res["levels"][0]
+    lines = [f"Scale (bench/scale.py): MiniLM + LoRA packs ({res['pack_file_bytes'] / 1e6:.3f} MB a pack file, "
+             f"{res['pack_tensor_bytes'] / 1e6:.3f} MB of tensors), tritonserver on this machine (2 cores shared "
+             "with the clients); requests of 8 rows naming 8 distinct adapters", "",
+             "| adapters resident | p50 ms | p99 ms | rows/s | p50 vs 8 | stub RSS MB | RSS per adapter vs pack "
+             "| first use p50 ms | longest request while growing ms |", "|---|---|---|---|---|---|---|---|---|"]
+    for i, r in enumerate(lv):
+        per = (r["rss_mb"] - lv[i - 1]["rss_mb"]) * 2 ** 20 / (r["adapters"] - lv[i - 1]["adapters"]) if i else None
+        r["rss_per_adapter_vs_pack"] = per / res["pack_tensor_bytes"] if per else None
+        grow = f"{r['growth_max_ms']:.0f} ({r['growth_requests']} req.)" if r["growth_max_ms"] else "-"
+        ratio = "-" if per is None else f"{r['rss_per_adapter_vs_pack']:.3f}x"
+        lines.append(f"| {r['adapters']} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['rows_per_s']:.0f} | "
+                     f"{r['p50_ms'] / base['p50_ms']:.2f}x | {r['rss_mb']:.0f} | {ratio} | "
+                     f"{r['first_use_p50_ms']:.1f} | {grow} |")
+    p, rp, lr = res["paired"], res["replace"], res["lru"]
+    lines += ["", f"Alternating rounds, all {res['adapters']} resident: working set of 8 p50 {p['p50_8_ms']:.1f} ms, "
+              f"of {res['adapters']} p50 {p['p50_n_ms']:.1f} ms: **{p['ratio_p50']:.3f}x** (p99 {p['p99_8_ms']:.1f} / "
+              f"{p['p99_n_ms']:.1f} ms).",
+              f"Replacements: {rp['replacements']} packs rewritten in the store, each named by the next request "
+              f"({rp['answered_new_version']} answered by the new version at once); longest request "
+              f"{rp['max_ms']:.1f} ms (p50 {rp['p50_ms']:.1f}, p99 {rp['p99_ms']:.1f}).",
+              f"LRU, budget {lr['budget_mb']:.0f} MB ({lr['budget_mb'] / (res['adapters'] * res['pack_tensor_bytes'] / 2 ** 20):.0%} of the packs): hit p50 {lr['hit_p50_ms']:.1f} ms, miss "
+              f"(1 of 8 adapters not resident) p50 {lr['miss_p50_ms']:.1f} ms: **{lr['ratio']:.2f}x**; longest hit "
+              f"{lr['hit_max_ms']:.1f} ms, longest miss {lr['miss_max_ms']:.1f} ms; stub RSS {lr['rss_mb']:.0f} MB.",
+              f"Answers vs PyTorch (8 adapters spread over all): max abs diff {res['max_abs_diff']:.1e} "
+              f"(under the budget: {res['lru_max_abs_diff']:.1e})."]
+    text = "\n".join(lines)
+    print("\n" + text)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".md").write_text(text + "\n")
+    out.with_suffix(".json").write_text(json.dumps(res, indent=1))
+    plot(res, out.with_suffix(".png"))
+    ok = res["max_abs_diff"] <= TOL and res["lru_max_abs_diff"] <= TOL
+    print("PASS" if ok else "FAIL (answers differ from PyTorch)")
+    return 0 if ok else 1
+
+
+def plot(res: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    lv = res["levels"]
+    xs = [r["adapters"] for r in lv]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+    a.plot(xs, [r["p50_ms"] for r in lv], "o-", label="steady p50")
+    a.plot(xs, [r["p99_ms"] for r in lv], "s--", label="steady p99")
+    a.plot(xs, [r["growth_max_ms"] or np.nan for r in lv], "^:", label="longest while growing")
+    a.set(xscale="log", xlabel="adapters resident", ylabel="ms (8 rows, 8 adapters)", title="latency")
+    a.set_ylim(bottom=0)
+    a.legend()
+    mb = res["pack_tensor_bytes"] / 2 ** 20
+    b.plot(xs, [r["rss_mb"] - res["rss_empty_mb"] for r in lv], "o-", label="stub RSS growth")
+    b.plot(xs, [x * mb for x in xs], "k--", label="packs' own bytes")
+    b.set(xscale="log", yscale="log", xlabel="adapters resident", ylabel="MB", title="memory")
+    b.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
