@@ -8,6 +8,12 @@ modules select by their configuration, and 0/1 mixing is exact in floating point
 slot kinds the graph has at all: the rest are not computed; PHM adapters get one branch per n (a row's
 adapter fills the branch of its n, the others are exact zeros).
 
+Row-segmented (exporters/segment.py): each slot kind (LoRA per projection, the prefix gate, the sequential,
+PHM and parallel adapter of a site) runs only for the rows whose adapter uses it in this layer (a non-zero
+scale or gate flag; for the prefix, an unmasked position), the rows gathered and written back; a kind no row
+uses costs an `If`. The prefix widens attention by the positions some row of the batch unmasks (none: by
+nothing). BitFit deltas ride in the projections' biases.
+
 Outputs: `logits` (B, C) for every row and, in a graph whose layout has `embeddings`, `embeddings` (B, D):
 each row's sentence vector pooled as its pack's flags say (mean, cls, or max over real tokens) and
 L2-normalised where head_norm is 1, exactly hpeft_serve.model.pool / EmbeddingHead. A classifier's row gets
@@ -25,7 +31,12 @@ from hpeft_serve.encoder import Encoder, LayerContext
 from hpeft_serve.methods import functional as Fn
 from hpeft_serve.model import pool
 
-from .layout import ACTS, Layout, bank_feed, input_names
+from hpeft_serve.pack.layout import NEG
+
+from .layout import ACTS, Layout, bank_feed, input_names, per_layer
+from .segment import Kind
+
+GATE = ("_gated", "_gate_w", "_gate_b")
 
 
 def _col(t: torch.Tensor) -> torch.Tensor:
@@ -33,97 +44,223 @@ def _col(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, 1, 1)
 
 
-class BankedLayer:
-    """LayerHooks for layer i; `bank["name.i"]` is this layer's (K, ...), rows pick their adapter by `index`."""
+class Rows:
+    """The adapter weights of some rows of one layer: `w(name)` is bank tensor `name` ([K, ...]) gathered by
+    `index` (R,) -> (R, ...); `tmask` (R, S, 1) the gates' token mask (None: the layout has no gate)."""
 
-    def __init__(self, bank: dict[str, torch.Tensor], index: torch.Tensor, i: int, layout: Layout):
-        self.bank, self.index, self.i, self.layout = bank, index, i, layout
+    def __init__(self, bank: dict[str, torch.Tensor], index: torch.Tensor, layout: Layout,
+                 tmask: torch.Tensor | None = None):
+        self.bank, self.index, self.layout, self.tmask = bank, index, layout, tmask
 
     def w(self, name: str) -> torch.Tensor:
-        return self.bank[f"{name}.{self.i}"].index_select(0, self.index)  # (B, ...): each row's own adapter
+        return self.bank[name].index_select(0, self.index)
 
-    def _coef(self, p: str, x: torch.Tensor, ctx: LayerContext, otherwise: torch.Tensor | None) -> torch.Tensor | None:
-        """Per row (B, 1, 1): the gate value where the adapter is gated, else `otherwise`."""
+    def coef(self, p: str, x: torch.Tensor, otherwise: torch.Tensor | None) -> torch.Tensor | None:
+        """Per row (R, 1, 1): the gate value where the adapter is gated, else `otherwise`."""
         if p not in self.layout.gated:
             return otherwise
         gated = _col(self.w(f"{p}_gated"))
-        g = Fn.gate(x, self.w(f"{p}_gate_w"), self.w(f"{p}_gate_b").unsqueeze(1), ctx.shared["gate_token_mask"])
+        g = Fn.gate(x, self.w(f"{p}_gate_w"), self.w(f"{p}_gate_b").unsqueeze(1), self.tmask)
         return gated * g + (1.0 - gated) * (1.0 if otherwise is None else otherwise)
 
+    def layer_norm(self, name: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float):
+        if not self.layout.bitfit:
+            return F.layer_norm(x, weight.shape, weight, bias, eps)
+        return F.layer_norm(x, weight.shape, weight, None, eps) + (bias + self.w(f"bitfit_{name}").unsqueeze(1))
+
+    def act(self, p: str, h: torch.Tensor) -> torch.Tensor:
+        acts = self.layout.acts
+        if len(acts) == 1:  # every adapter of the graph uses it (unused slots are zeros: act(0) = 0)
+            return Fn.ACTIVATIONS[acts[0]](h)
+        onehot = self.w(f"{p}_act")  # (R, len(ACTS))
+        return sum(_col(onehot[:, ACTS.index(a)]) * Fn.ACTIVATIONS[a](h) for a in acts)
+
+    def finish(self, p: str, up: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        out = up * _col(self.w(f"{p}_scale"))
+        coef = self.coef(p, x, None)
+        return out if coef is None else out * coef
+
+    def dense(self, p: str, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(p, Fn.linear(x, self.w(f"{p}_down_w"), self.w(f"{p}_down_b").unsqueeze(1)))
+        return self.finish(p, Fn.linear(h, self.w(f"{p}_up_w"), self.w(f"{p}_up_b").unsqueeze(1)), x)
+
+    def phm(self, p: str, n: int, x: torch.Tensor) -> torch.Tensor:
+        rule = self.w(f"phm{n}_rule").unsqueeze(1)  # (R, 1, n, n, n)
+        b = x.shape[0]
+        down = Fn.phm_linear(x, rule, self.w(f"{p}_down_Wl").unsqueeze(1), self.w(f"{p}_down_Wr").unsqueeze(1), None)
+        h = self.act(p, down + self.w(f"{p}_down_b").reshape(b, 1, -1))
+        up = Fn.phm_linear(h, rule, self.w(f"{p}_up_Wl").unsqueeze(1), self.w(f"{p}_up_Wr").unsqueeze(1), None)
+        return self.finish(p, up + self.w(f"{p}_up_b").unsqueeze(1), x)
+
+
+# ---------------------------------------------------------------- the kinds: fn(base, *xs, index, ws)
+def _names(layout: Layout, p: str, own: list[str]) -> list[str]:
+    return own + ([p + g for g in GATE] if p in layout.gated else [])
+
+
+def _lora_kind(layout: Layout, t: str) -> tuple:
+    p = f"lora_{t}"
+    names = _names(layout, p, [f"{p}_A", f"{p}_B", f"{p}_scale"])
+
+    def fn(y, x, *rest):  # y + x A^T B^T * (gate or scale)
+        r = Rows(dict(zip(names, rest[-1])), rest[-2], layout, rest[0] if len(rest) == 3 else None)
+        delta = Fn.lora_delta(x, r.w(f"{p}_A"), r.w(f"{p}_B"))
+        return y + delta * r.coef(p, x, _col(r.w(f"{p}_scale")))
+    return fn, names, ("f" if t == "ffn_in" else "d", "f" if t == "ffn_out" else "d")
+
+
+def _prefix_gate_kind(layout: Layout) -> tuple:
+    names = ["prefix" + g for g in GATE]
+
+    def fn(_, x, tmask, index, ws):  # (R, 1, 1): the gate where gated, else 1
+        return Rows(dict(zip(names, ws)), index, layout, tmask).coef("prefix", x, None)
+    return fn, names
+
+
+def _seq_kind(layout: Layout, site: str, n: int | None, eps: float) -> tuple:
+    """The sequential adapter of `site` (dense, or the PHM branch of n), on LN(h + a) or h per row."""
+    p = f"seq_{site}" if n is None else f"phm{n}_{site}"
+    if n is None:
+        own = [f"{p}_{k}" for k in ("down_w", "down_b", "up_w", "up_b", "scale")]
+    else:
+        own = [f"{p}_{k}" for k in ("down_Wl", "down_Wr", "down_b", "up_Wl", "up_Wr", "up_b", "scale")]
+        own.append(f"phm{n}_rule")
+    own += [f"{p}_act"] if len(layout.acts) > 1 else []
+    own += [f"seq_{site}_ln_before"] + ([f"bitfit_{site}_ln"] if layout.bitfit else [])
+    names = _names(layout, p, own)
+
+    def fn(out, h, a, *rest):  # the dense one: seq + h + a (the PyTorch order); a PHM branch: out + seq
+        ws = rest[-1]
+        r = Rows(dict(zip(names, ws)), rest[-2], layout, rest[0] if len(rest) == 3 else None)
+        lnb = _col(r.w(f"seq_{site}_ln_before"))
+        x_a = lnb * r.layer_norm(f"{site}_ln", h + a, ws[-2], ws[-1], eps) + (1.0 - lnb) * h
+        if n is None:
+            return r.dense(p, x_a) + h + a
+        return out + r.phm(p, n, x_a)
+    return fn, names
+
+
+def _par_kind(layout: Layout, site: str) -> tuple:
+    p = f"par_{site}"
+    own = [f"{p}_{k}" for k in ("down_w", "down_b", "up_w", "up_b", "scale")]
+    names = _names(layout, p, own + ([f"{p}_act"] if len(layout.acts) > 1 else []))
+
+    def fn(out, a, *rest):
+        r = Rows(dict(zip(names, rest[-1])), rest[-2], layout, rest[0] if len(rest) == 3 else None)
+        return out + r.dense(p, a)
+    return fn, names
+
+
+def build_kinds(layout: Layout, d: int, f: int, eps: float) -> dict[str, Kind]:
+    """Every kind the layout has, traced on an example bank of layer 0 (sizes 2 rows, 3 tokens)."""
+    from .export import example_bank  # exporters.export imports this module
+    bank = {n: (t[:, 0] if per_layer(n) else t) for n, t in example_bank(1, d, f, layout, k=4).items()}
+    g = torch.Generator().manual_seed(0)
+    rand = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    index, dim = torch.tensor([1, 3]), {"d": d, "f": f}
+    tm = [torch.ones(2, 3, 1)] if layout.gated else []
+    gm = lambda p: tm if p in layout.gated else []  # noqa: E731
+    ln = [rand(d), rand(d)]
+    kinds = {}
+
+    def add(key, fn, names, xs, extra=()):
+        ws = [bank[n] for n in names] + list(extra)
+        kinds[key] = Kind(fn, names, (xs[0], *xs[1:], index, ws))
+    for t in layout.lora:
+        fn, names, (i, o) = _lora_kind(layout, t)
+        add(f"lora_{t}", fn, names, [rand(2, 3, dim[o]), rand(2, 3, dim[i])] + gm(f"lora_{t}"))
+    if layout.prefix and "prefix" in layout.gated:
+        add("prefix", *_prefix_gate_kind(layout), [torch.zeros(2, 1, 1), rand(2, 3, d), tm[0]])
+    for site in layout.seq:
+        add(f"seq_{site}", *_seq_kind(layout, site, None, eps), [rand(2, 3, d)] * 3 + gm(f"seq_{site}"), ln)
+    for n in layout.phm_n:
+        for site in layout.phm:
+            p = f"phm{n}_{site}"
+            add(p, *_seq_kind(layout, site, n, eps), [rand(2, 3, d)] * 3 + gm(p), ln)
+    for site in layout.par:
+        add(f"par_{site}", *_par_kind(layout, site), [rand(2, 3, d)] * 2 + gm(f"par_{site}"))
+    return kinds
+
+
+# ---------------------------------------------------------------- the layer hooks
+class BankedLayer:
+    """LayerHooks for layer i; `bank["name.i"]` is this layer's (K, ...), rows pick their adapter by `index`."""
+
+    def __init__(self, bank: dict[str, torch.Tensor], index: torch.Tensor, i: int, layout: Layout,
+                 kinds: dict[str, Kind], eps: float):
+        self.bank, self.index, self.i, self.layout, self.kinds, self.eps = bank, index, i, layout, kinds, eps
+
+    def t(self, name: str) -> torch.Tensor:
+        """This layer's bank tensor `name` [K, ...]."""
+        return self.bank[f"{name}.{self.i}"] if per_layer(name) else self.bank[name]
+
+    def w(self, name: str) -> torch.Tensor:
+        return self.t(name).index_select(0, self.index)  # (B, ...): each row's own adapter
+
+    def _use(self, p: str) -> torch.Tensor:
+        """(B,): 0 exactly for the rows whose adapter adds nothing by kind p here (zero scale, not gated)."""
+        use = self.w(f"{p}_scale").abs()
+        return use + self.w(f"{p}_gated") if p in self.layout.gated else use
+
+    def _run(self, p: str, base: torch.Tensor, use: torch.Tensor, xs: list, ctx: LayerContext, extra=()):
+        kind = self.kinds[p]
+        xs = xs + ([ctx.shared["gate_token_mask"]] if p in self.layout.gated else [])
+        ws = [self.t(n) for n in kind.names] + list(extra)
+        if xs[0].shape[0] != self.index.shape[0]:  # not the batch's rows (DeBERTa's relative embeddings)
+            return kind.everywhere(base, xs, self.index, ws)
+        return kind(base, use, xs, self.index, ws)
+
     def linear(self, name, x, layer, ctx):
-        y = F.linear(x, layer.weight, layer.bias)
-        if self.layout.bitfit:
-            y = y + self.w(f"bitfit_{name}").unsqueeze(1)
+        bias = layer.bias
+        if self.layout.bitfit:  # the row's delta in the bias, as the PyTorch module adds it
+            bias = bias + self.w(f"bitfit_{name}").unsqueeze(1)  # (B, 1, out)
+        y = F.linear(x, layer.weight) + bias
         if name in self.layout.lora:
-            delta = Fn.lora_delta(x, self.w(f"lora_{name}_A"), self.w(f"lora_{name}_B"))
-            y = y + delta * self._coef(f"lora_{name}", x, ctx, _col(self.w(f"lora_{name}_scale")))
+            y = self._run(f"lora_{name}", y, self._use(f"lora_{name}"), [x], ctx)
         return y
 
     def layer_norm(self, name, x, ln):
-        if not self.layout.bitfit:
-            return F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
-        b = ln.bias + self.w(f"bitfit_{name}").unsqueeze(1)
-        return F.layer_norm(x, ln.normalized_shape, ln.weight, None, ln.eps) + b
+        return Rows({f"bitfit_{name}": self.t(f"bitfit_{name}")} if self.layout.bitfit else {}, self.index,
+                    self.layout).layer_norm(name, x, ln.weight, ln.bias, ln.eps)
 
     def prefix(self, x, ctx):
         if not self.layout.prefix:
             return None
-        k, v, mask = self.w("prefix_k"), self.w("prefix_v"), self.w("prefix_mask")
-        coef = self._coef("prefix", x, ctx, None)
-        return (k, v, mask) if coef is None else (coef * k, coef * v, mask)
-
-    def _act(self, p: str, h: torch.Tensor) -> torch.Tensor:
-        acts = self.layout.acts
-        if len(acts) == 1:  # every adapter of the graph uses it (unused slots are zeros: act(0) = 0)
-            return Fn.ACTIVATIONS[acts[0]](h)
-        onehot = self.w(f"{p}_act")  # (B, len(ACTS))
-        return sum(_col(onehot[:, ACTS.index(a)]) * Fn.ACTIVATIONS[a](h) for a in acts)
-
-    def _finish(self, p: str, up: torch.Tensor, x: torch.Tensor, ctx) -> torch.Tensor:
-        out = up * _col(self.w(f"{p}_scale"))
-        coef = self._coef(p, x, ctx, None)
-        return out if coef is None else out * coef
-
-    def _dense(self, p: str, x: torch.Tensor, ctx) -> torch.Tensor:
-        h = self._act(p, Fn.linear(x, self.w(f"{p}_down_w"), self.w(f"{p}_down_b").unsqueeze(1)))
-        return self._finish(p, Fn.linear(h, self.w(f"{p}_up_w"), self.w(f"{p}_up_b").unsqueeze(1)), x, ctx)
-
-    def _phm(self, n: int, site: str, x: torch.Tensor, ctx) -> torch.Tensor:
-        p, rule = f"phm{n}_{site}", ctx.shared[f"phm{n}_rule"]  # rule (B, 1, n, n, n)
-        b = x.shape[0]
-        down = Fn.phm_linear(x, rule, self.w(f"{p}_down_Wl").unsqueeze(1), self.w(f"{p}_down_Wr").unsqueeze(1), None)
-        h = self._act(p, down + self.w(f"{p}_down_b").reshape(b, 1, -1))
-        up = Fn.phm_linear(h, rule, self.w(f"{p}_up_Wl").unsqueeze(1), self.w(f"{p}_up_Wr").unsqueeze(1), None)
-        return self._finish(p, up + self.w(f"{p}_up_b").unsqueeze(1), x, ctx)
+        mask = self.w("prefix_mask")  # (B, P): 0 on a row's prefix positions, float32 min elsewhere
+        on = mask > 0.5 * NEG
+        cols = on.any(dim=0).nonzero().squeeze(1)  # the positions some row of the batch has: (P',)
+        k = self.w("prefix_k").index_select(1, cols)  # (B, P', D)
+        v = self.w("prefix_v").index_select(1, cols)
+        mask = mask.index_select(1, cols)
+        if "prefix" in self.layout.gated:  # a row without a prefix: coef 0, its positions are masked anyway
+            coef = self._run("prefix", x.new_zeros(x.shape[0], 1, 1), on.any(dim=1).to(x.dtype), [x], ctx)
+            k, v = coef * k, coef * v
+        return k, v, mask
 
     def residual(self, site, h, a, ln, ctx):
         lay = self.layout
         out = h + a
-        if site in lay.seq or site in lay.phm:
-            lnb = _col(self.w(f"seq_{site}_ln_before"))
-            x_a = lnb * self.layer_norm(f"{site}_ln", h + a, ln) + (1.0 - lnb) * h
-            seq = self._dense(f"seq_{site}", x_a, ctx) if site in lay.seq else None
-            for n in lay.phm_n if site in lay.phm else ():  # one branch per n: a row's other-n branches are 0
-                phm = self._phm(n, site, x_a, ctx)
-                seq = phm if seq is None else seq + phm
-            out = seq + h + a
+        params = (ln.weight, ln.bias)
+        if site in lay.seq:
+            out = self._run(f"seq_{site}", out, self._use(f"seq_{site}"), [h, a], ctx, params)
+        for n in lay.phm_n if site in lay.phm else ():  # one branch per n: a row uses the branch of its n
+            out = self._run(f"phm{n}_{site}", out, self._use(f"phm{n}_{site}"), [h, a], ctx, params)
         if site in lay.par:
-            out = out + self._dense(f"par_{site}", a, ctx)
+            out = self._run(f"par_{site}", out, self._use(f"par_{site}"), [a], ctx)
         return self.layer_norm(f"{site}_ln", out, ln)
 
 
 class _Banked:
     """What the encoder asks of an adapter set, for one forward of a banked batch."""
 
-    def __init__(self, bank: dict, index: torch.Tensor, token_mask: torch.Tensor, layout: Layout, num_layers: int):
+    def __init__(self, bank: dict, index: torch.Tensor, token_mask: torch.Tensor, layout: Layout, num_layers: int,
+                 kinds: dict[str, Kind], eps: float):
         shared: dict = {}
         if layout.gated:
             gm = _col(bank["gate_masked"].index_select(0, index))
             shared["gate_token_mask"] = gm * token_mask + (1.0 - gm)
-        for n in layout.phm_n:
-            shared[f"phm{n}_rule"] = bank[f"phm{n}_rule"].index_select(0, index).unsqueeze(1)
         self._shared = [shared] * num_layers
-        self.layers = [BankedLayer(bank, index, i, layout) for i in range(num_layers)]
+        self.layers = [BankedLayer(bank, index, i, layout, kinds, eps) for i in range(num_layers)]
 
     def shared_tensors(self):
         return self._shared
@@ -139,11 +276,14 @@ class SharedModel(nn.Module):
         self.encoder.requires_grad_(False)
         self.layout = layout
         self.input_names = tuple(input_names(layout, len(encoder.layers)))
+        c = encoder.config
+        self.kinds = build_kinds(layout, c.hidden_size, c.intermediate_size, c.layer_norm_eps)
 
     def forward(self, input_ids, attention_mask, adapter_index, *bank: torch.Tensor):
         b = dict(zip(self.input_names, bank))
         token_mask = attention_mask.to(torch.float32).unsqueeze(-1)
-        banked = _Banked(b, adapter_index, token_mask, self.layout, len(self.encoder.layers))
+        banked = _Banked(b, adapter_index, token_mask, self.layout, len(self.encoder.layers), self.kinds,
+                         self.encoder.config.layer_norm_eps)
         h = self.encoder(input_ids, attention_mask, banked)
         row = lambda n: b[n].index_select(0, adapter_index)  # noqa: E731
         cls = row("head_cls").unsqueeze(-1)  # (B, 1)
