@@ -257,8 +257,9 @@ def main() -> int:
         flop = model_gflop(backbone.config, b, s, prefix=10 if args.method == "unipelt" else 0)
         res[FLOOR] = 1000 * model_gflop(backbone.config, b, s) / gf
         for k, ms in res.items():
-            rows.append({"batch": b, "seq": s, "variant": k, "ms": ms, "vs_eager": res["PyTorch eager (our model)"] / ms,
-                         "vs_merged": ms / res["ONNX merged"], "gflops": flop / (ms / 1000), "of_matmul": flop / (ms / 1000) / gf})
+            rows.append({"batch": b, "seq": s, "variant": k, "ms": ms,
+                         "vs_eager": res["PyTorch eager (our model)"] / ms, "vs_merged": ms / res["ONNX merged"],
+                         "gflops": flop / (ms / 1000), "of_matmul": flop / (ms / 1000) / gf})
     phm = phm_vs_dense(args.threads)
     report(args, gf, rows, phm, times, sizes)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -299,7 +300,8 @@ def ratios(rows: list[dict], method: str | None = None) -> None:
 def report(args, gf, rows, phm, times, sizes) -> None:
     print(f"MiniLM + {args.method}, CPU, {args.threads} threads; medians of {args.rounds} interleaved rounds; "
           f"fp32 matmul 2048^3: {gf:.1f} GFLOP/s (GFLOP/s columns count fp32-equivalent FLOPs)\n")
-    print("| batch x seq | variant | median ms | speed-up vs eager | time vs ONNX merged | GFLOP/s | % of matmul rate |")
+    print("| batch x seq | variant | median ms | speed-up vs eager | time vs ONNX merged | GFLOP/s | "
+          "% of matmul rate |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['batch']} x {r['seq']} | {r['variant']} | {r['ms']:.2f} | {r['vs_eager']:.2f}x | "
