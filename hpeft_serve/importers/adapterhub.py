@@ -19,6 +19,33 @@ The library's quirks are reproduced, not corrected (shared/research/methods.md s
   configs without a version (adapter-transformers) name tanh-GELU "gelu" and store weights under
   `*_text_task_adapters`; their unused invertible-adapter settings are dropped as the library drops them.
 Any option whose forward we do not model is refused, naming it.
+
+QUIRKS per family (adapters 1.3.0 on transformers 4.57; peft 0.21.2), checked against the golden fixtures
+(tests/golden, tests/test_import_families.py). Families: bert, roberta, xlm-roberta, electra, distilbert,
+deberta-v2 (DeBERTa-v3 is deberta-v2); the key paths of each are the PATHS table below.
+
+- electra: BERT's paths under `electra.`; nothing differs (`embeddings_project`, embedding size != hidden,
+  takes no adapter).
+- distilbert: `distilbert.transformer.layer.N.{attention_adapters,output_adapters}`, LoRA on
+  `attention.{q,k,v}_lin` and `ffn.lin1/lin2`, prefix location key `self` (not `self_prefix`). Prefix tuning
+  (prefix, MAM, UniPELT, unions with a prefix) is REFUSED: DistilBERT runs SDPA attention by default, and
+  adapters appends the prefix's mask of ones to SDPA's additive float mask, so every prefix score gets +1 in
+  a batch with padding and nothing in one without (transformers passes no mask then; the eager attention
+  adds nothing). Its outputs depend on the batch: no import can be exact.
+- deberta-v2: `deberta.encoder.layer.N...`, LoRA on `attention.self.{query,key,value}_proj`. With
+  share_att_key the relative embeddings go through the LoRA'd query/key projections too (a gated LoRA's gate
+  is then the mean over the 2A relative positions); prefix keys get no c2p/p2c term (adapters zero-pads the
+  relative scores); DeBERTa masks (query, key) pairs, so a padding position attends to every position (with
+  a prefix: to the prefix alone), which reaches the logits through gates pooled over every position. The
+  encoder does the same (encoder_deberta.py).
+- heads: flex classification heads as for BERT (first token, dense + tanh + linear). The families' Hugging
+  Face *ForSequenceClassification heads are not dense + tanh (DistilBERT pre_classifier + ReLU, ELECTRA
+  dense + GELU, DeBERTa ContextPooler: dense + pooler_hidden_act, GELU): REFUSED by name (adapters.init on
+  those models, peft SEQ_CLS: common.OTHER_HEADS). Adapters saved without a head import as embedding adapters.
+
+peft on these families (importers/peft.py): LoRA on any projection (DistilBERT's q_lin/k_lin/v_lin/out_lin/
+lin1/lin2, DeBERTa's query_proj/key_proj/value_proj) of the bare encoder (FEATURE_EXTRACTION) imports; peft
+prefix tuning is refused (past key/values: DistilBERT's and DeBERTa-v2's attention take none).
 """
 
 from __future__ import annotations
@@ -43,16 +70,27 @@ from .common import (
     take,
 )
 
-BASE = {"bert": "bert", "roberta": "roberta", "xlm-roberta": "roberta"}
+BASE = {"bert": "bert", "roberta": "roberta", "xlm-roberta": "roberta", "electra": "electra",
+        "distilbert": "distilbert", "deberta-v2": "deberta"}
 LEGACY_KEYS = {"attention_text_task_adapters": "adapters", "attention_text_lang_adapters": "adapters",
                "layer_text_task_adapters": "adapters", "layer_text_lang_adapters": "adapters",
                "invertible_lang_adapters": "invertible_adapters"}
 LEGACY_ACTS = {"gelu": "gelu_new", "gelu_orig": "gelu"}  # adapter-transformers' names, for configs without version
 ACTS = {"relu": "relu", "gelu": "gelu", "gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new", "swish": "silu",
         "silu": "silu", "tanh": "tanh", "leakyrelu": "leakyrelu"}
-LORA_PATHS = {"q": "attention.self.query", "k": "attention.self.key", "v": "attention.self.value",
-              "ffn_in": "intermediate.dense", "ffn_out": "output.dense"}
-SITE_PATHS = {"attn": "attention.output", "ffn": "output"}
+# where each family's adapters sit, under its base-model prefix (see QUIRKS): the layer list, the two bottleneck
+# sites, the LoRA'd projections, the prefix gates and the prefix pool's location key
+BERT_PATHS = {"layers": "encoder.layer", "attn": "attention.output", "ffn": "output",
+              "q": "attention.self.query", "k": "attention.self.key", "v": "attention.self.value",
+              "ffn_in": "intermediate.dense", "ffn_out": "output.dense",
+              "prefix_gates": "attention.self.prefix_tuning.prefix_gates", "prefix_location": "self_prefix"}
+PATHS = {"bert": BERT_PATHS, "roberta": BERT_PATHS, "xlm-roberta": BERT_PATHS, "electra": BERT_PATHS,
+         "distilbert": {"layers": "transformer.layer", "attn": "attention_adapters", "ffn": "output_adapters",
+                        "q": "attention.q_lin", "k": "attention.k_lin", "v": "attention.v_lin", "ffn_in": "ffn.lin1",
+                        "ffn_out": "ffn.lin2", "prefix_gates": "attention.prefix_tuning.prefix_gates",
+                        "prefix_location": "self"},
+         "deberta-v2": BERT_PATHS | {"q": "attention.self.query_proj", "k": "attention.self.key_proj",
+                                    "v": "attention.self.value_proj"}}
 # flex head types that are classifiers: "classification" is imported, the others are refused by their options;
 # any other head (tagging, question answering, language modelling, ...) is ignored: an embedding import
 CLASSIFIER_HEADS = ("classification", "multilabel_classification", "image_classification")
@@ -78,9 +116,14 @@ LORA_IGNORED = {"dropout", "init_weights", "init_weights_seed"}
 class _Source:
     """The state of one import: the remaining source tensors (keys without the base-model prefix)."""
 
-    def __init__(self, tensors: dict, name: str, folder: Path, L: int, d: int, f: int):
+    def __init__(self, tensors: dict, name: str, folder: Path, L: int, d: int, f: int, model_type: str):
         self.t, self.name, self.origin, self.L, self.d, self.f = tensors, name, str(folder), L, d, f
+        self.paths, self.model_type = PATHS[model_type], model_type
         self.out: dict[str, torch.Tensor] = {}
+
+    def at(self, i: int, part: str) -> str:
+        """The saved key prefix of `part` (a PATHS entry) in layer i."""
+        return f"{self.paths['layers']}.{i}.{self.paths[part]}."
 
     def take(self, key: str, shape: tuple) -> torch.Tensor:
         return take(self.t, key, shape, self.origin)
@@ -164,7 +207,7 @@ def _width(rf, i: int, d: int, src: _Source) -> int:
 
 def _bottleneck_layer(c: dict, src: _Source, site: str, i: int, gate: bool) -> tuple[int, float]:
     d, w = src.d, _width(c["reduction_factor"], i, src.d, src)
-    p, q = f"encoder.layer.{i}.{SITE_PATHS[site]}.adapters.{src.name}.", f"layers.{i}.{'par' if c['is_parallel'] else 'seq'}.{site}."
+    p, q = f"{src.at(i, site)}adapters.{src.name}.", f"layers.{i}.{'par' if c['is_parallel'] else 'seq'}.{site}."
     o = src.out
     if c["phm_layer"]:
         n, r = c["phm_dim"], c["phm_rank"]
@@ -202,6 +245,9 @@ def _phm_rule(c: dict, src: _Source) -> None:
 # ---------------------------------------------------------------- prefix tuning
 def _prefix(c: dict, src: _Source) -> list:
     c = _fields(c, PREFIX, PREFIX_IGNORED, "prefix_tuning", src)
+    _need(src.model_type != "distilbert", src, "prefix tuning on DistilBERT: adapters 1.3.0 runs it in DistilBERT's "
+          "SDPA attention, which appends the prefix's mask of ones to an additive float mask, so every prefix score "
+          "gets +1 in a batch with padding and nothing in one without (the outputs depend on the batch)")
     _need(c["shared_gating"] is True, src, "prefix tuning with shared_gating=False (separate key and value gates)")
     layers, d, length = _layers(c["leave_out"], src), src.d, int(c["prefix_length"])
     pool = _prefix_pool(src)
@@ -224,7 +270,7 @@ def _prefix(c: dict, src: _Source) -> list:
     gate = bool(c["use_gating"])
     if gate:
         for i in layers:
-            p = f"encoder.layer.{i}.attention.self.prefix_tuning.prefix_gates.{src.name}."
+            p = f"{src.at(i, 'prefix_gates')}{src.name}."
             src.out[f"layers.{i}.prefix_gate.gate_weight"] = src.take(p + "weight", (1, d))
             src.out[f"layers.{i}.prefix_gate.gate_bias"] = src.take(p + "bias", (1,))
     return [PrefixConfig(length=length, bottleneck=0, gate=gate, layers=layers)]
@@ -232,7 +278,7 @@ def _prefix(c: dict, src: _Source) -> list:
 
 def _prefix_pool(src: _Source) -> dict[str, torch.Tensor]:
     """The pool's tensors, stored once at `prefix_tuning.` and again under every layer: the copies must agree."""
-    mark = f"prefix_tunings.{src.name}.self_prefix."
+    mark = f"prefix_tunings.{src.name}.{src.paths['prefix_location']}."
     found: dict[str, torch.Tensor] = {}
     for k in [k for k in src.t if mark in k]:
         suffix, t = k.split(mark, 1)[1], src.t.pop(k)
@@ -260,7 +306,7 @@ def _lora(c: dict, src: _Source, old: bool) -> list:
     layers = _layers(c["leave_out"], src)
     for i in layers:
         for t in targets:
-            p, q = f"encoder.layer.{i}.{LORA_PATHS[t]}.loras.{src.name}.", f"layers.{i}.lora.{t}."
+            p, q = f"{src.at(i, t)}loras.{src.name}.", f"layers.{i}.lora.{t}."
             d_in, d_out = dims[t]
             src.out[q + "lora_A"] = src.take(p + "lora_A", (r, d_in))
             src.out[q + "lora_B"] = src.take(p + "lora_B", (d_out, r))
@@ -377,7 +423,7 @@ def import_adapterhub(folder: Path, backbone: Backbone) -> Imported:
         for a, b in LEGACY_KEYS.items():
             k = k.replace(a, b)
         tensors[k.removeprefix(base)] = v
-    src = _Source(tensors, name, folder, ec.num_hidden_layers, ec.hidden_size, ec.intermediate_size)
+    src = _Source(tensors, name, folder, ec.num_hidden_layers, ec.hidden_size, ec.intermediate_size, mt)
     comps = _components(config, src, meta, old)
     if not comps:
         raise src.refuse("the config adds no adapter to any layer")

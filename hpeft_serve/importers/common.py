@@ -123,12 +123,25 @@ def pooler(backbone: Backbone) -> tuple[torch.Tensor, torch.Tensor]:
         return f.get_tensor(keys["dense.weight"]).float(), f.get_tensor(keys["dense.bias"]).float()
 
 
+# the *ForSequenceClassification heads that are not dense + tanh + linear on the first token: refused by name
+OTHER_HEADS = {"distilbert": "DistilBertForSequenceClassification's head (pre_classifier + ReLU + classifier)",
+               "electra": "ElectraForSequenceClassification's head (dense + GELU + out_proj)",
+               "deberta-v2": "DebertaV2ForSequenceClassification's head (ContextPooler: dense + pooler_hidden_act, "
+                             "GELU by default, + classifier)"}
+
+
 def static_head(tensors: dict, prefix: str, model_type: str, backbone: Backbone, num_labels: int | None,
                 origin: str) -> tuple[HeadConfig, dict[str, torch.Tensor]]:
     """Hugging Face *ForSequenceClassification heads: RoBERTa/XLM-R `classifier.dense/out_proj` on the first
     token; BERT `classifier` on the backbone's pooler (dense + tanh on the first token). Both are our head
-    with cls pooling."""
+    with cls pooling. The other families' heads use another activation (OTHER_HEADS): refused."""
     d = backbone.config.hidden_size
+    if model_type in OTHER_HEADS:
+        raise CheckpointError(f"{origin}: {OTHER_HEADS[model_type]} is not modelled (the classification head here "
+                              "is dense + tanh + linear); it is not imported (an approximate import would change "
+                              "the outputs). Import the adapter saved without this head (an embedding adapter: "
+                              "peft task_type FEATURE_EXTRACTION, AdapterHub save_adapter(with_head=False)), or "
+                              "with an AdapterHub flex classification head")
     if model_type == "bert":
         w = tensors.get(f"{prefix}classifier.weight")
         n = num_labels or (w.shape[0] if w is not None else 0)

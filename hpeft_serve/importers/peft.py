@@ -18,6 +18,11 @@ hidden state never uses, is ignored with a note).
   extractors (embedding adapters) run on all three.
 Any config option that changes the forward and is not modelled (DoRA, LoRA biases, fan_in_fan_out, ...) is
 refused, naming it.
+
+Families (FAMILY_PATHS): BERT, RoBERTa, XLM-R, ELECTRA, DistilBERT, DeBERTa-v2/v3. On DistilBERT, ELECTRA and
+DeBERTa-v2 a LoRA of the bare encoder (FEATURE_EXTRACTION) imports; their SEQ_CLS classifiers are not
+dense + tanh and are refused by name (common.OTHER_HEADS), as is prefix tuning (past key/values, which
+DistilBERT's and DeBERTa-v2's attention do not take). Per-family quirks: importers/adapterhub.py, QUIRKS.
 """
 
 from __future__ import annotations
@@ -39,9 +44,19 @@ from .common import (
     take,
 )
 
-PATHS = {"attention.self.query": "q", "attention.self.key": "k", "attention.self.value": "v",
-         "attention.output.dense": "o", "intermediate.dense": "ffn_in", "output.dense": "ffn_out"}
-LORA_KEY = re.compile(r"^base_model\.model\.(bert\.|roberta\.)?encoder\.layer\.(\d+)\.(.+)\.lora_([AB])\.weight$")
+# per family: the module paths of its projections inside a layer -> our names, and its layer list
+BERT_PATHS = {"attention.self.query": "q", "attention.self.key": "k", "attention.self.value": "v",
+              "attention.output.dense": "o", "intermediate.dense": "ffn_in", "output.dense": "ffn_out"}
+FAMILY_PATHS = {"bert": BERT_PATHS, "roberta": BERT_PATHS, "xlm-roberta": BERT_PATHS, "electra": BERT_PATHS,
+                "distilbert": {"attention.q_lin": "q", "attention.k_lin": "k", "attention.v_lin": "v",
+                               "attention.out_lin": "o", "ffn.lin1": "ffn_in", "ffn.lin2": "ffn_out"},
+                "deberta-v2": {"attention.self.query_proj": "q", "attention.self.key_proj": "k",
+                               "attention.self.value_proj": "v", "attention.output.dense": "o",
+                               "intermediate.dense": "ffn_in", "output.dense": "ffn_out"}}
+BASE = {"bert": "bert", "roberta": "roberta", "xlm-roberta": "roberta", "electra": "electra",
+        "distilbert": "distilbert", "deberta-v2": "deberta"}  # the base model's attribute in a classifier
+LORA_KEY = re.compile(r"^base_model\.model\.((?:bert|roberta|electra|distilbert|deberta)\.)?"
+                      r"(encoder|transformer)\.layer\.(\d+)\.(.+)\.lora_([AB])\.weight$")
 # options read below, and options with no effect at inference; any other option must be unset (null/false/empty)
 HANDLED = {"peft_type", "task_type", "r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern",
            "target_modules", "modules_to_save", "layers_to_transform", "layers_pattern", "exclude_modules",
@@ -52,7 +67,7 @@ HARMLESS = {"base_model_name_or_path", "revision", "inference_mode", "init_lora_
             "ensure_weight_tying", "init_weights", "bias"}
 
 
-IMPORTABLE = ("bert", "roberta", "xlm-roberta")  # the families whose peft key names are mapped below
+IMPORTABLE = tuple(FAMILY_PATHS)  # the families whose peft key names are mapped above
 TASKS = ("SEQ_CLS", "FEATURE_EXTRACTION")
 POOLER_LORA = re.compile(r"^base_model\.model\.(bert\.)?pooler\.dense\.lora_[AB]\.weight$")
 
@@ -108,17 +123,20 @@ def _ignore_pooler(tensors: dict, notes: list, folder: Path) -> None:
 
 
 def _lora(cfg: dict, tensors: dict, backbone: Backbone, folder: Path) -> tuple[list, dict]:
-    ec, base = backbone.config, "bert" if backbone.config.model_type == "bert" else "roberta"
+    ec = backbone.config
+    base, paths = BASE[ec.model_type], FAMILY_PATHS[ec.model_type]
+    layers = "transformer.layer" if ec.model_type == "distilbert" else "encoder.layer"
     found: dict[tuple[int, str], dict] = {}
     for k in [k for k in tensors if ".lora_" in k]:
         m = LORA_KEY.match(k)
         if m and m.group(1) and m.group(1) != base + ".":
             raise CheckpointError(f"{folder}: the LoRA tensors are for a {m.group(1)[:-1]} model, the backbone "
                                   f"{backbone.name} is a {ec.model_type}: use the backbone it was trained on")
-        if not m or m.group(3) not in PATHS or int(m.group(2)) >= ec.num_hidden_layers:
+        if not m or f"{m.group(2)}.layer" != layers or m.group(4) not in paths \
+                or int(m.group(3)) >= ec.num_hidden_layers:
             raise _refuse(folder, f"LoRA tensor {k} is not on a projection of the backbone's "
                           f"{ec.num_hidden_layers} encoder layers")
-        found.setdefault((int(m.group(2)), m.group(3)), {})[m.group(4)] = tensors.pop(k)
+        found.setdefault((int(m.group(3)), m.group(4)), {})[m.group(5)] = tensors.pop(k)
     if not found:
         raise _refuse(folder, "a LoRA config without LoRA tensors")
     groups: dict[tuple, list[int]] = {}
@@ -126,7 +144,7 @@ def _lora(cfg: dict, tensors: dict, backbone: Backbone, folder: Path) -> tuple[l
     d, f = ec.hidden_size, ec.intermediate_size
     dims = {"q": (d, d), "k": (d, d), "v": (d, d), "o": (d, d), "ffn_in": (d, f), "ffn_out": (f, d)}
     for (i, path), ab in sorted(found.items()):
-        t, module = PATHS[path], f"{base}.encoder.layer.{i}.{path}"
+        t, module = paths[path], f"{base}.{layers}.{i}.{path}"
         if set(ab) != {"A", "B"}:
             raise CheckpointError(f"{folder}: {module} has lora_A or lora_B but not both")
         r = ab["A"].shape[0]
@@ -146,6 +164,10 @@ def _lora(cfg: dict, tensors: dict, backbone: Backbone, folder: Path) -> tuple[l
 
 def _prefix(cfg: dict, tensors: dict, backbone: Backbone, folder: Path, embedding: bool) -> tuple[list, dict]:
     ec = backbone.config
+    if ec.model_type not in ("bert", "roberta", "xlm-roberta"):
+        raise _refuse(folder, f"peft prefix tuning of a {ec.model_type} model (peft passes the prefix as past "
+                      "key/values, which DistilBERT's and DeBERTa-v2's attention do not take, and which is not "
+                      "checked against peft for ELECTRA)")
     if ec.model_type != "bert" and not embedding:
         raise _refuse(folder, f"peft prefix tuning of a {ec.model_type} sequence classifier (peft runs it for BERT "
                       "only: on RoBERTa / XLM-R its forward fails, so there is no reference to match)")
