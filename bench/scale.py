@@ -208,6 +208,40 @@ def lru(cl: Client, n: int, slots: int, seconds: float) -> dict:
             "hit_max_ms": max(hits), "miss_max_ms": max(misses), "requests": len(hits) + len(misses)}
 
 
+def first_use(cl: Client, n: int, extra: int) -> dict:
+    """1-row requests, one at a time: an adapter registered but never used (loaded from the store on the
+    way) against a resident one, alternating."""
+    rng = np.random.default_rng(4)
+    cold, warm = [], []
+    for k in range(extra):
+        warm.append(cl.infer([f"a{int(rng.integers(n))}"], slice(k % 8, k % 8 + 1))[0])
+        cold.append(cl.infer([f"a{n + k}"], slice(k % 8, k % 8 + 1))[0])
+    return {"first_use_p50_ms": pct(cold, 50), "first_use_max_ms": max(cold), "resident_p50_ms": pct(warm, 50),
+            "ratio": pct(cold, 50) / pct(warm, 50)}
+
+
+def in_process(export: Path, store: Path, n: int, budget: int) -> dict:
+    """The bank's own work while it grows to n adapters (SharedRuntime in this process, no server): each
+    pack's load from the store (read, sha256, checks) and its put (what holds up the request naming it)."""
+    from hpeft_serve.serving.runtime import SharedRuntime
+    rt = SharedRuntime(export, budget_bytes=budget, store=str(store))
+    builds, rebuild = [], rt.bank._rebuild
+    rt.bank._rebuild = lambda *a: builds.append(1) or rebuild(*a)
+    loads, puts = [], []
+    for i in range(n):
+        t = time.perf_counter()
+        pack = rt.store.load(f"a{i}")
+        t1 = time.perf_counter()
+        rt.bank.put(pack)
+        loads.append(1000 * (t1 - t))
+        puts.append(1000 * (time.perf_counter() - t1))
+    out = {"put_p50_ms": pct(puts, 50), "put_max_ms": max(puts), "load_p50_ms": pct(loads, 50),
+           "load_max_ms": max(loads), "array_builds": len(builds), "resident_bytes": rt.bank.resident_bytes(),
+           "reserved_bytes": rt.bank.nbytes(), "slot_bytes": rt.bank.slot_bytes()}
+    del rt
+    return out
+
+
 def exact(cl: Client, ck: Path, n: int) -> float:
     """Max abs diff of served logits against PyTorch, for 8 adapters spread over the n in one request."""
     idx = [int(x) for x in np.linspace(0, n - 1, 8)]
@@ -246,7 +280,8 @@ def main() -> int:
     deploy(work / "export", repo, log=lambda *_: None)
     store = repo / "hpeft" / "1" / "export" / "packs"
     print(f"[scale] writing {n} packs into {store}", flush=True)
-    write_packs(store, range(n), base, meta, n)
+    extra = 40  # registered, first used one at a time at the end
+    write_packs(store, range(n + extra), base, meta, n)
     pack_file = (store / "a1.safetensors").stat().st_size
     pack_tensors = sum(v.nbytes for v in base.values())
     res = {"adapters": n, "pack_file_bytes": pack_file, "pack_tensor_bytes": pack_tensors,
@@ -268,8 +303,11 @@ def main() -> int:
         res["paired"] = paired(cl, n, args.seconds)
         res["max_abs_diff"] = exact(cl, ck, n)
         res["replace"] = replacements(cl, store, base, meta, n)
+        res["first_use"] = first_use(cl, n, extra)
         print(f"[scale] paired {res['paired']}, replace {res['replace']}, diff {res['max_abs_diff']:.1e}", flush=True)
     write_packs(store, range(n), base, meta, n)  # the replaced packs back, for the reference check
+    res["in_process"] = in_process(repo / "hpeft" / "1" / "export", store, n, int(1.5 * n * pack_tensors) + (64 << 20))
+    print(f"[scale] in process: {res['in_process']}", flush=True)
     slots = max(n // 10, 24)  # 10% of the packs (at least 3 requests' worth)
     set_budget(repo, slots * pack_tensors / 2 ** 20)
     with server() as srv:
@@ -287,7 +325,7 @@ def report(res: dict, out: Path) -> int:
              f"{res['pack_tensor_bytes'] / 1e6:.3f} MB of tensors), tritonserver on this machine (2 cores shared "
              "with the clients); requests of 8 rows naming 8 distinct adapters", "",
              "| adapters resident | p50 ms | p99 ms | rows/s | p50 vs 8 | stub RSS MB | RSS per adapter vs pack "
-             "| first use p50 ms | longest request while growing ms |", "|---|---|---|---|---|---|---|---|---|"]
+             "| first use while growing, p50 ms | longest request while growing ms |", "|---|---|---|---|---|---|---|---|---|"]
     for i, r in enumerate(lv):
         per = (r["rss_mb"] - lv[i - 1]["rss_mb"]) * 2 ** 20 / (r["adapters"] - lv[i - 1]["adapters"]) if i else None
         r["rss_per_adapter_vs_pack"] = per / res["pack_tensor_bytes"] if per else None
@@ -296,10 +334,17 @@ def report(res: dict, out: Path) -> int:
         lines.append(f"| {r['adapters']} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['rows_per_s']:.0f} | "
                      f"{r['p50_ms'] / base['p50_ms']:.2f}x | {r['rss_mb']:.0f} | {ratio} | "
                      f"{r['first_use_p50_ms']:.1f} | {grow} |")
-    p, rp, lr = res["paired"], res["replace"], res["lru"]
+    p, rp, lr, fu, ip = res["paired"], res["replace"], res["lru"], res["first_use"], res["in_process"]
     lines += ["", f"Alternating rounds, all {res['adapters']} resident: working set of 8 p50 {p['p50_8_ms']:.1f} ms, "
               f"of {res['adapters']} p50 {p['p50_n_ms']:.1f} ms: **{p['ratio_p50']:.3f}x** (p99 {p['p99_8_ms']:.1f} / "
               f"{p['p99_n_ms']:.1f} ms).",
+              f"First use (1-row requests one at a time, {res['adapters']} resident): an adapter never used before "
+              f"p50 {fu['first_use_p50_ms']:.1f} ms (max {fu['first_use_max_ms']:.1f}) vs a resident one "
+              f"{fu['resident_p50_ms']:.1f} ms.",
+              f"The bank growing to {res['adapters']} in process (no server): put p50 {ip['put_p50_ms']:.2f} ms, "
+              f"longest **{ip['put_max_ms']:.1f} ms**; {ip['array_builds']} build(s) of its arrays; load from the store "
+              f"p50 {ip['load_p50_ms']:.1f} ms (max {ip['load_max_ms']:.1f}); a slot {ip['slot_bytes'] / 1e6:.3f} MB "
+              f"({ip['slot_bytes'] / res['pack_tensor_bytes']:.3f}x the pack's tensors).",
               f"Replacements: {rp['replacements']} packs rewritten in the store, each named by the next request "
               f"({rp['answered_new_version']} answered by the new version at once); longest request "
               f"{rp['max_ms']:.1f} ms (p50 {rp['p50_ms']:.1f}, p99 {rp['p99_ms']:.1f}).",
