@@ -3,7 +3,9 @@
 Loss: multiple-negatives ranking loss (Henderson et al. 2017, "Efficient Natural Language Response
 Suggestion"; sentence-transformers' MultipleNegativesRankingLoss): each query's positive must score above
 every other positive of the batch (in-batch negatives) and every given hard negative, on cosine similarity
-times a scale (20), by cross-entropy.
+times a scale (20), by cross-entropy. Symmetric (CLIP's loss, sentence-transformers'
+MultipleNegativesSymmetricRankingLoss): the mean of that and the reverse direction, each positive picking its
+query among the batch's queries (no extra forward).
 
 Metrics: each held-out query ranks all held-out positives by cosine similarity; recall@k is the fraction
 whose own positive is in the top k, MRR@10 the mean of 1/rank over queries ranked <= 10 (0 otherwise).
@@ -25,12 +27,17 @@ def cos_sim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def mnrl_loss(queries: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor | None = None,
-              scale: float = SCALE) -> torch.Tensor:
+              scale: float = SCALE, symmetric: bool = False) -> torch.Tensor:
     """Multiple-negatives ranking loss. queries, positives (B, D): row i of each is a pair; negatives (N, D),
-    optional: hard negatives, candidates for every query beside the B positives. Mean over the B queries."""
+    optional: hard negatives, candidates for every query beside the B positives. Mean over the B queries.
+    symmetric: the mean of that and positive -> query (each positive against the B queries)."""
     candidates = positives if negatives is None or len(negatives) == 0 else torch.cat([positives, negatives])
     scores = cos_sim(queries, candidates) * scale  # (B, B + N)
-    return F.cross_entropy(scores, torch.arange(len(queries), device=scores.device))
+    gold = torch.arange(len(queries), device=scores.device)
+    loss = F.cross_entropy(scores, gold)
+    if not symmetric:
+        return loss
+    return (loss + F.cross_entropy(scores[:, :len(positives)].T, gold)) / 2  # (B, B): positive i picks query i
 
 
 def ranks(sim: torch.Tensor, gold: torch.Tensor) -> torch.Tensor:

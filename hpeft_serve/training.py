@@ -42,6 +42,8 @@ class TrainConfig:
     full: bool = False
     """fine-tune every backbone weight too (baseline)"""
     full_lr: float = 5e-5
+    symmetric: bool = False
+    """embedding tasks: the symmetric ranking loss (query -> positive and positive -> query; retrieval.py)"""
 
 
 @dataclass
@@ -161,8 +163,8 @@ def _classification_batches(model: HybridModel, tokenizer, data: Dataset, cfg: T
 
 def _embedding_batches(model: HybridModel, tokenizer, data: PairDataset, cfg: TrainConfig):
     """(number of training pairs, loss of a batch of their indices): multiple-negatives ranking loss, the other
-    positives of the batch and the batch's hard negatives as negatives. Queries, positives and negatives are
-    encoded by separate forwards, each padded to its own longest sequence."""
+    positives of the batch and the batch's hard negatives as negatives (symmetric if cfg.symmetric). Queries,
+    positives and negatives are encoded by separate forwards, each padded to its own longest sequence."""
     pad = tokenizer.pad_token_id
     q = encode(tokenizer, [x.query for x in data.train], cfg.max_length)
     p = encode(tokenizer, [x.positive for x in data.train], cfg.max_length)
@@ -173,7 +175,7 @@ def _embedding_batches(model: HybridModel, tokenizer, data: PairDataset, cfg: Tr
     def loss(idx: list[int]) -> torch.Tensor:
         negs = [n[i] for i in idx if i in n]
         return mnrl_loss(model(*collate([q[i] for i in idx], pad)), model(*collate([p[i] for i in idx], pad)),
-                         model(*collate(negs, pad)) if negs else None)
+                         model(*collate(negs, pad)) if negs else None, symmetric=cfg.symmetric)
     return len(q), loss
 
 

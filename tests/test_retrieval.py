@@ -70,6 +70,20 @@ def test_loss_equals_a_hand_computation():
     assert mnrl_loss(t(q), t(p)).item() == pytest.approx(sum(no_neg) / 2, rel=1e-9)
 
 
+def test_symmetric_loss_adds_the_positive_to_query_direction():
+    q = [[1.0, 0.2, 2.0], [0.5, -1.0, 0.1], [0.3, 0.3, -0.4]]
+    p = [[1.0, 1.0, 1.5], [0.9, -0.8, 0.5], [-0.2, 0.6, -0.1]]
+    n = [[1.2, -0.2, 1.4]]
+    t = lambda x: torch.tensor(x, dtype=torch.float64)
+    lse = lambda xs: math.log(sum(math.exp(x) for x in xs))
+    forward = [lse([20 * _cos(qi, c) for c in p + n]) - 20 * _cos(qi, p[i]) for i, qi in enumerate(q)]
+    backward = [lse([20 * _cos(pi, c) for c in q]) - 20 * _cos(pi, q[i]) for i, pi in enumerate(p)]  # no negatives
+    want = (sum(forward) / 3 + sum(backward) / 3) / 2
+    assert mnrl_loss(t(q), t(p), t(n), symmetric=True).item() == pytest.approx(want, rel=1e-9)
+    assert mnrl_loss(t(q), t(p), t(n)).item() == pytest.approx(sum(forward) / 3, rel=1e-9)
+    assert abs(want - sum(forward) / 3) > 1e-3  # the two directions differ on these vectors
+
+
 def test_metrics_on_a_constructed_similarity_matrix():
     sim = torch.zeros(4, 12)
     sim[0] = torch.arange(12.0).flip(0)  # gold 0 is the best: rank 1
@@ -113,12 +127,13 @@ def test_a_training_step_changes_only_adapter_parameters(tiny_bert, tok, name):
 
 def test_training_is_deterministic_under_the_seed(tiny_bert, tok):
     runs = []
-    for seed in (3, 3, 4):
+    for seed, symmetric in ((3, False), (3, False), (4, False), (3, True)):
         model = _embedder(tiny_bert, "adapter", seed=seed)
-        res = train(model, tok, pair_task(8, 4), TrainConfig(batch_size=4, seed=seed),
+        res = train(model, tok, pair_task(8, 4), TrainConfig(batch_size=4, seed=seed, symmetric=symmetric),
                     progress=False, evaluate_after=False)
         runs.append((res.losses, model.adapters.state_dict()))
     assert runs[0][0] == runs[1][0] and runs[0][0] != runs[2][0]
+    assert runs[3][0][0] != runs[0][0][0] and all(math.isfinite(x) for x in runs[3][0])  # another loss, same data
     assert all(torch.equal(v, runs[1][1][k]) for k, v in runs[0][1].items())
 
 
@@ -210,7 +225,8 @@ def test_cli_trains_an_embedding_adapter_from_a_jsonl_file(tmp_path, capsys):
     out = tmp_path / "emb"
     code, stdout, err = _hpeft(capsys, "train", "--backbone", "tiny-bert", "--method", "lora", "--task", f, "--out", out,
                                "--quiet",
-               "--pooling", "max", "--no-normalize", "--batch-size", "8", "--seed", "1", "--hard-negatives")
+               "--pooling", "max", "--no-normalize", "--batch-size", "8", "--seed", "1", "--hard-negatives",
+               "--symmetric")
     assert code == 0, err
     assert "accuracy" not in stdout
     last = stdout.strip().splitlines()[-1]
@@ -221,9 +237,12 @@ def test_cli_trains_an_embedding_adapter_from_a_jsonl_file(tmp_path, capsys):
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["head"]["task"] == "embedding" and cfg["head"]["pooling"] == "max" and not cfg["head"]["normalize"]
     assert cfg["labels"] == [] and cfg["task"] == "pairs" and cfg["train"]["train_size"] == 26
-    assert cfg["train"]["hard_negatives"] is True
+    assert cfg["train"]["hard_negatives"] is True and cfg["train"]["symmetric"] is True
     assert f"{cfg['metrics']['recall@1']:.3f}" == m.group(1)
     assert f"{cfg['metrics']['backbone']['mrr@10']:.3f}" == m.group(6)
     code, _, err = _hpeft(capsys, "train", "--backbone", "tiny-bert", "--method", "lora", "--task", "rotten_tomatoes",
                           "--out", tmp_path / "x", "--normalize")
     assert code == 2 and "embedding (retrieval) tasks only" in err and not (tmp_path / "x").exists()
+    code, _, err = _hpeft(capsys, "train", "--backbone", "tiny-bert", "--method", "lora", "--task", "rotten_tomatoes",
+                          "--out", tmp_path / "x", "--symmetric")
+    assert code == 2 and "--symmetric applies to embedding" in err and not (tmp_path / "x").exists()

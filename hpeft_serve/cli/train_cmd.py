@@ -40,6 +40,8 @@ def add_arguments(p) -> None:
     p.add_argument("--hard-negatives", action="store_true",
                    help="embedding tasks: give every training pair without a negative one mined by the plain "
                    "backbone (its highest-ranked other positive)")
+    p.add_argument("--symmetric", action="store_true",
+                   help="embedding tasks: symmetric ranking loss (also each positive picks its query among the batch's)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a method setting, e.g. --set r=16 --set sparsity=0.6 --set pruner=grasp (list below)")
     p.add_argument("--name", default=None, help="adapter name (default: the --out folder's name); letters, "
@@ -55,12 +57,16 @@ def run(args) -> int:
     from ..training import TrainConfig, build_model, train
 
     checkpoint.check_name(args.name or args.out.name)
+    embedding = task_kind(args.task) == "embedding"
+    if args.symmetric and not embedding:
+        from ..errors import ConfigError
+        raise ConfigError(f"--symmetric applies to embedding (retrieval) tasks only; {args.task!r} is a "
+                          "classification task")
     backbone = load_backbone(args.backbone)
     method = resolve(args.method, backbone.config.num_hidden_layers, parse_overrides(args.set))
-    embedding = task_kind(args.task) == "embedding"
     data, head, what = (_embedding_task if embedding else _classification_task)(args, backbone)
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
-                      lr=args.lr)
+                      lr=args.lr, symmetric=args.symmetric)
     model = build_model(backbone, method, head, args.seed)
     n_adapter = sum(p.numel() for p in model.adapters.parameters())
     n_backbone = sum(p.numel() for p in model.encoder.parameters())
@@ -79,7 +85,7 @@ def run(args) -> int:
             "batch_size": args.batch_size, "max_length": args.max_length, "steps": result.steps,
             "seconds": round(result.train_seconds, 1)}, "metrics": scores}
     if embedding:
-        meta["train"]["hard_negatives"] = args.hard_negatives
+        meta["train"].update(hard_negatives=args.hard_negatives, symmetric=args.symmetric)
     checkpoint.save(model, backbone, args.out, getattr(data, "labels", ()), meta, name=args.name)
     print(f"trained {result.steps} steps in {result.train_seconds:.1f}s; checkpoint: {args.out}")
     if embedding:
