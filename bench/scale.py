@@ -191,10 +191,11 @@ def lru(cl: Client, n: int, slots: int, seconds: float) -> dict:
     ones with one adapter not resident (miss: loaded from the store, the least recently used evicted)."""
     rng = np.random.default_rng(3)
     recent: list[int] = []  # most recent last: the last slots / 4 asked for are surely resident
-    hits, misses, end = [], [], time.monotonic() + seconds
+    hits, misses = [], []
     for i in range(0, min(slots, n) - 7, 8):
         cl.infer([f"a{j}" for j in range(i, i + 8)])
         recent += list(range(i, i + 8))
+    end = time.monotonic() + seconds
     while time.monotonic() < end:
         warm = [int(x) for x in rng.choice(recent[-max(slots // 4, 8):], 8, replace=False)]
         hits.append(cl.infer([f"a{j}" for j in warm])[0])
@@ -235,7 +236,8 @@ def in_process(export: Path, store: Path, n: int, budget: int) -> dict:
         rt.bank.put(pack)
         loads.append(1000 * (t1 - t))
         puts.append(1000 * (time.perf_counter() - t1))
-    out = {"put_p50_ms": pct(puts, 50), "put_max_ms": max(puts), "load_p50_ms": pct(loads, 50),
+    out = {"put_p50_ms": pct(puts, 50), "put_p99_ms": pct(puts, 99), "put_max_ms": max(puts),
+           "put_longest_at": int(np.argmax(puts)), "load_p50_ms": pct(loads, 50),
            "load_max_ms": max(loads), "array_builds": len(builds), "resident_bytes": rt.bank.resident_bytes(),
            "reserved_bytes": rt.bank.nbytes(), "slot_bytes": rt.bank.slot_bytes()}
     del rt
@@ -325,7 +327,8 @@ def report(res: dict, out: Path) -> int:
              f"{res['pack_tensor_bytes'] / 1e6:.3f} MB of tensors), tritonserver on this machine (2 cores shared "
              "with the clients); requests of 8 rows naming 8 distinct adapters", "",
              "| adapters resident | p50 ms | p99 ms | rows/s | p50 vs 8 | stub RSS MB | RSS per adapter vs pack "
-             "| first use while growing, p50 ms | longest request while growing ms |", "|---|---|---|---|---|---|---|---|---|"]
+             "| first use while growing, p50 ms | longest request while growing ms |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for i, r in enumerate(lv):
         per = (r["rss_mb"] - lv[i - 1]["rss_mb"]) * 2 ** 20 / (r["adapters"] - lv[i - 1]["adapters"]) if i else None
         r["rss_per_adapter_vs_pack"] = per / res["pack_tensor_bytes"] if per else None
@@ -335,6 +338,7 @@ def report(res: dict, out: Path) -> int:
                      f"{r['p50_ms'] / base['p50_ms']:.2f}x | {r['rss_mb']:.0f} | {ratio} | "
                      f"{r['first_use_p50_ms']:.1f} | {grow} |")
     p, rp, lr, fu, ip = res["paired"], res["replace"], res["lru"], res["first_use"], res["in_process"]
+    share = lr["budget_mb"] / (res["adapters"] * res["pack_tensor_bytes"] / 2 ** 20)
     lines += ["", f"Alternating rounds, all {res['adapters']} resident: working set of 8 p50 {p['p50_8_ms']:.1f} ms, "
               f"of {res['adapters']} p50 {p['p50_n_ms']:.1f} ms: **{p['ratio_p50']:.3f}x** (p99 {p['p99_8_ms']:.1f} / "
               f"{p['p99_n_ms']:.1f} ms).",
@@ -342,13 +346,15 @@ def report(res: dict, out: Path) -> int:
               f"p50 {fu['first_use_p50_ms']:.1f} ms (max {fu['first_use_max_ms']:.1f}) vs a resident one "
               f"{fu['resident_p50_ms']:.1f} ms.",
               f"The bank growing to {res['adapters']} in process (no server): put p50 {ip['put_p50_ms']:.2f} ms, "
-              f"longest **{ip['put_max_ms']:.1f} ms**; {ip['array_builds']} build(s) of its arrays; load from the store "
+              f"p99 {ip['put_p99_ms']:.1f} ms, longest **{ip['put_max_ms']:.1f} ms** (put #{ip['put_longest_at']}); "
+              f"{ip['array_builds']} build(s) of its arrays; load from the store "
               f"p50 {ip['load_p50_ms']:.1f} ms (max {ip['load_max_ms']:.1f}); a slot {ip['slot_bytes'] / 1e6:.3f} MB "
               f"({ip['slot_bytes'] / res['pack_tensor_bytes']:.3f}x the pack's tensors).",
               f"Replacements: {rp['replacements']} packs rewritten in the store, each named by the next request "
               f"({rp['answered_new_version']} answered by the new version at once); longest request "
               f"{rp['max_ms']:.1f} ms (p50 {rp['p50_ms']:.1f}, p99 {rp['p99_ms']:.1f}).",
-              f"LRU, budget {lr['budget_mb']:.0f} MB ({lr['budget_mb'] / (res['adapters'] * res['pack_tensor_bytes'] / 2 ** 20):.0%} of the packs): hit p50 {lr['hit_p50_ms']:.1f} ms, miss "
+              f"LRU, budget {lr['budget_mb']:.0f} MB ({share:.0%} of the packs, {lr['requests']} requests): "
+              f"hit p50 {lr['hit_p50_ms']:.1f} ms, miss "
               f"(1 of 8 adapters not resident) p50 {lr['miss_p50_ms']:.1f} ms: **{lr['ratio']:.2f}x**; longest hit "
               f"{lr['hit_max_ms']:.1f} ms, longest miss {lr['miss_max_ms']:.1f} ms; stub RSS {lr['rss_mb']:.0f} MB.",
               f"Answers vs PyTorch (8 adapters spread over all): max abs diff {res['max_abs_diff']:.1e} "
