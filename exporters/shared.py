@@ -51,22 +51,36 @@ class Rows:
     def __init__(self, bank: dict[str, torch.Tensor], index: torch.Tensor, layout: Layout,
                  tmask: torch.Tensor | None = None):
         self.bank, self.index, self.layout, self.tmask = bank, index, layout, tmask
+        self._i2: torch.Tensor | None = None
+        self._i3: torch.Tensor | None = None
 
     def w(self, name: str) -> torch.Tensor:
         return self.bank[name].index_select(0, self.index)
+
+    def w1(self, name: str) -> torch.Tensor:
+        """w(name).unsqueeze(1) in one Gather: (R, 1, ...), a per-row bias or scalar that broadcasts over S."""
+        if self._i2 is None:
+            self._i2 = self.index.unsqueeze(1)
+        return self.bank[name][self._i2]
+
+    def col(self, name: str) -> torch.Tensor:
+        """A per-row scalar (K,) as (R, 1, 1), in one Gather."""
+        if self._i3 is None:
+            self._i3 = self.index.reshape(-1, 1, 1)
+        return self.bank[name][self._i3]
 
     def coef(self, p: str, x: torch.Tensor, otherwise: torch.Tensor | None) -> torch.Tensor | None:
         """Per row (R, 1, 1): the gate value where the adapter is gated, else `otherwise`."""
         if p not in self.layout.gated:
             return otherwise
-        gated = _col(self.w(f"{p}_gated"))
-        g = Fn.gate(x, self.w(f"{p}_gate_w"), self.w(f"{p}_gate_b").unsqueeze(1), self.tmask)
+        gated = self.col(f"{p}_gated")
+        g = Fn.gate(x, self.w(f"{p}_gate_w"), self.w1(f"{p}_gate_b"), self.tmask)
         return gated * g + (1.0 - gated) * (1.0 if otherwise is None else otherwise)
 
     def layer_norm(self, name: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float):
         if not self.layout.bitfit:
             return F.layer_norm(x, weight.shape, weight, bias, eps)
-        return F.layer_norm(x, weight.shape, weight, None, eps) + (bias + self.w(f"bitfit_{name}").unsqueeze(1))
+        return F.layer_norm(x, weight.shape, weight, None, eps) + (bias + self.w1(f"bitfit_{name}"))
 
     def act(self, p: str, h: torch.Tensor) -> torch.Tensor:
         acts = self.layout.acts
@@ -76,21 +90,31 @@ class Rows:
         return sum(_col(onehot[:, ACTS.index(a)]) * Fn.ACTIVATIONS[a](h) for a in acts)
 
     def finish(self, p: str, up: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        out = up * _col(self.w(f"{p}_scale"))
+        out = up * self.col(f"{p}_scale")
         coef = self.coef(p, x, None)
         return out if coef is None else out * coef
 
     def dense(self, p: str, x: torch.Tensor) -> torch.Tensor:
-        h = self.act(p, Fn.linear(x, self.w(f"{p}_down_w"), self.w(f"{p}_down_b").unsqueeze(1)))
-        return self.finish(p, Fn.linear(h, self.w(f"{p}_up_w"), self.w(f"{p}_up_b").unsqueeze(1)), x)
+        h = self.act(p, Fn.linear(x, self.w(f"{p}_down_w"), self.w1(f"{p}_down_b")))
+        return self.finish(p, Fn.linear(h, self.w(f"{p}_up_w"), self.w1(f"{p}_up_b")), x)
 
     def phm(self, p: str, n: int, x: torch.Tensor) -> torch.Tensor:
-        rule = self.w(f"phm{n}_rule").unsqueeze(1)  # (R, 1, n, n, n)
+        """The PHM branch with each row's H formed (a bottleneck's H is small: d x n*O), then a batched
+        MatMul: at these widths far cheaper than contracting x with the factors (bench/export.py)."""
+        rule = self.w(f"phm{n}_rule")  # (R, n, n, n)
         b = x.shape[0]
-        down = Fn.phm_linear(x, rule, self.w(f"{p}_down_Wl").unsqueeze(1), self.w(f"{p}_down_Wr").unsqueeze(1), None)
+        down = x @ _phm_weight(rule, self.w(f"{p}_down_Wl"), self.w(f"{p}_down_Wr"))  # (R, S, n*O)
         h = self.act(p, down + self.w(f"{p}_down_b").reshape(b, 1, -1))
-        up = Fn.phm_linear(h, rule, self.w(f"{p}_up_Wl").unsqueeze(1), self.w(f"{p}_up_Wr").unsqueeze(1), None)
-        return self.finish(p, up + self.w(f"{p}_up_b").unsqueeze(1), x)
+        up = h @ _phm_weight(rule, self.w(f"{p}_up_Wl"), self.w(f"{p}_up_Wr"))  # (R, S, d)
+        return self.finish(p, up + self.w1(f"{p}_up_b"), x)
+
+
+def _phm_weight(rule: torch.Tensor, W_left: torch.Tensor, W_right: torch.Tensor) -> torch.Tensor:
+    """Fn.phm_weight per row: H (R, n*I, n*O) = sum_i kron(rule_i, W_left_i @ W_right_i) for rule (R, n, n, n),
+    W_left (R, n, I, r), W_right (R, n, r, O)."""
+    B = W_left @ W_right  # (R, n, I, O)
+    H = torch.einsum("bijp,bikq->bjkpq", rule, B)  # (R, n(j), I, n(p), O)
+    return H.reshape(H.shape[0], H.shape[1] * H.shape[2], H.shape[3] * H.shape[4])
 
 
 # ---------------------------------------------------------------- the kinds: fn(base, *xs, index, ws)
@@ -105,7 +129,7 @@ def _lora_kind(layout: Layout, t: str) -> tuple:
     def fn(y, x, *rest):  # y + x A^T B^T * (gate or scale)
         r = Rows(dict(zip(names, rest[-1])), rest[-2], layout, rest[0] if len(rest) == 3 else None)
         delta = Fn.lora_delta(x, r.w(f"{p}_A"), r.w(f"{p}_B"))
-        return y + delta * r.coef(p, x, _col(r.w(f"{p}_scale")))
+        return y + delta * r.coef(p, x, r.col(f"{p}_scale"))
     return fn, names, ("f" if t == "ffn_in" else "d", "f" if t == "ffn_out" else "d")
 
 
@@ -132,7 +156,7 @@ def _seq_kind(layout: Layout, site: str, n: int | None, eps: float) -> tuple:
     def fn(out, h, a, *rest):  # the dense one: seq + h + a (the PyTorch order); a PHM branch: out + seq
         ws = rest[-1]
         r = Rows(dict(zip(names, ws)), rest[-2], layout, rest[0] if len(rest) == 3 else None)
-        lnb = _col(r.w(f"seq_{site}_ln_before"))
+        lnb = r.col(f"seq_{site}_ln_before")
         x_a = lnb * r.layer_norm(f"{site}_ln", h + a, ws[-2], ws[-1], eps) + (1.0 - lnb) * h
         if n is None:
             return r.dense(p, x_a) + h + a
@@ -187,8 +211,8 @@ class BankedLayer:
     """LayerHooks for layer i; `bank["name.i"]` is this layer's (K, ...), rows pick their adapter by `index`."""
 
     def __init__(self, bank: dict[str, torch.Tensor], index: torch.Tensor, i: int, layout: Layout,
-                 kinds: dict[str, Kind], eps: float):
-        self.bank, self.index, self.i, self.layout, self.kinds, self.eps = bank, index, i, layout, kinds, eps
+                 kinds: dict[str, Kind], index2: torch.Tensor):
+        self.bank, self.index, self.i, self.layout, self.kinds, self.index2 = bank, index, i, layout, kinds, index2
 
     def t(self, name: str) -> torch.Tensor:
         """This layer's bank tensor `name` [K, ...]."""
@@ -213,27 +237,29 @@ class BankedLayer:
     def linear(self, name, x, layer, ctx):
         bias = layer.bias
         if self.layout.bitfit:  # the row's delta in the bias, as the PyTorch module adds it
-            bias = bias + self.w(f"bitfit_{name}").unsqueeze(1)  # (B, 1, out)
+            bias = bias + self.t(f"bitfit_{name}")[self.index2]  # (B, 1, out)
         y = F.linear(x, layer.weight) + bias
         if name in self.layout.lora:
             y = self._run(f"lora_{name}", y, self._use(f"lora_{name}"), [x], ctx)
         return y
 
     def layer_norm(self, name, x, ln):
-        return Rows({f"bitfit_{name}": self.t(f"bitfit_{name}")} if self.layout.bitfit else {}, self.index,
-                    self.layout).layer_norm(name, x, ln.weight, ln.bias, ln.eps)
+        if not self.layout.bitfit:
+            return F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
+        b = ln.bias + self.t(f"bitfit_{name}")[self.index2]  # (B, 1, D)
+        return F.layer_norm(x, ln.normalized_shape, ln.weight, None, ln.eps) + b
 
     def prefix(self, x, ctx):
         if not self.layout.prefix:
             return None
-        mask = self.w("prefix_mask")  # (B, P): 0 on a row's prefix positions, float32 min elsewhere
-        on = mask > 0.5 * NEG
-        cols = on.any(dim=0).nonzero().squeeze(1)  # the positions some row of the batch has: (P',)
+        full = self.w("prefix_mask")  # (B, P): 0 on a row's prefix positions, float32 min elsewhere
+        cols = (full.amax(dim=0) > 0.5 * NEG).nonzero().squeeze(1)  # the positions some row has: (P',)
         k = self.w("prefix_k").index_select(1, cols)  # (B, P', D)
         v = self.w("prefix_v").index_select(1, cols)
-        mask = mask.index_select(1, cols)
+        mask = full.index_select(1, cols)
         if "prefix" in self.layout.gated:  # a row without a prefix: coef 0, its positions are masked anyway
-            coef = self._run("prefix", x.new_zeros(x.shape[0], 1, 1), on.any(dim=1).to(x.dtype), [x], ctx)
+            use = (full.amax(dim=1) > 0.5 * NEG).to(x.dtype)  # (B,): the rows with a prefix
+            coef = self._run("prefix", x.new_zeros(x.shape[0], 1, 1), use, [x], ctx)
             k, v = coef * k, coef * v
         return k, v, mask
 
@@ -254,13 +280,14 @@ class _Banked:
     """What the encoder asks of an adapter set, for one forward of a banked batch."""
 
     def __init__(self, bank: dict, index: torch.Tensor, token_mask: torch.Tensor, layout: Layout, num_layers: int,
-                 kinds: dict[str, Kind], eps: float):
+                 kinds: dict[str, Kind]):
         shared: dict = {}
         if layout.gated:
             gm = _col(bank["gate_masked"].index_select(0, index))
             shared["gate_token_mask"] = gm * token_mask + (1.0 - gm)
         self._shared = [shared] * num_layers
-        self.layers = [BankedLayer(bank, index, i, layout, kinds, eps) for i in range(num_layers)]
+        index2 = index.unsqueeze(1)  # (B, 1): gathers a per-row bias as (B, 1, D) in one node
+        self.layers = [BankedLayer(bank, index, i, layout, kinds, index2) for i in range(num_layers)]
 
     def shared_tensors(self):
         return self._shared
@@ -282,8 +309,7 @@ class SharedModel(nn.Module):
     def forward(self, input_ids, attention_mask, adapter_index, *bank: torch.Tensor):
         b = dict(zip(self.input_names, bank))
         token_mask = attention_mask.to(torch.float32).unsqueeze(-1)
-        banked = _Banked(b, adapter_index, token_mask, self.layout, len(self.encoder.layers), self.kinds,
-                         self.encoder.config.layer_norm_eps)
+        banked = _Banked(b, adapter_index, token_mask, self.layout, len(self.encoder.layers), self.kinds)
         h = self.encoder(input_ids, attention_mask, banked)
         row = lambda n: b[n].index_select(0, adapter_index)  # noqa: E731
         cls = row("head_cls").unsqueeze(-1)  # (B, 1)
