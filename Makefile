@@ -4,7 +4,7 @@ HPEFT := $(VENV)/bin/hpeft
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install demo test bench-quality bench-export bench-embed
+.PHONY: install demo test bench-quality bench-export bench-embed deploy-check
 
 install:
 	VENV=$(VENV) ./scripts/install.sh
@@ -24,3 +24,8 @@ bench-quality: install
 bench-embed: install
 	$(VENV)/bin/python -m pip install -q -e ".[bench]"
 	$(VENV)/bin/python bench/embed.py
+
+# deploy/ run for real with podman: images built, compose and `podman kube play` stacks run, checked and torn
+# down (deploy/README.md, "The real run"). Minutes, as root; not part of `make test`.
+deploy-check: install
+	$(VENV)/bin/python deploy/check.py

@@ -33,8 +33,39 @@ CONTRACT = yaml.safe_load((DEPLOY / "contract.yaml").read_text())
 YAML_FILES = sorted(p for p in DEPLOY.rglob("*") if p.suffix in (".yaml", ".yml") or p.name == ".yamllint")
 
 
+class ComposeLoader(yaml.SafeLoader):
+    """YAML with compose's merge tags: `!reset` (drop the key from the files before) and `!override`."""
+
+
+ComposeLoader.add_constructor("!reset", lambda loader, node: Reset())
+ComposeLoader.add_constructor("!override", lambda loader, node: loader.construct_mapping(node, deep=True)
+                              if isinstance(node, yaml.MappingNode) else loader.construct_sequence(node, deep=True))
+
+
+class Reset:
+    pass
+
+
 def docs(path: Path) -> list[dict]:
-    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+    return [d for d in yaml.load_all(path.read_text(), Loader=ComposeLoader) if d is not None]
+
+
+def merge(base: dict, over: dict) -> dict:
+    """`compose -f base -f over`: mappings merged key by key, anything else replaced, `!reset` drops the key."""
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, Reset):
+            out.pop(k, None)
+        elif isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def defaults(value: str) -> str:
+    """compose's ${VAR:-default} with every variable unset."""
+    return re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", value)
 
 
 def objects(*folders: str) -> list[dict]:
@@ -53,7 +84,8 @@ def container(deployment: dict, name: str) -> dict:
 
 
 BASE = objects("k8s/base")
-COMPOSE = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+COMPOSE = docs(DEPLOY / "compose.yaml")[0]
+COMPOSE_CPU = merge(COMPOSE, docs(DEPLOY / "compose.cpu.yaml")[0])  # compose.yaml + compose.cpu.yaml, as run
 
 
 # ----------------------------------------------------------------------------- YAML
@@ -214,7 +246,8 @@ def test_gateway_port_and_env_agree():
     assert [p["containerPort"] for p in gw["ports"]] == [GW_PORT]
     assert find(BASE, "Service", "hpeft-gateway")["spec"]["ports"][0]["port"] == GW_PORT
     compose = COMPOSE["services"]["gateway"]
-    assert compose["ports"] == [f"{GW_PORT}:{GW_PORT}"]
+    assert [defaults(p) for p in compose["ports"]] == [f"{GW_PORT}:{GW_PORT}"]
+    assert compose["ports"][0].endswith(f":{GW_PORT}")  # the host side a variable, the container side fixed
     assert set(compose["environment"]) == GW_ENV
     k8s_env = {e["name"] for e in gw["env"]}
     assert GW_ENV <= k8s_env
@@ -246,8 +279,9 @@ def test_compose_reserves_a_gpu_and_shares_the_repository():
     triton, gateway = COMPOSE["services"]["triton"], COMPOSE["services"]["gateway"]
     devices = triton["deploy"]["resources"]["reservations"]["devices"]
     assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
-    assert triton["volumes"] == ["../model_repository:/models:ro"]
-    assert gateway["volumes"] == ["../model_repository:/models"]
+    assert [defaults(v) for v in triton["volumes"]] == ["../model_repository:/models:ro"]
+    assert [defaults(v) for v in gateway["volumes"]] == ["../model_repository:/models"]
+    assert triton["volumes"][0].split(":", 1)[0] == gateway["volumes"][0].split(":", 1)[0]  # one folder
     env = gateway["environment"]
     assert env["HPEFT_REPO"] == "/models"
     assert env["HPEFT_ADAPTER_STORE"] == f"/models/{CONTRACT['triton']['model']}/1/export/packs"
@@ -281,6 +315,21 @@ def test_images_agree():
         name, tag = COMPOSE["services"][svc]["image"].split(":")
         assert tags[name] == tag
     assert f"ARG TRITON_IMAGE={CONTRACT['triton']['image']}" in (DEPLOY / "docker" / "triton.Dockerfile").read_text()
+    # the CPU variant: the same repository and tag, its own name; every other service setting from compose.yaml
+    assert COMPOSE_CPU["services"]["triton"]["image"] == COMPOSE["services"]["triton"]["image"].replace(
+        "/triton:", "/triton-cpu:")
+    assert COMPOSE_CPU["services"]["gateway"] == COMPOSE["services"]["gateway"]
+
+
+def test_compose_cpu_drops_only_the_gpu():
+    cpu, gpu = COMPOSE_CPU["services"]["triton"], COMPOSE["services"]["triton"]
+    assert "reservations" not in cpu["deploy"]["resources"]
+    assert cpu["deploy"]["resources"]["limits"] == gpu["deploy"]["resources"]["limits"]
+    for k in ("command", "volumes", "healthcheck", "shm_size", "restart"):
+        assert cpu[k] == gpu[k], k
+    assert cpu["read_only"] is True and cpu["tmpfs"] == ["/tmp"]
+    assert cpu["build"]["dockerfile"] == "deploy/docker/triton-cpu.Dockerfile"
+    assert merge({"a": {"b": 1, "c": 2}}, {"a": {"b": Reset()}}) == {"a": {"c": 2}}  # the merge drops a key
 
 
 def test_ingress_routes_by_the_affinity_header_and_takes_uploads():
@@ -331,7 +380,7 @@ def copy_sources(path: Path) -> list[str]:
 
 
 def test_dockerfiles_copy_files_that_exist_and_are_not_ignored():
-    assert {p.name for p in DOCKERFILES} == {"triton.Dockerfile", "gateway.Dockerfile"}
+    assert {p.name for p in DOCKERFILES} == {"triton.Dockerfile", "triton-cpu.Dockerfile", "gateway.Dockerfile"}
     for df in DOCKERFILES:
         srcs = copy_sources(df)
         assert srcs, df
@@ -340,9 +389,10 @@ def test_dockerfiles_copy_files_that_exist_and_are_not_ignored():
         for s in srcs:
             assert (ROOT / s).exists(), f"{df.name} copies {s}, which does not exist"
             assert any(s == a or s.startswith(a + "/") for a in allowed), f"{df.name}: {s} is in the dockerignore"
-    for svc in ("triton", "gateway"):
-        build = COMPOSE["services"][svc]["build"]
-        assert (DEPLOY / build["context"] / build["dockerfile"]).resolve() == DEPLOY / "docker" / f"{svc}.Dockerfile"
+    for compose, svc, name in ((COMPOSE, "triton", "triton"), (COMPOSE, "gateway", "gateway"),
+                               (COMPOSE_CPU, "triton", "triton-cpu")):
+        build = compose["services"][svc]["build"]
+        assert (DEPLOY / build["context"] / build["dockerfile"]).resolve() == DEPLOY / "docker" / f"{name}.Dockerfile"
 
 
 def test_a_missing_copy_source_is_caught(tmp_path):
@@ -352,9 +402,13 @@ def test_a_missing_copy_source_is_caught(tmp_path):
 
 
 def test_dockerfiles_expose_and_run_the_contract():
-    triton = dict(instructions(DEPLOY / "docker" / "triton.Dockerfile"))
-    assert sorted(int(p) for p in triton["EXPOSE"].split()) == sorted(PORTS.values())
-    assert CONTRACT["triton"]["probes"]["readiness"] in triton["HEALTHCHECK"]
+    for name in ("triton.Dockerfile", "triton-cpu.Dockerfile"):
+        triton = dict(instructions(DEPLOY / "docker" / name))
+        assert sorted(int(p) for p in triton["EXPOSE"].split()) == sorted(PORTS.values())
+        assert CONTRACT["triton"]["probes"]["readiness"] in triton["HEALTHCHECK"]
+    cpu = dict(instructions(DEPLOY / "docker" / "triton-cpu.Dockerfile"))
+    assert cpu["USER"] == "1000"  # the NGC image's triton-server, as k8s/base/triton.yaml runs it
+    assert dict(instructions(DEPLOY / "docker" / "gateway.Dockerfile"))["USER"] == "10001"
     gateway = instructions(DEPLOY / "docker" / "gateway.Dockerfile")
     ops = dict(gateway)
     assert int(ops["EXPOSE"]) == GW_PORT
@@ -412,3 +466,109 @@ def test_the_gateway_reads_the_contract_env_names_once_it_exists():
         pytest.skip("no gateway in hpeft_serve yet (it reads HPEFT_TRITON_GRPC)")
     for name in GW_ENV:
         assert any(name in s for s in sources.values()), f"hpeft_serve never reads {name}"
+
+
+def test_cpu_triton_and_gateway_images_need_no_torch():
+    gpu = requirement_names(DEPLOY / "docker" / "requirements-triton.txt")
+    cpu = requirement_names(DEPLOY / "docker" / "requirements-triton-cpu.txt")
+    assert cpu == (gpu - {"onnxruntime-gpu"}) | {"onnxruntime", "nvidia-pytriton"}  # + the wheel's tritonserver
+    gateway = requirement_names(DEPLOY / "docker" / "requirements-gateway.txt")
+    assert "torch" not in gateway and {"transformers", "tokenizers"} <= gateway
+    for name in ("triton-cpu.Dockerfile", "gateway.Dockerfile"):
+        text = (DEPLOY / "docker" / name).read_text()
+        assert "--no-deps" in text and "torch" not in re.sub(r"#.*", "", text).replace("'torch'", "")
+
+
+GATEWAY_IMPORTS = r"""
+import sys
+for m in ("torch", "onnx", "onnxruntime", "pytriton"):
+    sys.modules[m] = None  # absent, as in the gateway image: find_spec says None, import fails
+import hpeft_serve.gateway, hpeft_serve.cli.gateway_cmd, uvicorn, fastapi, tritonclient.grpc
+from transformers import AutoTokenizer
+from hpeft_serve.assets import tokenizer_folder
+print(AutoTokenizer.from_pretrained(str(tokenizer_folder("tiny-bert")))(["hello world"])["input_ids"][0])
+"""
+
+
+def test_the_gateway_tokenizes_without_torch():
+    out = subprocess.run([sys.executable, "-c", GATEWAY_IMPORTS], capture_output=True, text=True, timeout=120,
+                         cwd=ROOT, env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PATH": "/usr/bin"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-4:] == ["[101,", "7592,", "2088,", "102]"]
+
+
+def test_no_build_time_ca_or_pip_conf_reaches_an_image():
+    for name in ("triton-cpu.Dockerfile", "gateway.Dockerfile"):
+        df = DEPLOY / "docker" / name
+        ops = instructions(df)
+        assert not [s for s in copy_sources(df) if "pip.conf" in s or s.endswith((".crt", ".pem"))]
+        pip_runs = [arg for op, arg in ops if op == "RUN" and "pip install -r" in arg]
+        assert pip_runs and all(a.startswith("--mount=type=secret,id=pip_cert ") for a in pip_runs), name
+        assert not [a for op, a in ops if op in ("ENV", "ARG") and re.search(r"PIP_CERT|PIP_CONFIG|CA_BUNDLE", a)]
+
+
+# ----------------------------------------------------------------------------- deploy/check.py (the real run)
+def check_module():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("hpeft_deploy_check", DEPLOY / "check.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_the_real_run_uses_the_shipped_names_and_ports(tmp_path):
+    chk = check_module()
+    assert chk.TRITON_IMAGE == COMPOSE_CPU["services"]["triton"]["image"]
+    assert chk.GATEWAY_IMAGE == COMPOSE["services"]["gateway"]["image"] == container(
+        find(BASE, "Deployment", "hpeft-gateway"), "gateway")["image"]
+    assert (chk.MODEL, chk.PORTS, chk.GW_PORT) == (CONTRACT["triton"]["model"], PORTS, GW_PORT)
+    assert set(chk.ADAPTERS) and all(chk.ADAPTERS[n][0] in ("rotten_tomatoes", "bbc_retrieval") for n in chk.ADAPTERS)
+    before = copy.deepcopy(BASE)
+    played, secret_docs, triton_pod = chk.kube_manifests(tmp_path / "repo", "hpeft-check-x-", 23456)
+    assert BASE == before  # the shipped objects are copied, never changed
+    kinds = {o["kind"] for o in BASE}
+    assert {o["kind"] for o in played} == set(chk.KUBE_RUNS) - {"Secret"}  # Secrets: podman secrets
+    assert set(chk.KUBE_SKIPPED.split(", ")) == kinds - set(chk.KUBE_RUNS)
+    deps = {o["metadata"]["name"]: o for o in played if o["kind"] == "Deployment"}
+    assert set(deps) == {"hpeft-check-x-hpeft-triton", "hpeft-check-x-hpeft-gateway"}
+    assert triton_pod.startswith("hpeft-check-x-hpeft-triton")
+    cm = find(played, "ConfigMap", "hpeft-config")["data"]
+    assert cm[CONTRACT["gateway"]["env"]["triton"]] == f"{triton_pod}:{PORTS['grpc']}"
+    assert cm["HPEFT_ADAPTER_STORE"] == f"{cm['HPEFT_REPO']}/{CONTRACT['triton']['model']}/1/export/packs"
+    t = container(deps["hpeft-check-x-hpeft-triton"], "tritonserver")
+    shipped = container(find(BASE, "Deployment", "hpeft-triton"), "tritonserver")
+    assert t["image"] == chk.TRITON_IMAGE and "nvidia.com/gpu" not in t["resources"]["limits"]
+    assert t["args"] == shipped["args"]  # the shipped command line, as is
+    # podman 4.3 publishes every containerPort on the host: Triton's go, the gateway's on loopback only
+    assert "ports" not in t and t["readinessProbe"]["httpGet"]["port"] == PORTS["http"]
+    assert {"name": "models", "mountPath": "/models", "readOnly": True} in t["volumeMounts"]
+    g = container(deps["hpeft-check-x-hpeft-gateway"], "gateway")
+    assert {"name": "models", "mountPath": "/models", "readOnly": False} in g["volumeMounts"]
+    assert g["ports"] == [{"name": "http", "containerPort": GW_PORT, "hostPort": 23456, "hostIP": "127.0.0.1"}]
+    values = {"HPEFT_TRITON_KEY": "k3y", "HPEFT_ADMIN_TOKEN": "t0k", "AWS_ACCESS_KEY_ID": "a",
+              "AWS_SECRET_ACCESS_KEY": "s"}
+    expanded = container(find(chk.expand_vars(played, values), "Deployment", "hpeft-check-x-hpeft-triton"),
+                         "tritonserver")["args"]
+    assert "--model-repository=/models" in expanded and expanded[-1].endswith(":hpeft-triton-key=k3y")
+    assert not [a for a in expanded if "$(" in a] and "t0k" not in json.dumps(expanded)
+    refs = {e["valueFrom"]["secretKeyRef"]["name"] for d in deps.values() for c in d["spec"]["template"]["spec"]
+            ["containers"] for e in c["env"] if "secretKeyRef" in e.get("valueFrom", {})}
+    assert refs == {"hpeft-check-x-" + d["metadata"]["name"] for d in secret_docs}
+    assert {e["name"] for e in t["env"]} == {e["name"] for e in shipped["env"]}  # no admin token added
+
+
+def test_the_cpu_tritonserver_is_set_up_as_hpeft_serve_sets_it_up(tmp_path):
+    import importlib.util
+    from hpeft_serve.serving import triton
+    spec = importlib.util.spec_from_file_location("triton_cpu_setup", DEPLOY / "docker" / "triton_cpu_setup.py")
+    setup = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(setup)
+    inst = triton.TritonInstall(*(tmp_path / n for n in ("bin", "py", "stub", "libs", "caches")))
+    served = triton.TritonServer(tmp_path / "repo", work=tmp_path).command(inst)
+    assert set(setup.SETUP_FLAGS) <= set(served)
+    compose = COMPOSE["services"]["triton"]["command"][1:]
+    # what `hpeft serve` adds beyond compose's command line and the wrapper: loopback addresses, its own
+    # readiness, shm prefix and exit timeout, the backend and cache folders (the wrapper's, elsewhere)
+    rest = {a.split("=", 1)[0] for a in served[1:]} - {a.split("=", 1)[0] for a in compose + setup.SETUP_FLAGS}
+    assert rest == {"--backend-directory", "--cache-directory", "--http-address", "--grpc-address",
+                    "--metrics-address", "--strict-readiness"}
