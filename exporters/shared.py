@@ -257,9 +257,9 @@ class BankedLayer:
         k = self.w("prefix_k").index_select(1, cols)  # (B, P', D)
         v = self.w("prefix_v").index_select(1, cols)
         mask = full.index_select(1, cols)
-        if "prefix" in self.layout.gated:  # a row without a prefix: coef 0, its positions are masked anyway
+        if "prefix" in self.layout.gated:  # a row without a prefix keeps coef 0: its positions are masked
             use = (full.amax(dim=1) > 0.5 * NEG).to(x.dtype)  # (B,): the rows with a prefix
-            coef = self._run("prefix", x.new_zeros(x.shape[0], 1, 1), use, [x], ctx)
+            coef = self._run("prefix", _col(use), use, [x], ctx)
             k, v = coef * k, coef * v
         return k, v, mask
 
