@@ -258,7 +258,7 @@ class BankedLayer:
         v = self.w("prefix_v").index_select(1, cols)
         mask = full.index_select(1, cols)
         if "prefix" in self.layout.gated:  # a row without a prefix keeps coef 0: its positions are masked
-            use = (full.amax(dim=1) > 0.5 * NEG).to(x.dtype)  # (B,): the rows with a prefix
+            use = (full > 0.5 * NEG).to(x.dtype).sum(dim=1)  # (B,): a row's prefix positions (P may be 0)
             coef = self._run("prefix", _col(use), use, [x], ctx)
             k, v = coef * k, coef * v
         return k, v, mask
