@@ -125,25 +125,37 @@ def hf_peers(folder: Path, work: Path) -> dict[str, Path]:
     import warnings
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.transformers.optimizer import optimize_model
-    from transformers import AutoModel
-    hf = AutoModel.from_pretrained(str(folder)).eval()
+    from transformers import AutoConfig, AutoModel
+
+    class Plain(torch.nn.Module):  # keyword arguments: transformers 5's forward takes more positionals
+        def __init__(self):
+            super().__init__()
+            # eager attention: the pattern onnxruntime.transformers' attention fusion matches (sdpa's is not)
+            self.hf = AutoModel.from_pretrained(str(folder), attn_implementation="eager").eval()
+            self.hf.requires_grad_(False)
+
+        def forward(self, input_ids, attention_mask):
+            return self.hf(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     ids, mask = batch_inputs(2, 16)
+    work.mkdir(parents=True, exist_ok=True)
     plain = work / "hf.onnx"
     axes = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"},
             "last_hidden_state": {0: "batch", 1: "seq"}}
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        torch.onnx.export(hf, (ids, mask), str(plain), dynamo=False, opset_version=17,
+        torch.onnx.export(Plain(), (ids, mask), str(plain), dynamo=False, opset_version=17,
                           input_names=["input_ids", "attention_mask"], output_names=["last_hidden_state"],
                           dynamic_axes=axes, do_constant_folding=True)
-    c = hf.config
+    c = AutoConfig.from_pretrained(str(folder))
     fused = work / "hf-fused.onnx"
     optimize_model(str(plain), model_type="bert", num_heads=c.num_attention_heads,
                    hidden_size=c.hidden_size).save_model_to_file(str(fused))
     out = {"plain": plain, "fused": fused}
     for k in ("plain", "fused"):
         out[f"{k} int8"] = work / f"hf-{k}-int8.onnx"
-        quantize_dynamic(out[k], out[f"{k} int8"], weight_type=QuantType.QInt8)
+        # DefaultTensorType: the fused graph's com.microsoft ops have no ONNX shape inference
+        quantize_dynamic(out[k], out[f"{k} int8"], weight_type=QuantType.QInt8,
+                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
     return out
 
 

@@ -51,8 +51,7 @@ def export_plots(data: dict, stem: Path) -> list[Path]:
         fig, axes = plt.subplots(1, len(shapes), figsize=(6.5 * len(shapes), 0.32 * len(rows) / len(shapes) + 1.8))
         for ax, (b, s) in zip(axes if len(shapes) > 1 else [axes], shapes):
             rs = [r for r in rows if (r["batch"], r["seq"]) == (b, s)]
-            _bars(ax, [r["variant"] for r in rs], [key(r) for r in rs], f"batch {b} x seq {s}", unit,
-                  "{:.1f}" if kind == "throughput" and b == 1 else "{:.0f}" if kind == "throughput" else "{:.1f}")
+            _bars(ax, [r["variant"] for r in rs], [key(r) for r in rs], f"batch {b} x seq {s}", unit, "{:.1f}")
         fig.suptitle(f"{kind} by variant ({note})", fontsize=9)
         fig.tight_layout()
         path = Path(f"{stem}-{kind}.png")
