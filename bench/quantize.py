@@ -5,7 +5,7 @@ time of one pass over the held-out set (batches of 32, 2 threads, fp32 / int8 al
 The shared graph in int8 is checked to give the merged int8 answers on the first batch.
 
     hpeft train --backbone minilm --method lora --task rotten_tomatoes --out runs/rt-lora ...   # and so on
-    python bench/quantize.py runs/rt-lora runs/bbc-unipelt ... [--out bench/results/quantize.json]
+    python bench/quantize.py runs/rt-lora runs/bbc-unipelt ... [--out bench/results/quantize.json] [--append]
 """
 
 from __future__ import annotations
@@ -91,11 +91,12 @@ def main() -> int:
     ap.add_argument("--eval-size", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path("bench/results/quantize.json"))
+    ap.add_argument("--append", action="store_true", help="keep the rows already in --out (of other checkpoints)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="hpeft-bench-quantize-"))
-    rows = []
+    rows = json.loads(args.out.read_text()) if args.append and args.out.is_file() else []
     for ck in args.checkpoints:
-        rows.append(run_one(ck, work, args.eval_size, args.threads))
+        rows = [r for r in rows if r["name"] != ck.name] + [run_one(ck, work, args.eval_size, args.threads)]
         r = rows[-1]
         print(f"{r['name']}: fp32 {r['acc_fp32']:.3f} int8 {r['int8']['acc']:.3f}", file=sys.stderr, flush=True)
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -110,7 +111,7 @@ def report(rows: list[dict], args) -> None:
     print("| task | method | fp32 acc | int8 acc | change (points) | max logit diff (logit scale) | argmax agree | "
           "speed-up | per-tensor int8: change / max diff / speed-up | shared int8 = merged int8 |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
+    for r in sorted(rows, key=lambda r: (r["task"], r["method"])):
         q, p = r["int8"], r["int8 per tensor"]
         print(f"| {r['task']} | {r['method']} | {r['acc_fp32']:.3f} | {q['acc']:.3f} | {q['delta_points']:+.1f} | "
               f"{q['max_logit_diff']:.3f} ({r['logit_scale']:.1f}) | {100 * q['argmax_agree']:.1f}% | "
