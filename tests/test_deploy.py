@@ -16,6 +16,7 @@ import re
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import jsonschema
@@ -509,11 +510,15 @@ def test_no_build_time_ca_or_pip_conf_reaches_an_image():
 
 # ----------------------------------------------------------------------------- deploy/check.py (the real run)
 def check_module():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("hpeft_deploy_check", DEPLOY / "check.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    """deploy/check.py's modules, as `python deploy/check.py` imports them (deploy/ first on sys.path)."""
+    sys.path.insert(0, str(DEPLOY))
+    try:
+        import check
+        import check_common
+        import check_stacks
+    finally:
+        sys.path.remove(str(DEPLOY))
+    return types.SimpleNamespace(**{**vars(check_common), **vars(check_stacks), **vars(check)})
 
 
 def test_the_real_run_uses_the_shipped_names_and_ports(tmp_path):

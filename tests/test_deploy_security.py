@@ -29,7 +29,7 @@ from functools import lru_cache
 import pytest
 import yaml
 
-from .test_deploy import BASE, COMPOSE, CONTRACT, DEPLOY, find, objects
+from .test_deploy import BASE, COMPOSE, COMPOSE_CPU, CONTRACT, DEPLOY, defaults, find, objects
 
 RESTRICTED = CONTRACT["triton"]["restricted"]
 FLAGS = ("--http-restricted-api", "--grpc-restricted-protocol")
@@ -48,8 +48,8 @@ def rendered(folder: str) -> tuple:
     return tuple(d for d in yaml.safe_load_all(out.stdout) if d)
 
 
-def dockerfile_cmd() -> list[str]:
-    text = re.sub(r"\\\n", "", (DEPLOY / "docker" / "triton.Dockerfile").read_text())
+def dockerfile_cmd(name: str = "triton.Dockerfile") -> list[str]:
+    text = re.sub(r"\\\n", "", (DEPLOY / "docker" / name).read_text())
     cmd = json.loads(next(ln for ln in text.splitlines() if ln.startswith("CMD "))[4:])
     return shlex.split(cmd[2]) if cmd[:2] == ["/bin/sh", "-c"] else cmd
 
@@ -78,7 +78,8 @@ def command_lines(compose=COMPOSE, mf=None) -> list[tuple[str, str, list[str], l
     """(where, style, args, k8s env) of every place deploy/ starts tritonserver."""
     lines = [(f"compose/{n}", "shell", s["command"], []) for n, s in compose["services"].items()
              if "tritonserver" in s.get("command", [])]
-    lines.append(("triton.Dockerfile CMD", "shell", dockerfile_cmd(), []))
+    lines += [(f"{name} CMD", "shell", dockerfile_cmd(name), [])
+              for name in ("triton.Dockerfile", "triton-cpu.Dockerfile")]
     for folder, objs in (mf or manifests()).items():
         lines += [(f"{folder}:{w}", "k8s", c.get("args", []), c.get("env", [])) for w, c, _ in pod_containers(objs)
                   if is_triton(c)]
@@ -118,9 +119,12 @@ def restricted_problems(lines) -> list[str]:
 
 def test_every_tritonserver_restricts_its_apis_to_a_secret_key():
     lines = command_lines()
-    assert [w for w, *_ in lines] == ["compose/triton", "triton.Dockerfile CMD", "k8s/base:hpeft-triton/tritonserver",
-                                      "k8s/colocated:hpeft-triton/tritonserver", "kserve:isvc/hpeft"]
+    assert [w for w, *_ in lines] == ["compose/triton", "triton.Dockerfile CMD", "triton-cpu.Dockerfile CMD",
+                                      "k8s/base:hpeft-triton/tritonserver", "k8s/colocated:hpeft-triton/tritonserver",
+                                      "kserve:isvc/hpeft"]
     assert restricted_problems(lines) == []
+    assert COMPOSE_CPU["services"]["triton"]["command"] == COMPOSE["services"]["triton"]["command"]
+    assert dockerfile_cmd("triton-cpu.Dockerfile") == dockerfile_cmd()
 
 
 def with_compose_arg(old: str, new: str | None) -> dict:
@@ -167,9 +171,9 @@ def test_an_unrestricted_or_literal_keyed_tritonserver_is_caught(mutation):
 def compose_publish_problems(compose: dict) -> list[str]:
     problems = []
     for name, svc in compose["services"].items():
-        published = [str(p) for p in svc.get("ports", [])]
+        published = [defaults(str(p)) for p in svc.get("ports", [])]  # the host side may be a ${VAR:-default}
         want = [f"{GW_PORT}:{GW_PORT}"] if name == "gateway" else []
-        if published != want:
+        if published != want or any(not str(p).endswith(f":{GW_PORT}") for p in svc.get("ports", [])):
             problems.append(f"compose/{name} publishes {published}, not {want}")
         if svc.get("network_mode") == "host":
             problems.append(f"compose/{name} runs in the host's network")
@@ -214,7 +218,7 @@ def policy_problems(objs, colocated: bool) -> list[str]:
 
 
 def test_only_the_gateway_is_published():
-    assert compose_publish_problems(COMPOSE) == []
+    assert compose_publish_problems(COMPOSE) == [] and compose_publish_problems(COMPOSE_CPU) == []
     assert k8s_reach_problems(BASE, False) == [] and policy_problems(BASE, False) == []
     colocated = rendered("k8s/colocated")
     assert k8s_reach_problems(colocated, True) == [] and policy_problems(colocated, True) == []
@@ -233,6 +237,9 @@ def test_published_or_open_triton_is_caught():
     c["services"]["triton"]["network_mode"] = "host"
     c["services"]["gateway"]["ports"].append("8001:8001")
     assert len(compose_publish_problems(c)) == 2
+    c = copy.deepcopy(COMPOSE)
+    c["services"]["gateway"]["ports"] = ["${HPEFT_GATEWAY_PUBLISH:-8080}:${HPEFT_GATEWAY_PORT:-8080}"]
+    assert len(compose_publish_problems(c)) == 1  # the container side stays the contract's port
     base = copy.deepcopy(BASE)
     find(base, "Service", "hpeft-triton")["spec"]["type"] = "LoadBalancer"
     next(c for _, c, _ in pod_containers(base) if is_triton(c))["ports"][0]["hostPort"] = 8000
@@ -269,7 +276,7 @@ def admin_problems(compose: dict, mf: dict) -> list[str]:
 
 def test_the_admin_token_is_in_no_triton_environment():
     mf = manifests()
-    assert admin_problems(COMPOSE, mf) == []
+    assert admin_problems(COMPOSE, mf) == [] and admin_problems(COMPOSE_CPU, {}) == []
     gateways = [c for objs in mf.values() for _, c, _ in pod_containers(objs) if not is_triton(c)]
     assert len(gateways) == 2 and all(ADMIN in {e["name"] for e in c["env"]} for c in gateways)
     assert ADMIN in COMPOSE["services"]["gateway"]["environment"]
@@ -319,7 +326,7 @@ def quantity(q) -> float:
 def test_every_container_has_limits():
     mf = manifests()
     assert sum(len(pod_containers(o)) for o in mf.values()) == 5  # base 2, colocated 2, KServe 1
-    assert limits_problems(COMPOSE, mf) == []
+    assert limits_problems(COMPOSE, mf) == [] and limits_problems(COMPOSE_CPU, {}) == []
 
 
 @pytest.mark.parametrize("mutation", ["compose", "cpu", "over"])
