@@ -39,7 +39,8 @@ def _backbone_with_tokenizer(folder):
     from transformers import BertTokenizerFast
     shutil.copytree(GOLDEN / "backbones" / "deberta", folder)
     letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *dict.fromkeys(WORDS + letters), *(f"##{c}" for c in letters)]
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *dict.fromkeys(WORDS + letters),
+             *(f"##{c}" for c in letters)]
     assert len(vocab) <= 200
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
     BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(str(folder))
@@ -58,8 +59,8 @@ def stack(tmp_path_factory):
     deploy(root / "export", repo, log=lambda *_: None)
     http, grpc, metrics, gport = free_ports(4)
     triton = TritonServer(repo, http, grpc, metrics, work=root / "work").start()
-    settings = Settings(repo=str(repo), triton=f"127.0.0.1:{grpc}", triton_metrics=f"http://127.0.0.1:{metrics}/metrics",
-                        max_tokens=64)
+    settings = Settings(repo=str(repo), triton=f"127.0.0.1:{grpc}",
+                        triton_metrics=f"http://127.0.0.1:{metrics}/metrics", max_tokens=64)
     gw = GatewayThread(settings, "127.0.0.1", gport).start()
     from transformers import AutoTokenizer
     yield {"cks": cks, "grpc": f"127.0.0.1:{grpc}", "url": f"http://127.0.0.1:{gport}", "gateway": gw,
