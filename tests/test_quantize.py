@@ -154,3 +154,18 @@ def test_precision_refusals(ckpts, tmp_path):
         export_checkpoint(ckpts["compacter"], tmp_path / "s", log=lambda *_: None)
     assert (tmp_path / "s" / "backbone.onnx").read_bytes() == before
     assert not (tmp_path / "s" / "packs" / "compacter.json").exists()
+
+
+def test_deploy_refuses_other_precision_into_served_repo(ckpts, tmp_path):
+    """A repository serving an fp32 shared graph is not silently kept fp32 (nor switched) by an int8 export:
+    the deploy is refused, naming both precisions, and the served graph and packs are unchanged."""
+    from hpeft_serve.serving.deploy import MODEL, deploy
+    export_checkpoint(ckpts["lora"], tmp_path / "f32", log=lambda *_: None)
+    export_checkpoint(ckpts["compacter"], tmp_path / "i8", quantize="int8", log=lambda *_: None)
+    deploy(tmp_path / "f32", tmp_path / "repo", log=lambda *_: None)
+    served = tmp_path / "repo" / MODEL / "1"
+    before = {p.relative_to(served): p.read_bytes() for p in served.rglob("*") if p.is_file()}
+    with pytest.raises(HpeftError, match="serves a fp32 graph.*is a int8 export"):
+        deploy(tmp_path / "i8", tmp_path / "repo", log=lambda *_: None)
+    after = {p.relative_to(served): p.read_bytes() for p in served.rglob("*") if p.is_file()}
+    assert after == before

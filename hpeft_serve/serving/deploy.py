@@ -48,6 +48,12 @@ def write_model(repo: Path) -> None:
         (model / "1" / "model.py").write_text(MODEL_PY)
 
 
+def _precision(info: dict) -> str:
+    """fp32, int8 or fp16: how an export's graph computes (exporters.quantize.Precision.of, without onnx)."""
+    q = info.get("quantization") or {}
+    return q.get("mode") or q.get("precision") or "fp32"
+
+
 def _place_graph(export_dir: Path, info: dict, target: Path, log) -> bool:
     """Make target's graph serve both what it served and what `export_dir` needs; True if it changed."""
     from ..pack.store import predates_phm_n, served_layout
@@ -56,6 +62,9 @@ def _place_graph(export_dir: Path, info: dict, target: Path, log) -> bool:
     if old is not None and old.get("backbone", {}).get("sha256") != info["backbone"]["sha256"]:
         raise HpeftError(f"{target} serves backbone {old['backbone'].get('name')!r}; {export_dir} is for "
                          f"{info['backbone'].get('name')!r}: deploy it into another repository")
+    if old is not None and _precision(old) != _precision(info):
+        raise HpeftError(f"{target} serves a {_precision(old)} graph; {export_dir} is a {_precision(info)} export: "
+                         f"re-export it with the served precision, or deploy it into another repository")
     have = served_layout(old, target / "packs") if old else None
     new = served_layout(info, export_dir / "packs")
     if have is not None and have.covers(new):
@@ -68,6 +77,7 @@ def _place_graph(export_dir: Path, info: dict, target: Path, log) -> bool:
     # each serves slots the other lacks (or the export's graph predates PHM slots per n): export one graph
     # for the union (the adapters already deployed stay)
     from exporters.export import write_shared_graph
+    from exporters.quantize import Precision
     from ..backbone import load_backbone
     backbone = load_backbone(info["backbone"]["name"])
     if backbone.sha256 != info["backbone"]["sha256"]:
@@ -77,7 +87,7 @@ def _place_graph(export_dir: Path, info: dict, target: Path, log) -> bool:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     files = write_shared_graph(backbone.build_encoder(), info["backbone"], new if have is None else have.union(new),
-                               tmp, (old or info).get("export_format", "onnx"))
+                               tmp, (old or info).get("export_format", "onnx"), precision=Precision.of(info))
     for f in files + ["backbone.json"]:  # renames: a running session keeps the files it mapped
         os.replace(tmp / f, target / f)
     shutil.rmtree(tmp, ignore_errors=True)
