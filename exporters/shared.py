@@ -31,7 +31,7 @@ from hpeft_serve.encoder import Encoder, LayerContext
 from hpeft_serve.methods import functional as Fn
 from hpeft_serve.model import pool
 
-from hpeft_serve.pack.layout import NEG
+from hpeft_serve.pack.layout import NEG, _lora_dims
 
 from .layout import ACTS, Layout, bank_feed, input_names, per_layer
 from .segment import Kind
@@ -130,7 +130,7 @@ def _lora_kind(layout: Layout, t: str) -> tuple:
         r = Rows(dict(zip(names, rest[-1])), rest[-2], layout, rest[0] if len(rest) == 3 else None)
         delta = Fn.lora_delta(x, r.w(f"{p}_A"), r.w(f"{p}_B"))
         return y + delta * r.coef(p, x, r.col(f"{p}_scale"))
-    return fn, names, ("f" if t == "ffn_in" else "d", "f" if t == "ffn_out" else "d")
+    return fn, names, _lora_dims(t)  # (in, out): ffn_in d -> f, ffn_out f -> d
 
 
 def _prefix_gate_kind(layout: Layout) -> tuple:

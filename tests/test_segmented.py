@@ -29,9 +29,9 @@ TOL = 1e-5
 METHODS = ("unipelt", "mam", "compacter", "lora", "s4", "adapter", "bitfit", "prefix")
 
 
-def _ckpt(backbone, method, folder, seed, zero=()):
+def _ckpt(backbone, method, folder, seed, zero=(), **overrides):
     """A checkpoint whose adapter tensors are all non-zero, except parameters whose name holds one of `zero`."""
-    model = build_model(backbone, resolve(method, backbone.config.num_hidden_layers), HeadConfig(2), seed)
+    model = build_model(backbone, resolve(method, backbone.config.num_hidden_layers, overrides), HeadConfig(2), seed)
     model.adapters.eject_prefix()
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
@@ -48,6 +48,8 @@ def adapters(tiny_bert, tmp_path_factory):
     cks = [_ckpt(tiny_bert, m, root / "ck", i) for i, m in enumerate(METHODS)]
     # all-zero weights for a kind: LoRA B and the adapters' up-projections (the kinds then add exactly 0)
     cks.append(_ckpt(tiny_bert, "unipelt", root / "ck", 50, zero=("lora_B", "adapter_up")))
+    # LoRA on every projection: ffn_in (d -> f) and ffn_out (f -> d) are not square
+    cks.append(_ckpt(tiny_bert, "lora", root / "ck", 60, targets=("q", "k", "v", "o", "ffn_in", "ffn_out")))
     refs = {}
     for ck in cks:
         model, _ = checkpoint.load(ck)
