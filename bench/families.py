@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +30,8 @@ from hpeft_serve.backbone import load_backbone
 from hpeft_serve.methods.presets import resolve
 from hpeft_serve.model import HeadConfig
 from hpeft_serve.training import build_model
+
+from export import timed  # bench/export.py: interleaved rounds, medians
 
 D, L, H, F, VOCAB = 384, 6, 12, 1536, 30522
 SHAPES = ((1, 32), (32, 128))
@@ -79,19 +79,6 @@ def session(path: Path, threads: int) -> ort.InferenceSession:
 def batch_inputs(b: int, s: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(1000, 20000, (b, s), generator=g), torch.ones(b, s, dtype=torch.long)
-
-
-def timed(variants: dict, reps: int, rounds: int) -> dict[str, float]:
-    """Median ms of each variant over `rounds` interleaved rounds of `reps` runs."""
-    samples: dict[str, list[float]] = {k: [] for k in variants}
-    for _ in range(rounds):
-        for k, fn in variants.items():
-            fn()
-            for _ in range(reps):
-                t = time.perf_counter()
-                fn()
-                samples[k].append(1000 * (time.perf_counter() - t))
-    return {k: statistics.median(v) for k, v in samples.items()}
 
 
 def family_variants(family: str, method: str, work: Path, seed: int, threads: int):
