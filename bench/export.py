@@ -187,6 +187,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (each runs every variant reps times)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--out", type=Path, default=Path("bench/results/export.json"))
+    ap.add_argument("--families", action="store_true",
+                    help="then the rows per encoder family (bench/families.py: BERT, DistilBERT, ELECTRA, DeBERTa-v3)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     backbone = load_backbone("minilm")
@@ -328,6 +330,10 @@ def report(args, gf, rows, phm, times, sizes) -> None:
     print("\n| file | size |\n|---|---|")
     for k, v in sizes.items():
         print(f"| {k} | {v / 1e6:.2f} MB |" if v > 1e6 else f"| {k} | {v / 1e3:.1f} KB |")
+    if args.families:
+        import families  # bench/families.py (it imports this module's timer)
+        families.main(["--method", args.method, "--threads", str(args.threads), "--rounds", str(args.rounds)])
+    return 0
 
 
 if __name__ == "__main__":

@@ -112,7 +112,7 @@ def family_variants(family: str, method: str, work: Path, seed: int, threads: in
     return make, diff
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--method", default="unipelt")
     ap.add_argument("--reps", type=int, default=20,
@@ -120,7 +120,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (each runs every variant reps times)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--out", type=Path, default=Path("bench/results/families.json"))
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="hpeft-bench-families-"))
     print(f"backbones, checkpoints and exports in {work}", file=sys.stderr)
