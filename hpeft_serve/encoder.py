@@ -175,6 +175,10 @@ class EncoderLayer(nn.Module):
         b, s, _ = t.shape
         return t.view(b, s, self.c.num_attention_heads, self.c.head_dim).transpose(1, 2)  # (B, H, S, Dh)
 
+    def query_mask(self, mask_add: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
+        """The additive key mask (B, 1, 1, S) as this family applies it; DeBERTa masks (query, key) pairs."""
+        return mask_add
+
     def attend(self, x: torch.Tensor, mask_add: torch.Tensor, ctx: LayerContext, hooks: LayerHooks) -> torch.Tensor:
         sa = self.attention.self
         b = x.shape[0]
@@ -183,6 +187,7 @@ class EncoderLayer(nn.Module):
         v = hooks.linear("v", x, sa.value, ctx)
         q, k, v = self._heads(q), self._heads(k), self._heads(v)  # (B, H, S, Dh)
         bias = self.position_bias(q, k, ctx, hooks)
+        mask_add = self.query_mask(mask_add, ctx)  # (B, 1, 1 or S, S)
         pre = hooks.prefix(x, ctx)
         if pre is not None:
             pk, pv, pmask = pre
@@ -190,7 +195,8 @@ class EncoderLayer(nn.Module):
             v = torch.cat([self._heads(pv.expand(b, -1, -1)), v], dim=2)
             if pmask is None:
                 pmask = mask_add.new_zeros(1, pk.shape[1])
-            mask_add = torch.cat([pmask.expand(b, -1)[:, None, None, :], mask_add], dim=-1)  # (B, 1, 1, P+S)
+            pmask = pmask.expand(b, -1)[:, None, None, :].expand(-1, -1, mask_add.shape[2], -1)  # open to every row
+            mask_add = torch.cat([pmask, mask_add], dim=-1)  # (B, 1, 1 or S, P+S)
             if bias is not None:  # the prefix has no position: zero relative terms in its columns
                 bias = F.pad(bias, (pk.shape[1], 0))
         scores = q @ k.transpose(-1, -2)  # (B, H, S, P+S)

@@ -86,33 +86,10 @@ class DebertaLayer(EncoderLayer):
             if "p2c" in self.pos_att_type:
                 sa.pos_query_proj = nn.Linear(c.hidden_size, c.hidden_size)
 
-    def attend(self, x: torch.Tensor, mask_add: torch.Tensor, ctx: LayerContext, hooks: LayerHooks) -> torch.Tensor:
-        """The base layer's attention with DeBERTa's (query, key) mask: padding rows masked whole."""
-        sa = self.attention.self
-        b, s = x.shape[0], x.shape[1]
-        q = self._heads(hooks.linear("q", x, sa.query, ctx))  # (B, H, S, Dh)
-        k = self._heads(hooks.linear("k", x, sa.key, ctx))
-        v = self._heads(hooks.linear("v", x, sa.value, ctx))
-        bias = self.position_bias(q, k, ctx, hooks)
-        rows = (1.0 - ctx.token_mask).unsqueeze(1) * torch.finfo(x.dtype).min  # (B, 1, S, 1)
-        mask_add = torch.minimum(mask_add, rows)  # (B, 1, S, S): min where the query or the key is padding
-        pre = hooks.prefix(x, ctx)
-        if pre is not None:
-            pk, pv, pmask = pre
-            k = torch.cat([self._heads(pk.expand(b, -1, -1)), k], dim=2)  # (B, H, P+S, Dh)
-            v = torch.cat([self._heads(pv.expand(b, -1, -1)), v], dim=2)
-            if pmask is None:
-                pmask = mask_add.new_zeros(1, pk.shape[1])
-            pmask = pmask.expand(b, -1)[:, None, None, :].expand(-1, -1, s, -1)  # (B, 1, S, P): open to every row
-            mask_add = torch.cat([pmask, mask_add], dim=-1)  # (B, 1, S, P+S)
-            if bias is not None:  # the prefix has no position: zero relative terms in its columns
-                bias = F.pad(bias, (pk.shape[1], 0))
-        scores = q @ k.transpose(-1, -2)  # (B, H, S, P+S)
-        if bias is not None:
-            scores = scores + bias
-        probs = self.attn_dropout(torch.softmax(scores * self.scale + mask_add, dim=-1))
-        out = (probs @ v).transpose(1, 2)  # (B, S, H, Dh)
-        return out.reshape(b, s, self.c.hidden_size)
+    def query_mask(self, mask_add: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
+        """DeBERTa's (query, key) mask: padding rows masked whole, (B, 1, S, S)."""
+        rows = (1.0 - ctx.token_mask).unsqueeze(1) * torch.finfo(mask_add.dtype).min  # (B, 1, S, 1)
+        return torch.minimum(mask_add, rows)  # min where the query or the key is padding
 
     def _pos_proj(self, which: str, ctx: LayerContext, hooks: LayerHooks) -> torch.Tensor:
         """(1|B, H, 2A, Dh): the relative embeddings through the q or k projection (shared) or their own."""
