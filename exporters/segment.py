@@ -4,13 +4,21 @@ whose adapter uses it.
 A kind is one function `fn(base, *xs, index, ws) -> new rows of base`: `base` (R, ...) what the layer has
 computed so far for R rows, `xs` per-row tensors (R, ...), `index` (R,) the rows' adapters, `ws` the bank
 tensors ([K, ...], gathered inside by `index`) and frozen weights it reads. It is traced once (shared by
-every layer) and run by a TorchScript dispatcher, so that ONNX (an `If` per kind) and TorchScript keep the
-data-dependent choice, for a per-row weight `use` (B,) that is 0 exactly where the kind adds nothing:
-  every row uses it -> fn on the whole batch (no gather);
-  some rows         -> fn on those rows only (NonZero, Gather), written back into base (ScatterND);
-  no row            -> base unchanged, nothing computed.
-Skipping a row is exact: its `use` is 0 only where the kind's output is exactly 0 for it (a zero scale,
-an all-masked prefix), so base is what the full computation gives for it.
+every layer) and run by a TorchScript dispatcher, so that ONNX (`If`) and TorchScript keep the
+data-dependent choice.
+
+Which rows use what is worked out once per forward, not per kind per layer (`Usage`): every (kind, layer)
+of the graph is one row j of a per-adapter usage matrix (N, K), true exactly where the adapter's kind adds
+something in that layer (a non-zero scale or gate flag; for the prefix, an unmasked position): one Concat of
+the bank's (K,) scales, one Gather by the batch's rows (N, B), one reduction each to two flag vectors,
+every row uses column j (`every`) and some row does (`some`), each Split once into N (1,) conditions. The
+dispatcher of column j:
+  every[j]        -> fn on the whole batch (no NonZero, no gather of rows, no scatter);
+  else some[j]    -> fn on the rows of column j only (NonZero, Gather), written back into base (ScatterND);
+  else            -> base unchanged, nothing computed.
+So a kind used by every row costs one `If`, a kind no row uses two `If`s with nothing in them. Skipping a
+row is exact: its weight is 0 only where the kind's output is exactly 0 for it (a zero scale, an
+all-masked prefix), so base is what the full computation gives for it.
 """
 
 from __future__ import annotations
@@ -22,12 +30,12 @@ import torch
 
 
 def _script1(f):
-    def run(base: torch.Tensor, use: torch.Tensor, x0: torch.Tensor, index: torch.Tensor,
-            ws: List[torch.Tensor]) -> torch.Tensor:
-        if bool(use.min() > 0.0):
+    def run(base: torch.Tensor, every: torch.Tensor, some: torch.Tensor, uses: torch.Tensor, j: int,
+            x0: torch.Tensor, index: torch.Tensor, ws: List[torch.Tensor]) -> torch.Tensor:
+        if bool(every):
             return f(base, x0, index, ws)
-        if bool(use.max() > 0.0):
-            rows = use.nonzero().squeeze(1)
+        if bool(some):
+            rows = uses[j].nonzero().squeeze(1)
             got = f(base.index_select(0, rows), x0.index_select(0, rows), index.index_select(0, rows), ws)
             return base.index_put([rows], got)
         return base
@@ -35,12 +43,12 @@ def _script1(f):
 
 
 def _script2(f):
-    def run(base: torch.Tensor, use: torch.Tensor, x0: torch.Tensor, x1: torch.Tensor, index: torch.Tensor,
-            ws: List[torch.Tensor]) -> torch.Tensor:
-        if bool(use.min() > 0.0):
+    def run(base: torch.Tensor, every: torch.Tensor, some: torch.Tensor, uses: torch.Tensor, j: int,
+            x0: torch.Tensor, x1: torch.Tensor, index: torch.Tensor, ws: List[torch.Tensor]) -> torch.Tensor:
+        if bool(every):
             return f(base, x0, x1, index, ws)
-        if bool(use.max() > 0.0):
-            rows = use.nonzero().squeeze(1)
+        if bool(some):
+            rows = uses[j].nonzero().squeeze(1)
             got = f(base.index_select(0, rows), x0.index_select(0, rows), x1.index_select(0, rows),
                     index.index_select(0, rows), ws)
             return base.index_put([rows], got)
@@ -49,12 +57,13 @@ def _script2(f):
 
 
 def _script3(f):
-    def run(base: torch.Tensor, use: torch.Tensor, x0: torch.Tensor, x1: torch.Tensor, x2: torch.Tensor,
-            index: torch.Tensor, ws: List[torch.Tensor]) -> torch.Tensor:
-        if bool(use.min() > 0.0):
+    def run(base: torch.Tensor, every: torch.Tensor, some: torch.Tensor, uses: torch.Tensor, j: int,
+            x0: torch.Tensor, x1: torch.Tensor, x2: torch.Tensor, index: torch.Tensor,
+            ws: List[torch.Tensor]) -> torch.Tensor:
+        if bool(every):
             return f(base, x0, x1, x2, index, ws)
-        if bool(use.max() > 0.0):
-            rows = use.nonzero().squeeze(1)
+        if bool(some):
+            rows = uses[j].nonzero().squeeze(1)
             got = f(base.index_select(0, rows), x0.index_select(0, rows), x1.index_select(0, rows),
                     x2.index_select(0, rows), index.index_select(0, rows), ws)
             return base.index_put([rows], got)
@@ -63,6 +72,37 @@ def _script3(f):
 
 
 _SCRIPTS = {1: _script1, 2: _script2, 3: _script3}
+
+
+class Usage:
+    """Which rows of the batch use each column (kind, layer): built once per forward from the per-adapter
+    weights of every column (`add(key, w, w2)`: the adapter uses the column where w (K,) or w2 is non-zero),
+    then `done(index)`: `uses` (N, B) bool, and per column j `every[j]`, `some[j]` (1,) bool (one Split each,
+    so a kind's flag costs no node of its own), `col[key]` the column of key."""
+
+    def __init__(self):
+        self.col: dict[str, int] = {}
+        self._w: list[torch.Tensor] = []
+        self._w2: list[torch.Tensor] = []
+        self.uses: torch.Tensor | None = None
+        self.every: list[torch.Tensor] = []
+        self.some: list[torch.Tensor] = []
+
+    def add(self, key: str, w: torch.Tensor, w2: torch.Tensor | None = None) -> None:
+        self.col[key] = len(self._w)
+        self._w.append(w)
+        self._w2.append(w if w2 is None else w2)
+
+    def done(self, index: torch.Tensor) -> None:
+        n = len(self._w)
+        if not n:
+            return
+        used = torch.cat(self._w) != 0.0  # (N * K,): one Concat of every column's (K,)
+        if any(a is not b for a, b in zip(self._w, self._w2)):
+            used = used | (torch.cat(self._w2) != 0.0)
+        self.uses = used.reshape(n, -1).index_select(1, index)  # (N, B): one Gather by the batch's rows
+        self.every = list(self.uses.all(dim=1).split(1))
+        self.some = list(self.uses.any(dim=1).split(1))
 
 
 class Kind:
@@ -77,9 +117,10 @@ class Kind:
             self.traced = torch.jit.trace(fn, example, check_trace=False)
         self.run = _SCRIPTS[self.arity](self.traced)
 
-    def __call__(self, base: torch.Tensor, use: torch.Tensor, xs: list[torch.Tensor], index: torch.Tensor,
+    def __call__(self, base: torch.Tensor, usage: Usage, key: str, xs: list[torch.Tensor], index: torch.Tensor,
                  ws: list[torch.Tensor]) -> torch.Tensor:
-        return self.run(base, use, *xs, index, ws)
+        j = usage.col[key]
+        return self.run(base, usage.every[j], usage.some[j], usage.uses, j, *xs, index, ws)
 
     def everywhere(self, base, xs, index, ws) -> torch.Tensor:
         """The kind for every row, in plain PyTorch (inputs that do not carry the batch's rows, such as

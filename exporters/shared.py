@@ -10,8 +10,10 @@ adapter fills the branch of its n, the others are exact zeros).
 
 Row-segmented (exporters/segment.py): each slot kind (LoRA per projection, the prefix gate, the sequential,
 PHM and parallel adapter of a site) runs only for the rows whose adapter uses it in this layer (a non-zero
-scale or gate flag; for the prefix, an unmasked position), the rows gathered and written back; a kind no row
-uses costs an `If`. The prefix widens attention by the positions some row of the batch unmasks (none: by
+scale or gate flag; for the prefix, an unmasked position), the rows gathered and written back. Which rows
+use which (kind, layer) is worked out once per forward (`_Banked`: one (K, N) usage matrix over every kind
+and layer, one Gather by the rows, one reduction to all/any flags); each kind then costs an `If` on its
+flag, two for a kind no row uses. The prefix widens attention by the positions some row of the batch unmasks (none: by
 nothing). BitFit deltas ride in the projections' biases.
 
 Outputs: `logits` (B, C) for every row and, in a graph whose layout has `embeddings`, `embeddings` (B, D):
@@ -34,7 +36,7 @@ from hpeft_serve.model import pool
 from hpeft_serve.pack.layout import NEG, _lora_dims
 
 from .layout import ACTS, Layout, bank_feed, input_names, per_layer
-from .segment import Kind
+from .segment import Kind, Usage
 
 GATE = ("_gated", "_gate_w", "_gate_b")
 
@@ -211,8 +213,9 @@ class BankedLayer:
     """LayerHooks for layer i; `bank["name.i"]` is this layer's (K, ...), rows pick their adapter by `index`."""
 
     def __init__(self, bank: dict[str, torch.Tensor], index: torch.Tensor, i: int, layout: Layout,
-                 kinds: dict[str, Kind], index2: torch.Tensor):
+                 kinds: dict[str, Kind], index2: torch.Tensor, usage: Usage):
         self.bank, self.index, self.i, self.layout, self.kinds, self.index2 = bank, index, i, layout, kinds, index2
+        self.usage = usage
 
     def t(self, name: str) -> torch.Tensor:
         """This layer's bank tensor `name` [K, ...]."""
@@ -221,18 +224,23 @@ class BankedLayer:
     def w(self, name: str) -> torch.Tensor:
         return self.t(name).index_select(0, self.index)  # (B, ...): each row's own adapter
 
-    def _use(self, p: str) -> torch.Tensor:
-        """(B,): 0 exactly for the rows whose adapter adds nothing by kind p here (zero scale, not gated)."""
-        use = self.w(f"{p}_scale").abs()
-        return use + self.w(f"{p}_gated") if p in self.layout.gated else use
+    def register(self, usage: Usage) -> None:
+        """This layer's columns of the usage matrix: per adapter, non-zero exactly where its kind p adds
+        something here (a non-zero scale or gate flag; the prefix gate: an unmasked prefix position)."""
+        for p in self.kinds:
+            if p == "prefix":
+                usage.add(f"prefix.{self.i}", (self.t("prefix_mask") > 0.5 * NEG).sum(dim=1).float())
+            else:
+                usage.add(f"{p}.{self.i}", self.t(f"{p}_scale"),
+                          self.t(f"{p}_gated") if p in self.layout.gated else None)
 
-    def _run(self, p: str, base: torch.Tensor, use: torch.Tensor, xs: list, ctx: LayerContext, extra=()):
+    def _run(self, p: str, base: torch.Tensor, xs: list, ctx: LayerContext, extra=()):
         kind = self.kinds[p]
         xs = xs + ([ctx.shared["gate_token_mask"]] if p in self.layout.gated else [])
         ws = [self.t(n) for n in kind.names] + list(extra)
         if xs[0].shape[0] != self.index.shape[0]:  # not the batch's rows (DeBERTa's relative embeddings)
             return kind.everywhere(base, xs, self.index, ws)
-        return kind(base, use, xs, self.index, ws)
+        return kind(base, self.usage, f"{p}.{self.i}", xs, self.index, ws)
 
     def linear(self, name, x, layer, ctx):
         bias = layer.bias
@@ -240,7 +248,7 @@ class BankedLayer:
             bias = bias + self.t(f"bitfit_{name}")[self.index2]  # (B, 1, out)
         y = F.linear(x, layer.weight) + bias
         if name in self.layout.lora:
-            y = self._run(f"lora_{name}", y, self._use(f"lora_{name}"), [x], ctx)
+            y = self._run(f"lora_{name}", y, [x], ctx)
         return y
 
     def layer_norm(self, name, x, ln):
@@ -259,7 +267,7 @@ class BankedLayer:
         mask = full.index_select(1, cols)
         if "prefix" in self.layout.gated:  # a row without a prefix keeps coef 0: its positions are masked
             use = (full > 0.5 * NEG).to(x.dtype).sum(dim=1)  # (B,): a row's prefix positions (P may be 0)
-            coef = self._run("prefix", _col(use), use, [x], ctx)
+            coef = self._run("prefix", _col(use), [x], ctx)
             k, v = coef * k, coef * v
         return k, v, mask
 
@@ -268,11 +276,11 @@ class BankedLayer:
         out = h + a
         params = (ln.weight, ln.bias)
         if site in lay.seq:
-            out = self._run(f"seq_{site}", out, self._use(f"seq_{site}"), [h, a], ctx, params)
+            out = self._run(f"seq_{site}", out, [h, a], ctx, params)
         for n in lay.phm_n if site in lay.phm else ():  # one branch per n: a row uses the branch of its n
-            out = self._run(f"phm{n}_{site}", out, self._use(f"phm{n}_{site}"), [h, a], ctx, params)
+            out = self._run(f"phm{n}_{site}", out, [h, a], ctx, params)
         if site in lay.par:
-            out = self._run(f"par_{site}", out, self._use(f"par_{site}"), [a], ctx)
+            out = self._run(f"par_{site}", out, [a], ctx)
         return self.layer_norm(f"{site}_ln", out, ln)
 
 
@@ -287,7 +295,11 @@ class _Banked:
             shared["gate_token_mask"] = gm * token_mask + (1.0 - gm)
         self._shared = [shared] * num_layers
         index2 = index.unsqueeze(1)  # (B, 1): gathers a per-row bias as (B, 1, D) in one node
-        self.layers = [BankedLayer(bank, index, i, layout, kinds, index2) for i in range(num_layers)]
+        usage = Usage()  # which rows use each (kind, layer): once for the whole forward
+        self.layers = [BankedLayer(bank, index, i, layout, kinds, index2, usage) for i in range(num_layers)]
+        for layer in self.layers:
+            layer.register(usage)
+        usage.done(index)
 
     def shared_tensors(self):
         return self._shared
