@@ -158,3 +158,89 @@ def test_an_exported_pack_holds_only_the_tensors_its_adapter_uses(many):
     assert not any(k.startswith(("bitfit_", "prefix_", "seq_", "par_", "phm_")) for k in held)
     rt = SharedRuntime(root / "export")
     assert set(rt.store.load("lora").tensors) == set(spec())  # read back whole
+
+
+def _register(store, i: int, raw: dict, meta: dict, version: int = 0) -> None:
+    """Adapter a<i> written into the store as an upload does (tensors, then the json with their sha256)."""
+    import json
+
+    from safetensors.numpy import save
+
+    from hpeft_serve.pack.store import PackStore
+    t = {k: (v * np.float32(1 + i / N) if k.startswith("lora_") and k.endswith("_B") else v) for k, v in raw.items()}
+    t["head_out_b"] = raw["head_out_b"] + np.float32(i / N)
+    m = {k: v for k, v in meta.items() if k != "sha256"} | {"name": f"a{i}", "v": version}
+    PackStore(store).write(f"a{i}", save(t, metadata={"format": "hpeft-pack", "hpeft_pack": json.dumps(m)}), m)
+
+
+def _wait(cond, timeout: float = 20.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(0.02)
+    return cond()
+
+
+def test_registered_packs_are_preloaded_in_the_background_within_the_budget(many, tmp_path):
+    import json
+
+    from safetensors.numpy import load
+    root, ck = many
+    src = root / "export" / "packs"
+    raw, meta = load((src / "lora.safetensors").read_bytes()), json.loads((src / "lora.json").read_text())
+    store = tmp_path / "packs"
+    rt = SharedRuntime(root / "export", store=str(store), preload_every_s=0.02)
+    try:
+        for i in range(30):
+            _register(store, i, raw, meta)
+        # resident without any request naming them: a request's first use is a lookup
+        assert _wait(lambda: len(rt.bank) == 30), len(rt.bank)
+        assert rt.preloaded == 30
+        ids, mask = (t.numpy() for t in _batches()[1])
+        pick = [0, 29, 7, 12, 3]
+        out, errs, _ = rt.infer(ids, mask, [f"a{i}" for i in pick])
+        assert not any(errs)
+        for r, i in enumerate(pick):
+            assert np.abs(out[r] - _reference(ck, i, ids[r:r + 1], mask[r:r + 1])[0]).max() <= TOL
+
+        # a replacement: the next request is answered by the new version (the request path checks the stamp)
+        before = rt.bank.version("a7")
+        _register(store, 7, raw, meta, version=1)
+        _, errs, versions = rt.infer(ids, mask, [f"a{i}" for i in pick])
+        assert not any(errs) and versions[2] != before
+        assert versions[2] == json.loads((store / "a7.json").read_text())["sha256"][:16]
+
+        # a damaged pack fails the requests naming it only; the watcher goes on loading what comes after it
+        (store / "a30.safetensors").write_bytes(b"\0" * 64)
+        (store / "a30.json").write_text(json.dumps(meta | {"name": "a30", "sha256": "0" * 64}))
+        _register(store, 31, raw, meta)
+        assert _wait(lambda: rt.bank.pack("a31") is not None)
+        _, errs, _ = rt.infer(ids[:2], mask[:2], ["a30", "a31"])
+        assert errs[0] and "a30" in errs[0] and errs[1] is None and rt.bank.pack("a30") is None
+    finally:
+        rt.stop_preloading()
+
+    # under a budget of 10 slots: 10 preloaded, none evicted for preloading; a miss loads on the request path,
+    # and an evicted pack loaded again is not hashed again (its files did not change)
+    from hpeft_serve.pack import store as store_mod
+    small = SharedRuntime(root / "export", store=str(store), budget_bytes=10 * rt.bank.slot_bytes(),
+                          preload_every_s=0.02)
+    try:
+        assert _wait(lambda: len(small.bank) == 10)
+        time.sleep(0.3)
+        assert len(small.bank) == 10 and small.preloaded == 10
+        first = list(small.bank.names())
+        cold = next(f"a{i}" for i in range(32) if f"a{i}" not in first)
+        hashed = []
+        real = store_mod.hashlib.sha256
+        store_mod.hashlib.sha256 = lambda b=b"": hashed.append(1) or real(b)
+        try:
+            _, errs, _ = small.infer(ids[:1], mask[:1], [cold])  # a miss: evicts the least recently used
+            assert errs == [None] and first[0] not in small.bank.names() and len(hashed) == 1
+            _, errs, _ = small.infer(ids[:1], mask[:1], [first[0]])  # back: read, checked, not hashed
+            assert errs == [None] and len(hashed) == 1
+        finally:
+            store_mod.hashlib.sha256 = real
+    finally:
+        small.stop_preloading()

@@ -59,6 +59,7 @@ class Pack:
     labels: tuple[str, ...] = ()
     stamp: tuple | None = None  # the store files' (mtime, size) when read: a change means a new version
     task: str = "classification"
+    sha256: str | None = None  # of the tensors file, checked against its json when read
 
 
 class PackUpdating(CheckpointError):
@@ -118,7 +119,10 @@ class PackStore:
         a, b = self._stat(self._path(name, ".json")), self._stat(self._path(name, ".safetensors"))
         return None if a is None or b is None else a + b
 
-    def load(self, name: str) -> Pack:
+    def load(self, name: str, verified: tuple | None = None) -> Pack:
+        """The pack `name`, checked. `verified`: (stamp, sha256) of an earlier load of it; while its files'
+        stamp is still that one (before and after reading) and its json names that sha256, the tensors are
+        not hashed again (a local store: a replacement changes the stamp)."""
         if not NAME.fullmatch(name or ""):
             raise CheckpointError(f"adapter name {name!r} is invalid")
         stamp = self.stamp(name)
@@ -128,14 +132,17 @@ class PackStore:
         meta = parse_json(meta_raw, f"adapter {name!r}: its json")
         if not isinstance(meta, dict):
             raise CheckpointError(f"adapter {name!r}: its json is not a JSON object")
-        if meta.get("sha256") and hashlib.sha256(raw).hexdigest() != meta["sha256"]:
+        known = (verified is not None and self.fs is None and stamp is not None and verified[0] == stamp
+                 and meta.get("sha256") == verified[1] and self.stamp(name) == stamp)
+        digest = verified[1] if known else hashlib.sha256(raw).hexdigest()
+        if meta.get("sha256") and digest != meta["sha256"]:
             raise PackUpdating(f"adapter {name!r} is being replaced; try again")
         if self.graph is None:
             raise ValueError("this PackStore was opened without the served graph: it cannot check packs")
         tensors = check_pack(name, meta, raw, self.graph)
-        version = meta.get("sha256") or hashlib.sha256(raw).hexdigest()
+        version = meta.get("sha256") or digest
         return Pack(name, tensors, meta["sizes"], version[:16], tuple(meta.get("labels", ())), stamp,
-                    meta.get("task", "classification"))
+                    meta.get("task", "classification"), digest)
 
     def meta(self, name: str) -> dict | None:
         try:

@@ -9,6 +9,15 @@ output (a classifier's pooled sentence vector). The reserved name "@backbone" is
 embedder (pooled and normalised as backbone.json's "embedding" says). Should that forward raise, the batch runs again split by adapter, so that only
 the rows of the adapter whose forward fails get an error. Messages name the problem, never the store's
 location or a stack frame (those go to the server log).
+
+Preloading (`preload_every_s`): a background thread watches the store (for a local folder, a stat of the
+folder; it lists the packs only when the folder changed) and loads every pack registered or replaced
+there into the bank while the bank has room under its budget (it never evicts), so a request naming a
+newly uploaded adapter finds it resident: on the request path its first use is a lookup. Loads on the
+request path remain for what the preloader has not reached (a miss under the budget, a replacement the
+next request names before the watcher saw it): they take the same lock, one pack at a time, so a request
+waits at most for the one pack being loaded. A pack verified once (sha256 against its json) and evicted
+is not hashed again while its files' stamp is unchanged.
 """
 
 from __future__ import annotations
@@ -79,7 +88,7 @@ def default_providers() -> list:
 class SharedRuntime:
     def __init__(self, export_dir: Path, budget_bytes: int = 1 << 30, threads: int = 0, providers=None,
                  pinned: tuple[str, ...] = (), store: str | None = None, check_every_s: float | None = None,
-                 bind_bank: bool | None = None, log=None):
+                 bind_bank: bool | None = None, log=None, preload_every_s: float | None = None):
         import onnxruntime as ort
         export_dir = Path(export_dir)
         info = json.loads((export_dir / "backbone.json").read_text())
@@ -109,6 +118,14 @@ class SharedRuntime:
         self._checked: dict[str, float] = {}  # resident adapter -> when its pack was last checked
         # adapter -> (store stamp, first seen, error once settled) for packs whose json's sha256 does not match
         self._pending: OrderedDict[str, tuple] = OrderedDict()
+        # one load at a time (the preloader's or a request's): a request waits at most for the pack being read
+        self._load_lock = threading.Lock()
+        self._verified: OrderedDict[str, tuple] = OrderedDict()  # adapter -> (stamp, sha256) read and checked
+        self.preloaded = 0  # packs the background thread loaded
+        self._stop = threading.Event()
+        self._preloader = None
+        if preload_every_s:
+            self.start_preloading(preload_every_s)
 
     # ------------------------------------------------------------------ loading
     def ensure(self, names: list[str]) -> dict[str, RowError]:
@@ -144,6 +161,15 @@ class SharedRuntime:
                 self.bank.remove(n)
                 return RowError(Code.UNKNOWN_ADAPTER, f"unknown adapter {show(n)}: its pack was removed")
             return RowError(Code.UNKNOWN_ADAPTER, f"unknown adapter {show(n)}")
+        with self._load_lock:
+            resident = self.bank.pack(n)  # the preloader may have loaded it meanwhile
+            if resident is not None and resident.stamp is not None and resident.stamp == stamp:
+                self._checked[n] = now
+                return None
+            return self._load_checked(n, stamp, now, resident)
+
+    def _load_checked(self, n: str, stamp: tuple, now: float, resident) -> RowError | None:
+        """Load `n` (held: the load lock), turning what goes wrong into that adapter's error."""
         pending = self._pending.get(n)
         if pending is not None and pending[0] == stamp and pending[2] is not None:
             return None if resident is not None else pending[2]  # damaged, settled: not read again
@@ -180,9 +206,87 @@ class SharedRuntime:
         return None
 
     def _load(self, n: str) -> None:
-        pack = self.store.load(n)
+        known = self._verified.get(n)
+        pack = self.store.load(n, verified=known)
         check_slots(n, self.layout, pack.tensors, pack.sizes)
         self.bank.put(pack)
+        if pack.stamp is not None and pack.sha256:
+            self._verified[n] = (pack.stamp, pack.sha256)
+            self._verified.move_to_end(n)
+            while len(self._verified) > 4 * MAX_PENDING + 2 * len(self.bank):
+                self._verified.popitem(last=False)
+
+    # ------------------------------------------------------------------ preloading
+    def start_preloading(self, every_s: float = 0.5) -> None:
+        """Watch the store in a background thread and load what is registered or replaced there (see above)."""
+        if self._preloader is not None:
+            return
+        self._preloader = threading.Thread(target=self._preload_loop, args=(every_s,), name="hpeft-preload",
+                                           daemon=True)
+        self._preloader.start()
+
+    def stop_preloading(self) -> None:
+        self._stop.set()
+        if self._preloader is not None:
+            self._preloader.join(timeout=10)
+            self._preloader = None
+
+    def _folder_stamp(self):
+        """What changes when a pack is added, replaced or removed in a local folder (a rename in it changes
+        the folder's mtime); None for a remote store (listed every time)."""
+        if self.store.fs is not None:
+            return None
+        try:
+            st = Path(self.store.root).stat()
+        except OSError:
+            return None
+        return st.st_mtime_ns, st.st_ino
+
+    def _preload_loop(self, every_s: float) -> None:
+        seen, full_at = None, None  # the folder's stamp at the last pass; the bank's size when it was full
+        every_s = every_s if self.store.fs is None else max(every_s, 5.0)
+        first = True
+        while first or not self._stop.wait(every_s):
+            first = False
+            try:
+                folder = self._folder_stamp()
+                if folder is not None and folder == seen and (full_at is None or len(self.bank) >= full_at):
+                    continue
+                seen = folder
+                full_at = len(self.bank) if self.preload_once() else None
+            except Exception:  # noqa: BLE001 - the watcher must outlive any one bad pack or store error
+                self._log_internal("preloading adapters")
+
+    def preload_once(self) -> bool:
+        """One pass over the store: load each pack not resident (or replaced) while the bank has room for it
+        without evicting. Returns whether the bank was found full (the rest are loaded on first use)."""
+        for n in self.store.names():
+            if self._stop.is_set():
+                return False
+            if not NAME.fullmatch(n):
+                continue
+            resident = self.bank.pack(n)
+            if resident is None:
+                slot = self.bank.slot_bytes()
+                if slot and (len(self.bank) + 1) * slot > self.bank.budget:
+                    return True  # no room: never evict a served adapter to preload another
+            stamp = self.store.stamp(n)
+            if stamp is None or (resident is not None and resident.stamp == stamp):
+                continue
+            pending = self._pending.get(n)
+            if pending is not None and pending[0] == stamp:
+                continue  # damaged or being replaced: the request path reports it, and retries it
+            now = time.monotonic()
+            with self._load_lock:
+                resident = self.bank.pack(n)
+                if resident is not None and resident.stamp == stamp:
+                    continue
+                err = self._load_checked(n, stamp, now, resident)
+                if err is None and self.bank.pack(n) is not None:
+                    self._checked[n] = now
+                    self.preloaded += 1
+            time.sleep(0)  # let a request in between two packs
+        return False
 
     def _checkpoint_error(self, n: str, e: CheckpointError) -> RowError:
         """A pack the store cannot serve: gone meanwhile (unknown), unreadable files (internal: the detail

@@ -1,7 +1,8 @@
 """Triton Python-backend model `hpeft`: the shared-backbone graph in onnxruntime, in-process, with an
 adapter bank (hpeft_serve.serving.runtime). Requests are concatenated (padded to the longest sequence),
 run in ONE forward pass whatever adapters their rows name, classifiers and embedding adapters mixed, and
-split back.
+split back. Packs registered in the store are loaded into the bank in the background as they arrive
+(parameter PRELOAD_MS, default 500: how often the store is checked; 0 turns it off).
 
 Outputs per request: `logits` [rows, widest classifier's labels] (0 wide when every row is an embedding
 row; an embedding row's logits and a narrower classifier's padding are float32 min), `embeddings`
@@ -38,10 +39,13 @@ class TritonPythonModel:
         budget = int(float(params.get("BANK_BUDGET_MB", "1024")) * 2 ** 20)
         pinned = tuple(n for n in params.get("PINNED_ADAPTERS", "").split(",") if n)
         check = params.get("STORE_CHECK_MS", "")
+        # the store is watched every PRELOAD_MS (0: off) and new or replaced packs are loaded in the background,
+        # so that a request is never the one that waits for a pack's first load (runtime.py, "Preloading")
+        preload = float(params.get("PRELOAD_MS", "") or "500") / 1000
         self.runtime = SharedRuntime(export, budget_bytes=budget, pinned=pinned,
                                      store=params.get("ADAPTER_STORE") or None,
                                      check_every_s=float(check) / 1000 if check else None,
-                                     log=pb_utils.Logger.log_error)
+                                     log=pb_utils.Logger.log_error, preload_every_s=preload or None)
         graph = self.runtime.limits
         self.limits = Limits(graph.vocab, min(int(params.get("MAX_SEQ_LEN", "512")), graph.max_len))
         pb_utils.Logger.log_info(f"hpeft: graph {export}, onnxruntime providers {self.runtime.session.get_providers()}, "
@@ -50,6 +54,9 @@ class TritonPythonModel:
         self.resident = pb_utils.MetricFamily(name="hpeft_adapter_resident", kind=pb_utils.MetricFamily.GAUGE,
                                               description="1 while the adapter is loaded in the bank, else 0")
         self.gauges, self.published, self.seen = {}, set(), -1
+
+    def finalize(self):
+        self.runtime.stop_preloading()
 
     def _publish(self):
         """Update the gauges of the adapters whose residency changed (each set is a message to Triton); nothing
