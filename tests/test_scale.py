@@ -242,5 +242,11 @@ def test_registered_packs_are_preloaded_in_the_background_within_the_budget(many
             assert errs == [None] and len(hashed) == 1
         finally:
             store_mod.hashlib.sha256 = real
+        # a request naming the least recently used residents and adapters not resident: its loads evict
+        # others, never the residents it names
+        oldest = list(small.bank.names())[:2]
+        colds = [f"a{i}" for i in range(32) if f"a{i}" not in small.bank.names() and i != 30][:3]
+        _, errs, _ = small.infer(ids[:5], mask[:5], oldest + colds)
+        assert errs == [None] * 5, errs
     finally:
         small.stop_preloading()

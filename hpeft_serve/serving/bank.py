@@ -135,6 +135,14 @@ class AdapterBank:
                         self._packs.move_to_end(n)
             yield index, self._view, errors
 
+    def touch(self, names) -> None:
+        """Mark resident `names` most recently used (a request's adapters, before the others it names are
+        loaded: loading those evicts other adapters, not these)."""
+        with self._lru:
+            for n in names:
+                if n in self._packs:
+                    self._packs.move_to_end(n)
+
     def names(self) -> list[str]:
         with self._lru:
             return list(self._packs)

@@ -133,12 +133,13 @@ class SharedRuntime:
         those whose pack was deleted; returns name -> error for those that cannot be served."""
         errors = {}
         now = time.monotonic()
+        self.bank.touch(names)  # the request's resident adapters stay while its other ones load
         for n in dict.fromkeys(names):
             err = self._ensure_one(n, now)
             if err is not None:
                 errors[n] = err
         if len(self._checked) > 2 * len(self.bank) + 16:  # evicted adapters leave
-            self._checked = {n: t for n, t in self._checked.items() if self.bank.pack(n) is not None}
+            self._checked = {n: t for n, t in list(self._checked.items()) if self.bank.pack(n) is not None}
         return errors
 
     def _ensure_one(self, n: str, now: float) -> RowError | None:
