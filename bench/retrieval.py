@@ -33,6 +33,7 @@ from hpeft_serve.backbone import load_backbone
 from hpeft_serve.data import Pair, PairDataset, load_pairs
 from hpeft_serve.methods.presets import resolve
 from hpeft_serve.model import HeadConfig
+from hpeft_serve.retrieval import validation_carve
 from hpeft_serve.training import (TrainConfig, backbone_embedder, build_model, evaluate_retrieval, mine_negatives,
                                   train)
 
@@ -95,6 +96,10 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--batch-size", type=int, default=32, help="pairs per step (each query's in-batch negatives)")
     ap.add_argument("--max-length", type=int, default=64, help="tokens per headline or body, train and eval")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--lr", type=float, default=None, help="adapter learning rate (default: each method's preset)")
+    ap.add_argument("--val-size", type=int, default=None, metavar="N",
+                    help="tuning: hold the last N pairs of the (shuffled) training pool out as validation and "
+                    "report on them instead of the held-out set, which is not read (train on the rest)")
     ap.add_argument("--no-hard-negatives", dest="hard_negatives", action="store_false",
                     help="in-batch negatives only (default: also one hard negative per pair, mined by the backbone)")
     ap.add_argument("--symmetric", action=argparse.BooleanOptionalAction, default=True,
@@ -149,8 +154,10 @@ def main() -> int:
     pooling, normalize = backbone.embedding_defaults()
     head = HeadConfig(0, pooling, task="embedding", normalize=normalize)
     data = load_pairs("bbc_retrieval", args.train_size)
+    if args.val_size is not None:
+        data = validation_carve(data, args.val_size)
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
-                      symmetric=args.symmetric)
+                      lr=args.lr, symmetric=args.symmetric)
     n_backbone = sum(p.numel() for p in backbone.build_encoder().parameters())
     t0 = time.perf_counter()
     log = lambda r, i: print(f"[{i}/{len(args.methods)} {time.perf_counter() - t0:.0f}s] {r['method']:<22} "
@@ -167,12 +174,17 @@ def main() -> int:
     for i, name in enumerate(args.methods, 1):
         rows.append(run_one(backbone, name, head, data, cfg, not args.quiet))
         log(rows[-1], i)
+    lr_text = "each method's learning rate" if args.lr is None else f"learning rate {args.lr:g}"
     setup = (f"MiniLM (all-MiniLM-L6-v2), {pooling} pooling, {'normalised' if normalize else 'not normalised'}; "
              f"bbc_retrieval: {len(data.train)} training pairs x {args.epochs} epoch(s), batch {args.batch_size} "
              f"(in-batch negatives{' + one mined hard negative per pair' if args.hard_negatives else ''}; "
-             f"{'symmetric ' if args.symmetric else ''}ranking loss, scale 20; each method's learning rate), "
-             f"{args.max_length} tokens, seed {args.seed}; {len(data.test)} held-out "
-             f"headlines each ranked against all {len(data.test)} held-out bodies")
+             f"{'symmetric ' if args.symmetric else ''}ranking loss, scale 20; "
+             f"{lr_text}), "
+             f"{args.max_length} tokens, seed {args.seed}; "
+             + (f"{len(data.test)} held-out headlines each ranked against all {len(data.test)} held-out bodies"
+                if args.val_size is None else
+                f"VALIDATION: {len(data.test)} pairs carved from the training pool (held-out set not used), "
+                "each headline ranked against all their bodies"))
     wall = time.perf_counter() - t0
     write(args.out, setup, rows, n_backbone, f"{torch.get_num_threads()} threads, total {wall:.0f}s",
           wall_s=round(wall), threads=torch.get_num_threads())

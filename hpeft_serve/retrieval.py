@@ -17,6 +17,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .data import PairDataset
+from .errors import DataError
+
 SCALE = 20.0
 METRICS = ("recall@1", "recall@10", "mrr@10")
 
@@ -66,3 +69,12 @@ def summary(adapter: dict[str, float], backbone: dict[str, float] | None = None)
         base = f" (backbone {backbone[k]:.3f})" if backbone else ""
         parts.append(f"{k}: {adapter[k]:.3f}{base}")
     return " ".join(parts)
+
+
+def validation_carve(data: PairDataset, n: int) -> PairDataset:
+    """For tuning: data with its last n training pairs (the pool is already shuffled) as the evaluation pairs
+    and the rest as training; data.test (the held-out set) is dropped, so nothing tuned on it."""
+    if not 0 < n < len(data.train):
+        raise DataError(f"a validation carve of {n} pairs needs 1..{len(data.train) - 1} of the "
+                        f"{len(data.train)} training pairs")
+    return PairDataset(data.name, data.train[:-n], data.train[-n:])

@@ -18,7 +18,7 @@ from hpeft_serve.data import Pair, PairDataset
 from hpeft_serve.errors import CheckpointError, DataError
 from hpeft_serve.methods.presets import resolve
 from hpeft_serve.model import HeadConfig
-from hpeft_serve.retrieval import metrics, mnrl_loss, ranks, summary
+from hpeft_serve.retrieval import metrics, mnrl_loss, ranks, summary, validation_carve
 from hpeft_serve.retrieval import cos_sim
 from hpeft_serve.training import (TrainConfig, backbone_embedder, build_model, collate, encode, evaluate_retrieval,
                                   mine_negatives, predict_logits, train)
@@ -246,3 +246,26 @@ def test_cli_trains_an_embedding_adapter_from_a_jsonl_file(tmp_path, capsys):
     code, _, err = _hpeft(capsys, "train", "--backbone", "tiny-bert", "--method", "lora", "--task", "rotten_tomatoes",
                           "--out", tmp_path / "x", "--symmetric")
     assert code == 2 and "--symmetric applies to embedding" in err and not (tmp_path / "x").exists()
+
+
+def test_the_validation_carve_comes_from_the_training_pool_only(tmp_path, capsys):
+    data = pair_task(24, 8)
+    carved = validation_carve(data, 6)
+    assert carved.train == data.train[:18] and carved.test == data.train[18:]
+    assert not set(carved.train + carved.test) & set(data.test)  # the held-out set is not read
+    for bad in (0, 24, -1):
+        with pytest.raises(DataError, match="validation carve"):
+            validation_carve(data, bad)
+    f = tmp_path / "pairs.jsonl"
+    f.write_text("".join(json.dumps({k: v for k, v in p._asdict().items() if v is not None}) + "\n"
+                         for p in data.train + data.test))
+    out = tmp_path / "emb"
+    code, stdout, err = _hpeft(capsys, "train", "--backbone", "tiny-bert", "--method", "lora", "--task", f, "--out", out,
+                               "--quiet", "--batch-size", "8", "--val-size", "6", "--lr", "3e-3")
+    assert code == 0, err
+    assert "20 training / 6 held-out" in stdout, stdout
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["train"]["train_size"] == 20 and cfg["train"]["validation_carve"] == 6 and cfg["train"]["lr"] == 3e-3
+    code, _, err = _hpeft(capsys, "train", "--backbone", "tiny-bert", "--method", "lora", "--task", "rotten_tomatoes",
+                          "--out", tmp_path / "x", "--val-size", "5")
+    assert code == 2 and "--val-size applies to embedding" in err and not (tmp_path / "x").exists()

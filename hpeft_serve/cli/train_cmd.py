@@ -42,6 +42,9 @@ def add_arguments(p) -> None:
                    "backbone (its highest-ranked other positive)")
     p.add_argument("--symmetric", action="store_true",
                    help="embedding tasks: symmetric ranking loss (also each positive picks its query among the batch's)")
+    p.add_argument("--val-size", type=int, default=None, metavar="N",
+                   help="embedding tasks, for tuning: train on all but the last N training pairs and report on those "
+                   "N instead of the held-out set (which is then not read)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a method setting, e.g. --set r=16 --set sparsity=0.6 --set pruner=grasp (list below)")
     p.add_argument("--name", default=None, help="adapter name (default: the --out folder's name); letters, "
@@ -58,6 +61,10 @@ def run(args) -> int:
 
     checkpoint.check_name(args.name or args.out.name)
     embedding = task_kind(args.task) == "embedding"
+    if args.val_size is not None and not embedding:
+        from ..errors import ConfigError
+        raise ConfigError(f"--val-size applies to embedding (retrieval) tasks only; {args.task!r} is a "
+                          "classification task")
     if args.symmetric and not embedding:
         from ..errors import ConfigError
         raise ConfigError(f"--symmetric applies to embedding (retrieval) tasks only; {args.task!r} is a "
@@ -85,7 +92,9 @@ def run(args) -> int:
             "batch_size": args.batch_size, "max_length": args.max_length, "steps": result.steps,
             "seconds": round(result.train_seconds, 1)}, "metrics": scores}
     if embedding:
-        meta["train"].update(hard_negatives=args.hard_negatives, symmetric=args.symmetric)
+        meta["train"].update(hard_negatives=args.hard_negatives, symmetric=args.symmetric, lr=cfg.lr or method.lr)
+        if args.val_size is not None:
+            meta["train"]["validation_carve"] = args.val_size  # metrics are on the carve, not the held-out set
     checkpoint.save(model, backbone, args.out, getattr(data, "labels", ()), meta, name=args.name)
     print(f"trained {result.steps} steps in {result.train_seconds:.1f}s; checkpoint: {args.out}")
     if embedding:
@@ -127,6 +136,9 @@ def _embedding_task(args, backbone):
     from ..data import RETRIEVAL_EVAL_SIZE, load_pairs
     from ..model import HeadConfig
     data = load_pairs(args.task, args.train_size, RETRIEVAL_EVAL_SIZE if args.eval_size is None else args.eval_size)
+    if args.val_size is not None:
+        from ..retrieval import validation_carve
+        data = validation_carve(data, args.val_size)
     pooling, normalize = backbone.embedding_defaults()
     head = HeadConfig(0, args.pooling or pooling, task="embedding",
                       normalize=normalize if args.normalize is None else args.normalize)
