@@ -4,12 +4,17 @@ naming 8 distinct adapters drawn from those registered).
 
 Per level: steady p50/p99 latency and rows/s (one gRPC client), the model's stub process RSS (the bank's
 memory per adapter, against the packs' own bytes), first-use latency (a 1-row request naming an adapter
-not yet resident), and the longest latency a steady request saw while the bank grew to the level (a
-loader thread making the new adapters resident meanwhile). With every adapter resident: the 8-adapter and
-the N-adapter working sets in alternating rounds (paired ratio), and the longest latency while packs are
-replaced in the store (hot swap). A second server with a bank budget of 10% of the packs: an LRU miss (a
-request one of whose adapters is not resident) against a hit, and the longest latency of a hit while
-misses evict. Answers of a sample of adapters are checked against the PyTorch forward (fp32, 1e-5).
+registered but never requested), and the growth: the level's new packs are registered (written into the
+served store, as an upload does) while steady requests run, and the server's preloader makes them
+resident in the background; the same writes into a folder the server does not watch, just before, are
+the control (same client-side work, no bank growth), so that the difference is what the growth costs a
+request. With every adapter resident: the 8-adapter and the N-adapter working sets in alternating rounds
+(paired ratio), and the longest latency while packs are replaced in the store (hot swap, each replaced
+pack named by the next request). A second server with a bank budget of 10% of the packs: an LRU miss (a
+request one of whose adapters is not resident: loaded on the request path, the least recently used
+evicted) against a hit, and requests of a resident working set while a second client's requests miss
+(load + evict) against while it asks for resident ones (alternating rounds). Answers of a sample of
+adapters are checked against the PyTorch forward (fp32, 1e-5).
 
 Packs are made from one exported LoRA: adapter i scales the LoRA B matrices by (1 + i / N) and shifts the
 head's output bias by i / N (its reference is the PyTorch model with the same edits).
@@ -79,6 +84,25 @@ def write_packs(store: Path, names: range, base: dict, meta: dict, n_total: int)
         st.write(f"a{i}", raw, m)
 
 
+def resident_count(metrics_url: str) -> int:
+    """Adapters the server reports resident (its hpeft_adapter_resident gauges at 1)."""
+    import urllib.request
+    text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
+    return sum(1 for line in text.splitlines() if line.startswith("hpeft_adapter_resident{")
+               and float(line.rsplit(" ", 1)[1]) == 1.0)
+
+
+def wait_resident(cl: "Client", metrics_url: str, n: int, timeout: float = 600.0) -> float:
+    """Seconds until n adapters are resident (a request now and then: the gauges publish on execute)."""
+    t = time.monotonic()
+    while resident_count(metrics_url) < n:
+        if time.monotonic() - t > timeout:
+            raise RuntimeError(f"only {resident_count(metrics_url)} of {n} adapters resident after {timeout:.0f} s")
+        cl.infer(["a0"], slice(0, 1))
+        time.sleep(0.2)
+    return time.monotonic() - t
+
+
 # ------------------------------------------------------------------ measuring
 def stub_rss_mb(server_pid: int) -> float:
     """RSS of the model's Python-backend stub (the process holding the bank), MB."""
@@ -132,25 +156,42 @@ def pct(xs, q) -> float:
 
 
 # ------------------------------------------------------------------ phases
-def grow_and_measure(srv, cl: Client, loader: Client, sizes: list[int], seconds: float) -> list[dict]:
-    levels, resident = [], 0
+def grow_and_measure(srv, cl: Client, loader: Client, sizes: list[int], seconds: float, packs) -> list[dict]:
+    """`packs(lo, hi, folder)` writes packs lo..hi-1 into `folder` (None: the served store)."""
+    levels, resident = [], sizes[0]
     rng = np.random.default_rng(0)
     for n in sizes:
-        def load_new(lo=resident, hi=n):  # first use of each new adapter: a 1-row request
-            return [loader.infer([f"a{i}"], slice(i % 8, i % 8 + 1))[0] for i in range(lo, hi)]
-        grow_lat, first_use = while_running(cl, list(range(resident)) if resident >= 8 else [], load_new)
-        resident = n
+        grow = control = None
+        if n > resident:
+            pool = list(range(resident))
+            with tempfile.TemporaryDirectory(prefix="hpeft-scale-control-") as scratch:  # unwatched: the control
+                control, _ = while_running(cl, pool, lambda lo=resident, hi=n: packs(lo, hi, Path(scratch)))
+            t0 = time.monotonic()
+
+            def register(lo=resident, hi=n):
+                packs(lo, hi, None)
+                return wait_resident(loader, srv.url_metrics, hi)
+            grow, waited = while_running(cl, pool, register)
+            grow_s = time.monotonic() - t0
         time.sleep(0.5)
         rss = stub_rss_mb(srv.proc.pid)
+        new = list(range(resident, n)) if n > resident else list(range(n))
+        first = [loader.infer([f"a{i}"], slice(i % 8, i % 8 + 1))[0] for i in rng.choice(new, min(50, len(new)),
+                                                                                         replace=False)]
         hit = [loader.infer([f"a{i}"], slice(i % 8, i % 8 + 1))[0] for i in rng.choice(n, 50)]
+        resident = n
         lat = steady(cl, list(range(n)), seconds, rng)
-        levels.append({"adapters": n, "rss_mb": rss, "p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99),
-                       "rows_per_s": 8 * len(lat) / (sum(lat) / 1000), "requests": len(lat),
-                       "first_use_p50_ms": pct(first_use, 50), "first_use_max_ms": max(first_use),
-                       "resident_1row_p50_ms": pct(hit, 50),
-                       "growth_max_ms": max(grow_lat) if grow_lat else None,
-                       "growth_requests": len(grow_lat)})
-        print(f"[scale] {n} resident: {json.dumps(levels[-1])}", flush=True)
+        row = {"adapters": n, "rss_mb": rss, "p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99),
+               "rows_per_s": 8 * len(lat) / (sum(lat) / 1000), "requests": len(lat),
+               "first_use_p50_ms": pct(first, 50), "first_use_max_ms": max(first),
+               "resident_1row_p50_ms": pct(hit, 50), "growth_max_ms": max(grow) if grow else None,
+               "growth_p99_ms": pct(grow, 99) if grow else None, "growth_requests": len(grow) if grow else 0,
+               "control_max_ms": max(control) if control else None,
+               "control_p99_ms": pct(control, 99) if control else None,
+               "control_requests": len(control) if control else 0,
+               "growth_s": grow_s if grow else None}
+        levels.append(row)
+        print(f"[scale] {n} resident: {json.dumps(row)}", flush=True)
     return levels
 
 
@@ -209,6 +250,38 @@ def lru(cl: Client, n: int, slots: int, seconds: float) -> dict:
             "hit_max_ms": max(hits), "miss_max_ms": max(misses), "requests": len(hits) + len(misses)}
 
 
+def lru_concurrent(cl: Client, other: Client, n: int, slots: int, seconds: float, rounds: int = 6) -> dict:
+    """Requests of a resident working set of 8 (cl) while `other` sends 1-row requests in alternating rounds:
+    each naming an adapter not resident (a load on the request path and an eviction) or one of the working
+    set (the control: the same traffic, no bank change)."""
+    warm = [f"a{j}" for j in range(8)]
+    cl.infer(warm)
+    rng = np.random.default_rng(5)
+    out = {"miss": [], "control": []}
+    cold_lat = []
+    for k in range(rounds):
+        kind = "miss" if k % 2 == 0 else "control"
+        stop = threading.Event()
+
+        def run(kind=kind, stop=stop):
+            while not stop.is_set():
+                if kind == "miss":
+                    cold_lat.append(other.infer([f"a{int(rng.integers(8, n))}"], slice(0, 1))[0])
+                else:
+                    other.infer([warm[int(rng.integers(8))]], slice(0, 1))
+        t = threading.Thread(target=run)
+        t.start()
+        end = time.monotonic() + seconds / rounds
+        while time.monotonic() < end:
+            out[kind].append(cl.infer(warm)[0])
+        stop.set()
+        t.join()
+    m, c = out["miss"], out["control"]
+    return {"miss_round_p50_ms": pct(m, 50), "miss_round_p99_ms": pct(m, 99), "miss_round_max_ms": max(m),
+            "control_p50_ms": pct(c, 50), "control_p99_ms": pct(c, 99), "control_max_ms": max(c),
+            "requests": len(m) + len(c), "misses": len(cold_lat), "miss_1row_p50_ms": pct(cold_lat, 50)}
+
+
 def first_use(cl: Client, n: int, extra: int) -> dict:
     """1-row requests, one at a time: an adapter registered but never used (loaded from the store on the
     way) against a resident one, alternating."""
@@ -234,9 +307,16 @@ def in_process(export: Path, store: Path, n: int, budget: int) -> dict:
         pack = rt.store.load(f"a{i}")
         t1 = time.perf_counter()
         rt.bank.put(pack)
+        rt._verified[f"a{i}"] = (pack.stamp, pack.sha256)
         loads.append(1000 * (t1 - t))
         puts.append(1000 * (time.perf_counter() - t1))
-    out = {"put_p50_ms": pct(puts, 50), "put_p99_ms": pct(puts, 99), "put_max_ms": max(puts),
+    again = []  # a pack read again with its version known (an LRU miss of an evicted adapter): no re-hash
+    for i in range(min(n, 200)):
+        known = rt._verified.get(f"a{i}")
+        t = time.perf_counter()
+        rt.store.load(f"a{i}", verified=known)
+        again.append(1000 * (time.perf_counter() - t))
+    out = {"reload_known_p50_ms": pct(again, 50), "reload_known_max_ms": max(again), "put_p50_ms": pct(puts, 50), "put_p99_ms": pct(puts, 99), "put_max_ms": max(puts),
            "put_longest_at": int(np.argmax(puts)), "load_p50_ms": pct(loads, 50),
            "load_max_ms": max(loads), "array_builds": len(builds), "resident_bytes": rt.bank.resident_bytes(),
            "reserved_bytes": rt.bank.nbytes(), "slot_bytes": rt.bank.slot_bytes()}
@@ -281,10 +361,13 @@ def main() -> int:
     repo = work / "repo"
     deploy(work / "export", repo, log=lambda *_: None)
     store = repo / "hpeft" / "1" / "export" / "packs"
-    print(f"[scale] writing {n} packs into {store}", flush=True)
-    extra = 40  # registered, first used one at a time at the end
-    write_packs(store, range(n + extra), base, meta, n)
+    extra = 40  # registered before the server starts, first used one at a time at the end
+    print(f"[scale] writing {sizes[0] + extra} packs into {store}", flush=True)
+    write_packs(store, list(range(sizes[0])) + list(range(n, n + extra)), base, meta, n)
     pack_file = (store / "a1.safetensors").stat().st_size
+
+    def packs(lo: int, hi: int, folder: Path | None) -> None:
+        write_packs(folder or store, range(lo, hi), base, meta, n)
     pack_tensors = sum(v.nbytes for v in base.values())
     res = {"adapters": n, "pack_file_bytes": pack_file, "pack_tensor_bytes": pack_tensors,
            "pack_tensors": sorted(base)}
@@ -295,17 +378,19 @@ def main() -> int:
     def server() -> TritonServer:
         http, grpc, metrics = free_ports()
         s = TritonServer(repo, http, grpc, metrics, work=work / "triton")
-        s.url_grpc = f"127.0.0.1:{grpc}"
+        s.url_grpc, s.url_metrics = f"127.0.0.1:{grpc}", f"http://127.0.0.1:{metrics}/metrics"
         return s
 
     with server() as srv:
         cl, loader = Client(srv.url_grpc, tok), Client(srv.url_grpc, tok)
-        res["rss_empty_mb"] = stub_rss_mb(srv.proc.pid)
-        res["levels"] = grow_and_measure(srv, cl, loader, sizes, args.seconds)
+        res["startup_preload_s"] = wait_resident(cl, srv.url_metrics, sizes[0] + extra)
+        res["rss_empty_mb"] = stub_rss_mb(srv.proc.pid)  # (with the first level and the extra resident)
+        res["levels"] = grow_and_measure(srv, cl, loader, sizes, args.seconds, packs)
         res["paired"] = paired(cl, n, args.seconds)
         res["max_abs_diff"] = exact(cl, ck, n)
         res["replace"] = replacements(cl, store, base, meta, n)
         res["first_use"] = first_use(cl, n, extra)
+        res["preloaded_at_end"] = resident_count(srv.url_metrics)
         print(f"[scale] paired {res['paired']}, replace {res['replace']}, diff {res['max_abs_diff']:.1e}", flush=True)
     write_packs(store, range(n), base, meta, n)  # the replaced packs back, for the reference check
     res["in_process"] = in_process(repo / "hpeft" / "1" / "export", store, n, int(1.5 * n * pack_tensors) + (64 << 20))
@@ -314,7 +399,9 @@ def main() -> int:
     set_budget(repo, slots * pack_tensors / 2 ** 20)
     with server() as srv:
         cl = Client(srv.url_grpc, tok)
+        wait_resident(cl, srv.url_metrics, slots - 1)  # the preloader filled the budget (and evicted nothing)
         res["lru"] = lru(cl, n, slots, args.seconds)
+        res["lru_concurrent"] = lru_concurrent(cl, Client(srv.url_grpc, tok), n, slots, args.seconds)
         res["lru"]["budget_mb"] = slots * pack_tensors / 2 ** 20
         res["lru"]["rss_mb"] = stub_rss_mb(srv.proc.pid)
         res["lru_max_abs_diff"] = exact(cl, ck, n)
@@ -327,28 +414,36 @@ def report(res: dict, out: Path) -> int:
              f"{res['pack_tensor_bytes'] / 1e6:.3f} MB of tensors), tritonserver on this machine (2 cores shared "
              "with the clients); requests of 8 rows naming 8 distinct adapters", "",
              "| adapters resident | p50 ms | p99 ms | rows/s | p50 vs 8 | stub RSS MB | RSS per adapter vs pack "
-             "| first use while growing, p50 ms | longest request while growing ms |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| first use after registering, p50 / max ms | resident 1 row p50 ms "
+             "| while growing: longest / p99 ms (requests) | control: longest / p99 ms (requests) | growth took s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for i, r in enumerate(lv):
         per = (r["rss_mb"] - lv[i - 1]["rss_mb"]) * 2 ** 20 / (r["adapters"] - lv[i - 1]["adapters"]) if i else None
         r["rss_per_adapter_vs_pack"] = per / res["pack_tensor_bytes"] if per else None
-        grow = f"{r['growth_max_ms']:.0f} ({r['growth_requests']} req.)" if r["growth_max_ms"] else "-"
+        grow = (f"{r['growth_max_ms']:.0f} / {r['growth_p99_ms']:.0f} ({r['growth_requests']})"
+                if r["growth_max_ms"] else "-")
+        ctl = (f"{r['control_max_ms']:.0f} / {r['control_p99_ms']:.0f} ({r['control_requests']})"
+               if r["control_max_ms"] else "-")
         ratio = "-" if per is None else f"{r['rss_per_adapter_vs_pack']:.3f}x"
+        took = f"{r['growth_s']:.1f}" if r["growth_s"] else "-"
         lines.append(f"| {r['adapters']} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['rows_per_s']:.0f} | "
                      f"{r['p50_ms'] / base['p50_ms']:.2f}x | {r['rss_mb']:.0f} | {ratio} | "
-                     f"{r['first_use_p50_ms']:.1f} | {grow} |")
+                     f"{r['first_use_p50_ms']:.1f} / {r['first_use_max_ms']:.1f} | {r['resident_1row_p50_ms']:.1f} | "
+                     f"{grow} | {ctl} | {took} |")
     p, rp, lr, fu, ip = res["paired"], res["replace"], res["lru"], res["first_use"], res["in_process"]
+    lc = res["lru_concurrent"]
     share = lr["budget_mb"] / (res["adapters"] * res["pack_tensor_bytes"] / 2 ** 20)
     lines += ["", f"Alternating rounds, all {res['adapters']} resident: working set of 8 p50 {p['p50_8_ms']:.1f} ms, "
               f"of {res['adapters']} p50 {p['p50_n_ms']:.1f} ms: **{p['ratio_p50']:.3f}x** (p99 {p['p99_8_ms']:.1f} / "
               f"{p['p99_n_ms']:.1f} ms).",
-              f"First use (1-row requests one at a time, {res['adapters']} resident): an adapter never used before "
+              f"First use (1-row requests one at a time, {res['adapters']} resident): an adapter registered (preloaded) but never requested before "
               f"p50 {fu['first_use_p50_ms']:.1f} ms (max {fu['first_use_max_ms']:.1f}) vs a resident one "
               f"{fu['resident_p50_ms']:.1f} ms.",
               f"The bank growing to {res['adapters']} in process (no server): put p50 {ip['put_p50_ms']:.2f} ms, "
               f"p99 {ip['put_p99_ms']:.1f} ms, longest **{ip['put_max_ms']:.1f} ms** (put #{ip['put_longest_at']}); "
               f"{ip['array_builds']} build(s) of its arrays; load from the store "
-              f"p50 {ip['load_p50_ms']:.1f} ms (max {ip['load_max_ms']:.1f}); a slot {ip['slot_bytes'] / 1e6:.3f} MB "
+              f"p50 {ip['load_p50_ms']:.1f} ms (max {ip['load_max_ms']:.1f}), again with its version known (no "
+              f"re-hash) p50 {ip['reload_known_p50_ms']:.2f} ms (max {ip['reload_known_max_ms']:.1f}); a slot {ip['slot_bytes'] / 1e6:.3f} MB "
               f"({ip['slot_bytes'] / res['pack_tensor_bytes']:.3f}x the pack's tensors).",
               f"Replacements: {rp['replacements']} packs rewritten in the store, each named by the next request "
               f"({rp['answered_new_version']} answered by the new version at once); longest request "
@@ -357,6 +452,11 @@ def report(res: dict, out: Path) -> int:
               f"hit p50 {lr['hit_p50_ms']:.1f} ms, miss "
               f"(1 of 8 adapters not resident) p50 {lr['miss_p50_ms']:.1f} ms: **{lr['ratio']:.2f}x**; longest hit "
               f"{lr['hit_max_ms']:.1f} ms, longest miss {lr['miss_max_ms']:.1f} ms; stub RSS {lr['rss_mb']:.0f} MB.",
+              f"Under the budget, a working set of 8 resident adapters while a second client's 1-row requests "
+              f"each miss (load on the request path + eviction, {lc['misses']} misses, p50 {lc['miss_1row_p50_ms']:.1f} ms) "
+              f"vs while it asks for resident ones ({lc['requests']} requests, alternating rounds): p50 "
+              f"{lc['miss_round_p50_ms']:.1f} vs {lc['control_p50_ms']:.1f} ms, p99 {lc['miss_round_p99_ms']:.1f} vs "
+              f"{lc['control_p99_ms']:.1f} ms, longest **{lc['miss_round_max_ms']:.1f}** vs {lc['control_max_ms']:.1f} ms.",
               f"Answers vs PyTorch (8 adapters spread over all): max abs diff {res['max_abs_diff']:.1e} "
               f"(under the budget: {res['lru_max_abs_diff']:.1e})."]
     text = "\n".join(lines)
@@ -380,6 +480,7 @@ def plot(res: dict, path: Path) -> None:
     a.plot(xs, [r["p50_ms"] for r in lv], "o-", label="steady p50")
     a.plot(xs, [r["p99_ms"] for r in lv], "s--", label="steady p99")
     a.plot(xs, [r["growth_max_ms"] or np.nan for r in lv], "^:", label="longest while growing")
+    a.plot(xs, [r["control_max_ms"] or np.nan for r in lv], "v:", label="longest, control (no growth)")
     a.set(xscale="log", xlabel="adapters resident", ylabel="ms (8 rows, 8 adapters)", title="latency")
     a.set_ylim(bottom=0)
     a.legend()
