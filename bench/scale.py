@@ -156,21 +156,34 @@ def pct(xs, q) -> float:
 
 
 # ------------------------------------------------------------------ phases
-def grow_and_measure(srv, cl: Client, loader: Client, sizes: list[int], seconds: float, packs) -> list[dict]:
-    """`packs(lo, hi, folder)` writes packs lo..hi-1 into `folder` (None: the served store)."""
+def grow_and_measure(srv, cl: Client, loader: Client, sizes: list[int], seconds: float, packs,
+                     preload: bool = True, others: int = 0) -> list[dict]:
+    """`packs(lo, hi, folder)` writes packs lo..hi-1 into `folder` (None: the served store). Without the
+    server's preloader (`preload` False), each new adapter is made resident by its first request (a 1-row
+    request, the loader's), and the control's loader names resident adapters instead. `others`: adapters
+    resident beyond a0..a<level> (preloaded at start)."""
     levels, resident = [], sizes[0]
     rng = np.random.default_rng(0)
     for n in sizes:
         grow = control = None
         if n > resident:
             pool = list(range(resident))
-            with tempfile.TemporaryDirectory(prefix="hpeft-scale-control-") as scratch:  # unwatched: the control
-                control, _ = while_running(cl, pool, lambda lo=resident, hi=n: packs(lo, hi, Path(scratch)))
+            def first_uses(lo, hi, names):
+                return [loader.infer([f"a{names(i)}"], slice(i % 8, i % 8 + 1))[0] for i in range(lo, hi)]
+
+            def write_elsewhere(lo=resident, hi=n):
+                with tempfile.TemporaryDirectory(prefix="hpeft-scale-control-") as scratch:  # unwatched
+                    packs(lo, hi, Path(scratch))
+                if not preload:
+                    first_uses(lo, hi, lambda i: i % lo)
+            control, _ = while_running(cl, pool, write_elsewhere)
             t0 = time.monotonic()
 
             def register(lo=resident, hi=n):
                 packs(lo, hi, None)
-                return wait_resident(loader, srv.url_metrics, hi)
+                if not preload:
+                    first_uses(lo, hi, lambda i: i)
+                return wait_resident(loader, srv.url_metrics, hi + others)
             grow, waited = while_running(cl, pool, register)
             grow_s = time.monotonic() - t0
         time.sleep(0.5)
@@ -348,6 +361,8 @@ def main() -> int:
     ap.add_argument("--sizes", default="8,200,2000")
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument("--out", type=Path, default=Path("bench/results/scale"))
+    ap.add_argument("--preload-ms", type=float, default=None,
+                    help="the model's PRELOAD_MS (default: its own, 500; 0: no preloader, first use loads)")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     n = sizes[-1]
@@ -373,6 +388,11 @@ def main() -> int:
            "pack_tensors": sorted(base)}
     slot_mb = 1.02 * pack_tensors / 2 ** 20
     set_budget(repo, 1.5 * n * slot_mb + 64)
+    preload = args.preload_ms != 0
+    if args.preload_ms is not None:
+        cfg = repo / "hpeft" / "config.pbtxt"
+        cfg.write_text(cfg.read_text() + f'parameters {{ key: "PRELOAD_MS" value {{ string_value: "{args.preload_ms:g}" }} }}\n')
+    res["preload"] = preload
     tok = backbone.tokenizer()
 
     def server() -> TritonServer:
@@ -383,9 +403,14 @@ def main() -> int:
 
     with server() as srv:
         cl, loader = Client(srv.url_grpc, tok), Client(srv.url_grpc, tok)
-        res["startup_preload_s"] = wait_resident(cl, srv.url_metrics, sizes[0] + extra)
+        if preload:
+            res["startup_preload_s"] = wait_resident(cl, srv.url_metrics, sizes[0] + extra)
+        else:  # the first level made resident by requests
+            for i in range(0, sizes[0], 8):
+                cl.infer([f"a{j}" for j in range(i, min(i + 8, sizes[0]))])
         res["rss_empty_mb"] = stub_rss_mb(srv.proc.pid)  # (with the first level and the extra resident)
-        res["levels"] = grow_and_measure(srv, cl, loader, sizes, args.seconds, packs)
+        res["levels"] = grow_and_measure(srv, cl, loader, sizes, args.seconds, packs, preload,
+                                         extra if preload else 0)
         res["paired"] = paired(cl, n, args.seconds)
         res["max_abs_diff"] = exact(cl, ck, n)
         res["replace"] = replacements(cl, store, base, meta, n)
@@ -399,7 +424,8 @@ def main() -> int:
     set_budget(repo, slots * pack_tensors / 2 ** 20)
     with server() as srv:
         cl = Client(srv.url_grpc, tok)
-        wait_resident(cl, srv.url_metrics, slots - 1)  # the preloader filled the budget (and evicted nothing)
+        if preload:
+            wait_resident(cl, srv.url_metrics, slots - 1)  # the preloader filled the budget (and evicted nothing)
         res["lru"] = lru(cl, n, slots, args.seconds)
         res["lru_concurrent"] = lru_concurrent(cl, Client(srv.url_grpc, tok), n, slots, args.seconds)
         res["lru"]["budget_mb"] = slots * pack_tensors / 2 ** 20
@@ -412,7 +438,9 @@ def report(res: dict, out: Path) -> int:
     lv, base = res["levels"], res["levels"][0]
     lines = [f"Scale (bench/scale.py): MiniLM + LoRA packs ({res['pack_file_bytes'] / 1e6:.3f} MB a pack file, "
              f"{res['pack_tensor_bytes'] / 1e6:.3f} MB of tensors), tritonserver on this machine (2 cores shared "
-             "with the clients); requests of 8 rows naming 8 distinct adapters", "",
+             "with the clients); requests of 8 rows naming 8 distinct adapters; "
+             + ("new packs made resident by the server's preloader" if res.get("preload", True) else
+                "**no preloader (PRELOAD_MS 0)**: each new adapter made resident by its first request"), "",
              "| adapters resident | p50 ms | p99 ms | rows/s | p50 vs 8 | stub RSS MB | RSS per adapter vs pack "
              "| first use after registering, p50 / max ms | resident 1 row p50 ms "
              "| while growing: longest / p99 ms (requests) | control: longest / p99 ms (requests) | growth took s |",
