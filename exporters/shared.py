@@ -48,7 +48,8 @@ def _col(t: torch.Tensor) -> torch.Tensor:
 
 class Rows:
     """The adapter weights of some rows of one layer: `w(name)` is bank tensor `name` ([K, ...]) gathered by
-    `index` (R,) -> (R, ...); `tmask` (R, S, 1) the gates' token mask (None: the layout has no gate)."""
+    `index` (R,) -> (R, ...); `tmask` (R, S, 1) the gates' token weights, the token mask over its count
+    (None: the layout has no gate)."""
 
     def __init__(self, bank: dict[str, torch.Tensor], index: torch.Tensor, layout: Layout,
                  tmask: torch.Tensor | None = None):
@@ -72,12 +73,14 @@ class Rows:
         return self.bank[name][self._i3]
 
     def coef(self, p: str, x: torch.Tensor, otherwise: torch.Tensor | None) -> torch.Tensor | None:
-        """Per row (R, 1, 1): the gate value where the adapter is gated, else `otherwise`."""
+        """Per row (R, 1, 1): the gate value where the adapter is gated, else `otherwise` (a Where: exact).
+        The gate is Fn.gate's masked mean with the division by the token count done once per forward."""
         if p not in self.layout.gated:
             return otherwise
         gated = self.col(f"{p}_gated")
-        g = Fn.gate(x, self.w(f"{p}_gate_w"), self.w1(f"{p}_gate_b"), self.tmask)
-        return gated * g + (1.0 - gated) * (1.0 if otherwise is None else otherwise)
+        g = (torch.sigmoid(Fn.linear(x, self.w(f"{p}_gate_w"), self.w1(f"{p}_gate_b"))) * self.tmask).sum(
+            dim=1, keepdim=True)
+        return torch.where(gated > 0.5, g, 1.0 if otherwise is None else otherwise)
 
     def layer_norm(self, name: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float):
         if not self.layout.bitfit:
@@ -236,10 +239,13 @@ class BankedLayer:
 
     def _run(self, p: str, base: torch.Tensor, xs: list, ctx: LayerContext, extra=()):
         kind = self.kinds[p]
-        xs = xs + ([ctx.shared["gate_token_mask"]] if p in self.layout.gated else [])
         ws = [self.t(n) for n in kind.names] + list(extra)
         if xs[0].shape[0] != self.index.shape[0]:  # not the batch's rows (DeBERTa's relative embeddings)
+            if p in self.layout.gated:  # its own context's token mask (every position), as weights
+                m = ctx.shared["gate_token_mask"]
+                xs = xs + [m / m.sum(dim=1, keepdim=True).clamp_min(1.0)]
             return kind.everywhere(base, xs, self.index, ws)
+        xs = xs + ([ctx.shared["gate_token_weight"]] if p in self.layout.gated else [])
         return kind(base, self.usage, f"{p}.{self.i}", xs, self.index, ws)
 
     def linear(self, name, x, layer, ctx):
@@ -292,7 +298,8 @@ class _Banked:
         shared: dict = {}
         if layout.gated:
             gm = _col(bank["gate_masked"].index_select(0, index))
-            shared["gate_token_mask"] = gm * token_mask + (1.0 - gm)
+            shared["gate_token_mask"] = m = gm * token_mask + (1.0 - gm)  # (B, S, 1): the tokens a gate averages
+            shared["gate_token_weight"] = m / m.sum(dim=1, keepdim=True).clamp_min(1.0)  # the mean's weights, once
         self._shared = [shared] * num_layers
         index2 = index.unsqueeze(1)  # (B, 1): gathers a per-row bias as (B, 1, D) in one node
         usage = Usage()  # which rows use each (kind, layer): once for the whole forward
