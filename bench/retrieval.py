@@ -17,6 +17,12 @@ negatives), then merged:
         $([ $m = mam ] || echo --no-baseline) --out bench/results/retrieval-part-$m.md &
     done; wait    # (start one first: the others may wait for /tmp/neg.json instead of mining it again)
     python bench/retrieval.py --merge bench/results/retrieval-part-*.json
+
+Tuning never reads the held-out set: --val-size N trains on all but the last N pairs of the (already shuffled)
+training pool and reports on those N (bench/results/retrieval-val-*), e.g.
+
+    OMP_NUM_THREADS=1 python bench/retrieval.py --methods lora --val-size 300 --lr 3e-3 --max-length 128 \\
+        --out bench/results/retrieval-val-128-lr3e-3-lora.md
 """
 
 from __future__ import annotations
