@@ -255,7 +255,7 @@ def lru(cl: Client, n: int, slots: int, seconds: float) -> dict:
         hits.append(cl.infer([f"a{j}" for j in warm])[0])
         recent = [j for j in recent if j not in warm] + warm
         cold = int(rng.integers(n))
-        while cold in recent[-2 * slots:]:
+        while cold in recent[-min(2 * slots, n - 9):]:  # (a small n: fewer excluded, never all)
             cold = int(rng.integers(n))
         misses.append(cl.infer([f"a{cold}"] + [f"a{j}" for j in warm[:7]])[0])
         recent = [j for j in recent if j != cold] + [cold]
