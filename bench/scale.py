@@ -513,8 +513,8 @@ def plot(res: dict, path: Path) -> None:
     a.set_ylim(bottom=0)
     a.legend()
     mb = res["pack_tensor_bytes"] / 2 ** 20
-    b.plot(xs, [r["rss_mb"] - res["rss_empty_mb"] for r in lv], "o-", label="stub RSS growth")
-    b.plot(xs, [x * mb for x in xs], "k--", label="packs' own bytes")
+    b.plot(xs[1:], [r["rss_mb"] - lv[0]["rss_mb"] for r in lv[1:]], "o-", label=f"stub RSS growth from {xs[0]}")
+    b.plot(xs[1:], [(x - xs[0]) * mb for x in xs[1:]], "k--", label="the added packs' own bytes")
     b.set(xscale="log", yscale="log", xlabel="adapters resident", ylabel="MB", title="memory")
     b.legend()
     fig.tight_layout()
