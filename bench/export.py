@@ -1,6 +1,7 @@
 """Export speed on MiniLM, CPU (README table): PyTorch eager with adapters (our model), ONNX merged, ONNX
 shared (one adapter, and eight mixed), TorchScript, and the same exports with the backbone's MatMuls int8
-(`--quantize int8`); beside them, peers on the plain MiniLM (no adapter): transformers eager, a plain
+(`--quantize int8`); the merged LoRA in fp32 and int8 (its graph has the plain backbone's shape: the like-
+for-like row against the peers, whatever --method is); beside them, peers on the plain MiniLM (no adapter): transformers eager, a plain
 torch.onnx.export of transformers' AutoModel, that export after onnxruntime.transformers' BERT fusions,
 and onnxruntime's int8 dynamic quantization of both (what a user who only needs the backbone would take);
 and the FLOP floor (the backbone's FLOPs at the fp32 matmul rate measured in the same run). At batch 1 x
@@ -38,6 +39,7 @@ PEER_EAGER = "transformers eager (plain MiniLM)"
 PEERS = {"plain": "ORT HF export (plain MiniLM)", "fused": "ORT HF export + fusions",
          "plain int8": "ORT HF export int8", "fused int8": "ORT HF export + fusions, int8"}
 FLOOR = "FLOP floor (fp32 matmul rate)"
+LORA, LORA8 = "ONNX merged lora (plain backbone's shape)", "ONNX merged lora int8"
 MIXED = ("unipelt", "mam", "compacter", "sparse_adapter", "lora", "adapter", "s4", "prefix")
 
 
@@ -241,6 +243,12 @@ def main() -> int:
     sizes["merged ONNX int8 (one adapter)"] = (work / "merged-int8" / f"{args.method}.onnx").stat().st_size
     sizes["shared int8 weights backbone.onnx.data"] = (work / "shared-int8" / "backbone.onnx.data").stat().st_size
     merged8 = session(work / "merged-int8" / f"{args.method}.onnx", args.threads)
+    # like for like with the plain-MiniLM peers: LoRA merges into the backbone's own weights, so its merged
+    # graph has the plain backbone's shape (no prefix, gate or extra MatMul), in fp32 and int8
+    export_checkpoint(ckpts["lora"], work / "merged-lora", "onnx", merged=True, log=lambda *_: None)
+    export_checkpoint(ckpts["lora"], work / "merged-lora-int8", "onnx", merged=True, **q)
+    merged_lora = session(work / "merged-lora" / "lora.onnx", args.threads)
+    merged_lora8 = session(work / "merged-lora-int8" / "lora.onnx", args.threads)
     shared8 = session(work / "shared-int8" / "backbone.onnx", args.threads)
     shared8_one = session(work / "shared-one-int8" / "backbone.onnx", args.threads)
     peers = {k: session(v, args.threads) for k, v in hf_peers(backbone.folder, work / "hf").items()}
@@ -262,6 +270,8 @@ def main() -> int:
             "ONNX shared, 8 methods mixed": lambda: shared.run(["logits"], feed | idx8 | eight),
             "TorchScript merged": lambda: ts(ids, mask),
             "ONNX merged int8": lambda: merged8.run(["logits"], feed),
+            LORA: lambda: merged_lora.run(["logits"], feed),
+            LORA8: lambda: merged_lora8.run(["logits"], feed),
             "ONNX shared int8, 1 adapter": lambda: shared8_one.run(["logits"], feed | idx0 | one),
             "ONNX shared int8, 8 methods mixed": lambda: shared8.run(["logits"], feed | idx8 | eight),
             PEER_EAGER: lambda: hf(input_ids=ids, attention_mask=mask),
@@ -295,6 +305,11 @@ RATIOS = (  # (label, numerator variant, denominator variant): time ratios, < 1 
     ("int8 merged / ORT HF export int8", "ONNX merged int8", "ORT HF export int8"),
     ("int8 merged / ORT HF export + fusions, int8", "ONNX merged int8", "ORT HF export + fusions, int8"),
     ("fp32 merged / ORT HF export + fusions", "ONNX merged", "ORT HF export + fusions"),
+    ("fp32 merged / ORT HF export", "ONNX merged", "ORT HF export (plain MiniLM)"),
+    ("fp32 merged lora / ORT HF export", LORA, "ORT HF export (plain MiniLM)"),
+    ("int8 merged lora / ORT HF export int8", LORA8, "ORT HF export int8"),
+    ("int8 merged lora / ORT HF export + fusions, int8", LORA8, "ORT HF export + fusions, int8"),
+    ("int8 merged lora / fp32 merged lora", LORA8, LORA),
 )
 
 
