@@ -116,6 +116,16 @@ def test_onnx_graph_skips_kinds_with_if(adapters):
     kinds += int("prefix" in layout.gated)  # the prefix gate
     assert layout.lora and layout.seq and layout.par and layout.phm and layout.prefix and layout.bitfit
     assert len(ifs) == kinds * 2  # tiny-bert has 2 layers: one If per kind per layer
+    # which rows use each (kind, layer) is worked out once: the every-row and some-row flag vectors are
+    # each Split once into one condition per (kind, layer), and no If gathers or reduces its own flags
+    splits = [n for n in m.graph.node if n.op_type == "Split" and len(n.output) == kinds * 2]
+    assert len(splits) == 2
+    conds = {o for n in splits for o in n.output}
+    conds |= {n.output[0] for n in m.graph.node if n.op_type == "Cast" and n.input[0] in conds}  # bool()
+    assert {n.input[0] for n in ifs} <= conds
+    for n in ifs:  # the every-row branch runs the kind on the whole batch: no NonZero, no ScatterND
+        then = next(a.g for a in n.attribute if a.name == "then_branch")
+        assert not {x.op_type for x in then.node} & {"NonZero", "ScatterND", "ReduceMin", "ReduceMax"}, n.name
 
 
 def test_trace_on_a_batch_without_some_kinds_keeps_every_path(adapters, tiny_bert, tmp_path):
