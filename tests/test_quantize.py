@@ -169,3 +169,53 @@ def test_deploy_refuses_other_precision_into_served_repo(ckpts, tmp_path):
         deploy(tmp_path / "i8", tmp_path / "repo", log=lambda *_: None)
     after = {p.relative_to(served): p.read_bytes() for p in served.rglob("*") if p.is_file()}
     assert after == before
+
+
+def _optimized_ops(path, tmp_path):
+    """Op counts of the graph onnxruntime runs (after its CPU graph optimizations), as bench/export.py does."""
+    import collections
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / f"opt-{path.stem}.onnx")
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return collections.Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
+
+
+def test_int8_merged_lora_runs_the_kernels_of_plain_export_int8(ckpts, tiny_bert, tmp_path):
+    """Like for like with onnxruntime's int8 dynamic quantization of a plain torch.onnx export of the same
+    backbone (bench/export.py's peer): after onnxruntime's graph optimizations, the merged LoRA int8 graph
+    runs every backbone projection in the same fused int8 kernels (DynamicQuantizeMatMul, and
+    MatMulIntegerToFloat for q, k, v sharing one DynamicQuantizeLinear), none left as an unfused
+    MatMulInteger, and its attention as many fp32 MatMuls as the peer's (no extra op in the hot loop)."""
+    import warnings
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from transformers import BertConfig, BertModel
+    c = tiny_bert.config
+
+    class Plain(torch.nn.Module):  # a transformers BERT of the tiny backbone's size (its weights do not matter)
+        def __init__(self):
+            super().__init__()
+            self.hf = BertModel(BertConfig(vocab_size=c.vocab_size, hidden_size=c.hidden_size,
+                                           num_hidden_layers=c.num_hidden_layers,
+                                           num_attention_heads=c.num_attention_heads,
+                                           intermediate_size=c.intermediate_size,
+                                           attn_implementation="eager")).eval()
+
+        def forward(self, input_ids, attention_mask):
+            return self.hf(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    ids, mask = _batch()
+    axes = {"input_ids": {0: "b", 1: "s"}, "attention_mask": {0: "b", 1: "s"}}
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Plain(), (torch.from_numpy(ids), torch.from_numpy(mask)), str(tmp_path / "hf.onnx"),
+                          dynamo=False, opset_version=17, input_names=["input_ids", "attention_mask"],
+                          dynamic_axes=axes, do_constant_folding=True)
+    quantize_dynamic(tmp_path / "hf.onnx", tmp_path / "hf8.onnx", weight_type=QuantType.QInt8)
+    export_checkpoint(ckpts["lora"], tmp_path, merged=True, quantize="int8", log=lambda *_: None)
+    ours, peer = _optimized_ops(tmp_path / "lora.onnx", tmp_path), _optimized_ops(tmp_path / "hf8.onnx", tmp_path)
+    layers = tiny_bert.config.num_hidden_layers
+    for op in ("DynamicQuantizeMatMul", "MatMulIntegerToFloat", "DynamicQuantizeLinear"):
+        assert ours[op] == peer[op] > 0, (op, ours[op], peer[op])
+    assert ours["DynamicQuantizeMatMul"] + ours["MatMulIntegerToFloat"] == 6 * layers
+    assert ours["MatMulInteger"] == 0
+    assert ours["MatMul"] + ours["FusedMatMul"] == peer["MatMul"] + peer["FusedMatMul"] == 2 * layers
