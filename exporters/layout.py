@@ -100,6 +100,9 @@ def _pack_layer(t: dict, i: int, la, ad, sizes: dict) -> None:
     if la.bitfit is not None:
         for name, delta in la.bitfit.items():
             t[f"bitfit_{name}"][i] = delta
+    if la.ia3 is not None:  # stored less 1, so an adapter without it is zeros (the graph multiplies by 1 + it)
+        for name, scale in la.ia3.items():
+            t[f"ia3_{name}"][i] = scale - 1.0
 
 
 def _pack_dense(t: dict, p: str, i: int, b) -> None:

@@ -2,6 +2,8 @@
 
 - LoRA without a gate: W <- W + (alpha / r) B A (a gated LoRA depends on its input: kept as ops).
 - BitFit: frozen bias <- bias + delta (the same fp32 addition the model does at run time).
+- (IA)^3: a per-channel scale, exact: W <- W * l on rows (and b <- b * l) or on columns (input scaling); after
+  BitFit (the scale covers the delta) and before LoRA (the scale does not cover the LoRA update).
 - Prefix: ejected to constant key/value vectors.
 - SparseAdapter: pre-masked weights, stored as their non-zeros for hpeft::SparseLinear.
 - PHM (Compacter): kept as hpeft::PHMLinear by default; `fold_phm=True` folds each PHM layer into a dense
@@ -53,6 +55,11 @@ def merge(model: HybridModel, fold_phm: bool = False) -> HybridModel:
             for name, delta in la.bitfit.items():
                 proj[name].bias += delta
             la.bitfit = None
+        if la.ia3 is not None:
+            from hpeft_serve.methods.ia3 import merge_into
+            for name, scale in la.ia3.items():
+                merge_into(name, proj[name], scale)
+            la.ia3 = None
         for t in [t for t, lo in la.lora.items() if lo.gate is None]:
             proj[t].weight.copy_(la.lora[t].merged_weight(proj[t].weight))
             del la.lora[t]

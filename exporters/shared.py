@@ -33,6 +33,7 @@ from hpeft_serve.encoder import Encoder, LayerContext
 from hpeft_serve.methods import functional as Fn
 from hpeft_serve.model import pool
 
+from hpeft_serve.methods.config import IA3_INPUT
 from hpeft_serve.pack.layout import NEG, _lora_dims
 
 from .layout import ACTS, Layout, bank_feed, input_names, per_layer
@@ -252,7 +253,13 @@ class BankedLayer:
         bias = layer.bias
         if self.layout.bitfit:  # the row's delta in the bias, as the PyTorch module adds it
             bias = bias + self.t(f"bitfit_{name}")[self.index2]  # (B, 1, out)
-        y = F.linear(x, layer.weight) + bias
+        ia3 = name in self.layout.ia3  # the row's (IA)^3 scale, 1 + the pack's (B, 1, in or out); 1 without one
+        scale = 1.0 + self.t(f"ia3_{name}")[self.index2] if ia3 else None
+        if ia3 and name in IA3_INPUT:
+            y = F.linear(x * scale, layer.weight) + bias
+        else:
+            y = F.linear(x, layer.weight) + bias
+            y = y * scale if ia3 else y
         if name in self.layout.lora:
             y = self._run(f"lora_{name}", y, [x], ctx)
         return y

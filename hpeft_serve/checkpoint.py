@@ -45,6 +45,8 @@ def slot_dims(model: HybridModel) -> list[dict]:
                 d[f"{kind}_{site}"] = {"width": b.cfg.width(model.encoder.config.hidden_size), "phm_n": b.cfg.phm_n}
         if la.bitfit is not None:
             d["bitfit"] = True
+        if la.ia3 is not None:
+            d["ia3"] = sorted(la.ia3)
         out.append(d)
     return out
 

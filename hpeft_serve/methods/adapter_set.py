@@ -15,8 +15,9 @@ from ..encoder import EncoderConfig, LayerContext, LayerHooks
 from ..errors import ConfigError
 from .bitfit import make_bitfit
 from .bottleneck import Bottleneck, DenseProj
-from .config import BitFitConfig, BottleneckConfig, LoRAConfig, MethodConfig, PrefixConfig, layers_of
+from .config import BitFitConfig, BottleneckConfig, IA3Config, LoRAConfig, MethodConfig, PrefixConfig, layers_of
 from .gate import Gate
+from .ia3 import make_ia3, scaled_linear
 from .lora import LoRA
 from .prefix import PrefixPool
 
@@ -31,12 +32,16 @@ class LayerAdapters(LayerHooks):
         self.seq = nn.ModuleDict()  # site -> Bottleneck on the sub-layer output
         self.par = nn.ModuleDict()  # site -> Bottleneck beside the sub-layer
         self.bitfit: nn.ParameterDict | None = None
+        self.ia3: nn.ParameterDict | None = None  # (IA)^3 scales, per target
         self.prefix_gate: Gate | None = None
         self.has_prefix = False
 
     def linear(self, name, x, layer, ctx):
         b = layer.bias if self.bitfit is None else layer.bias + self.bitfit[name]
-        y = F.linear(x, layer.weight, b)
+        if self.ia3 is not None and name in self.ia3:
+            y = scaled_linear(name, x, layer.weight, b, self.ia3[name])
+        else:
+            y = F.linear(x, layer.weight, b)
         if name in self.lora:
             y = y + self.lora[name](x, ctx.token_mask)
         return y
@@ -90,6 +95,11 @@ class AdapterSet(nn.Module):
             elif isinstance(c, BitFitConfig):
                 for i in layers:
                     self.layers[i].bitfit = make_bitfit(d, f)
+            elif isinstance(c, IA3Config):
+                for i in layers:
+                    if self.layers[i].ia3 is not None:
+                        raise ConfigError(f"two (IA)^3 components in layer {i}")
+                    self.layers[i].ia3 = make_ia3(c.targets, dims)
 
     def _add_lora(self, c: LoRAConfig, layers, dims, masked) -> None:
         for i in layers:

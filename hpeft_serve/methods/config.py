@@ -23,6 +23,8 @@ INITS = ("bert", "mam", "houlsby")
 PRUNERS = ("rand", "mag", "snip", "grasp")
 GATE_POOLING = ("masked", "all")
 BIAS_NAMES = ("q", "k", "v", "o", "ffn_in", "ffn_out", "attn_ln", "ffn_ln")  # what BitFit tunes, per layer
+IA3_TARGETS = LORA_TARGETS
+IA3_INPUT = ("o", "ffn_out")  # (IA)^3 scales these projections' input (ffn_out's: the FFN's intermediate activation)
 
 
 @dataclass(frozen=True)
@@ -100,8 +102,19 @@ class BitFitConfig:
     type: str = "bitfit"
 
 
-COMPONENTS = {"lora": LoRAConfig, "prefix": PrefixConfig, "adapter": BottleneckConfig, "bitfit": BitFitConfig}
-Component = LoRAConfig | PrefixConfig | BottleneckConfig | BitFitConfig
+@dataclass(frozen=True)
+class IA3Config:
+    targets: tuple[str, ...] = ("k", "v", "ffn_out")
+    """projections rescaled per channel: q k v ffn_in on their output, o ffn_out on their input (ffn_out's input is
+    the FFN's intermediate activation)"""
+    layers: tuple[int, ...] | None = None
+    """layer indices (None: all)"""
+    type: str = "ia3"
+
+
+COMPONENTS = {"lora": LoRAConfig, "prefix": PrefixConfig, "adapter": BottleneckConfig, "bitfit": BitFitConfig,
+              "ia3": IA3Config}
+Component = LoRAConfig | PrefixConfig | BottleneckConfig | BitFitConfig | IA3Config
 
 
 @dataclass(frozen=True)
@@ -155,6 +168,9 @@ def validate_component(c: Component) -> Component:
         need(c.r >= 1, f"r must be >= 1, got {c.r}")
         need(bool(c.targets) and all(t in LORA_TARGETS for t in c.targets),
              f"targets {list(c.targets)} must be among {list(LORA_TARGETS)}")
+    elif isinstance(c, IA3Config):
+        need(bool(c.targets) and all(t in IA3_TARGETS for t in c.targets),
+             f"targets {list(c.targets)} must be among {list(IA3_TARGETS)}")
     elif isinstance(c, PrefixConfig):
         need(c.length >= 1, f"length must be >= 1, got {c.length}")
         need(c.bottleneck >= 0, f"bottleneck must be >= 0, got {c.bottleneck}")

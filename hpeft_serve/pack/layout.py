@@ -35,7 +35,7 @@ from functools import lru_cache
 import numpy as np
 
 from ..errors import CheckpointError
-from ..methods.config import BIAS_NAMES, LORA_TARGETS, SITES
+from ..methods.config import BIAS_NAMES, IA3_INPUT, IA3_TARGETS, LORA_TARGETS, SITES
 
 LAYOUT_VERSION = 1
 ACTS = ("relu", "gelu", "gelu_new", "silu")  # the activations a bottleneck slot can select (one-hot)
@@ -78,6 +78,9 @@ def spec() -> dict[str, tuple]:
     s["phm_rule"] = ("n", "n", "n")
     for b in BIAS_NAMES:
         s[f"bitfit_{b}"] = ("L", "f" if b == "ffn_in" else "d")
+    for t in IA3_TARGETS:  # (IA)^3: the scale less 1 (zero: no change), on the input (o, ffn_out) or output
+        i, o = _lora_dims(t)
+        s[f"ia3_{t}"] = ("L", i if t in IA3_INPUT else o)
     s |= {"head_dense_w": ("d", "d"), "head_dense_b": ("d",), "head_out_w": ("C", "d"), "head_out_b": ("C",)}
     s |= {"head_max": (), "head_norm": ()}  # embeddings output: max pooling, L2 normalisation (0/1)
     return s
@@ -190,6 +193,7 @@ class Layout:
     bitfit: bool = False
     phm_n: tuple[int, ...] = ()
     embeddings: bool = False
+    ia3: tuple[str, ...] = ()
 
     def phm_prefixes(self) -> list[str]:
         """The PHM branches, `phm{n}_{site}`."""
@@ -211,6 +215,7 @@ class Layout:
         want += [f"seq_{s}_ln_before" for s in SITES if s in self.seq or s in self.phm]
         want += [f"{p}{g}" for p in self.gated if not p.startswith("phm") for g in gate]
         want += [f"bitfit_{b}" for b in BIAS_NAMES] if self.bitfit else []
+        want += [f"ia3_{t}" for t in self.ia3]
         out = [n for n in spec() if n in set(want)]
         for n in self.phm_n:  # per n: its branches, then its rule
             for p in (f"phm{n}_{s}" for s in SITES if s in self.phm):
@@ -224,7 +229,8 @@ class Layout:
         return Layout(u(self.lora, other.lora), self.prefix or other.prefix, u(self.seq, other.seq),
                       u(self.phm, other.phm), u(self.par, other.par), u(self.gated, other.gated),
                       u(self.acts, other.acts), self.bitfit or other.bitfit,
-                      tuple(sorted(set(self.phm_n) | set(other.phm_n))), self.embeddings or other.embeddings)
+                      tuple(sorted(set(self.phm_n) | set(other.phm_n))), self.embeddings or other.embeddings,
+                      tuple(t for t in IA3_TARGETS if t in self.ia3 or t in other.ia3))
 
     def covers(self, other: "Layout") -> bool:
         return self.union(other) == self
@@ -259,7 +265,8 @@ def needs(t: dict, sizes: dict) -> Layout:
                  if any(bool((t[f"{p}_act"][..., j] != 0).any()) for p in slots if f"{p}_act" in t))
     bitfit = any(nonzero(f"bitfit_{b}") for b in BIAS_NAMES)
     embeddings = sizes["C"] == 0 or any(nonzero(k) for k in OPTIONAL)
-    return Layout(lora, sizes["P"] > 0, seq, phm, par, gated, acts, bitfit, (n,) if phm else (), embeddings)
+    ia3 = tuple(x for x in IA3_TARGETS if nonzero(f"ia3_{x}"))
+    return Layout(lora, sizes["P"] > 0, seq, phm, par, gated, acts, bitfit, (n,) if phm else (), embeddings, ia3)
 
 
 def backbone_pack(dims: dict, pooling: str, normalize: bool) -> tuple[dict[str, np.ndarray], dict[str, int]]:
