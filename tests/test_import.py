@@ -17,7 +17,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from exporters.export import export_checkpoint, read_layout
 from exporters.layout import bank_feed, stack
@@ -150,7 +150,7 @@ def test_unsupported_adapterhub_options_are_refused_by_name(edit, named, tmp_pat
     (lambda c: c.update(use_dora=True), "use_dora"),
     (lambda c: c.update(lora_bias=True), "lora_bias"),
     (lambda c: c.update(bias="all"), "bias='all'"),
-    (lambda c: c.update(peft_type="IA3"), "peft_type 'IA3'"),
+    (lambda c: c.update(peft_type="LOHA"), "peft_type 'LOHA'"),
     (lambda c: c.update(task_type="CAUSAL_LM"), "task_type 'CAUSAL_LM'"),
 ])
 def test_unsupported_peft_options_are_refused_by_name(edit, named, tmp_path):
@@ -158,6 +158,21 @@ def test_unsupported_peft_options_are_refused_by_name(edit, named, tmp_path):
     _edit_config(folder, edit)
     with pytest.raises(CheckpointError, match=named):
         _import(folder, "peft", _backbone("peft-lora-bert"), tmp_path)
+
+
+def test_peft_ia3_imports_its_scales_and_refuses_another_orientation(imported, tmp_path):
+    """peft's BERT default: k, v on the output; o and ffn_out (both `output.dense`) on the input. A key vector
+    saved as feedforward (1, in) scales the key's input, which hpeft has no slot for: refused by name."""
+    comps = checkpoint.read_config(imported["peft-ia3-bert"])["method_config"]["components"]
+    assert [(c["type"], c["targets"]) for c in comps] == [("ia3", ["k", "v", "o", "ffn_out"])]
+    folder = _copy("peft-ia3-bert", tmp_path)
+    f = folder / "adapter_model.safetensors"
+    t = load_file(str(f))
+    key = "base_model.model.bert.encoder.layer.1.attention.self.key.ia3_l"
+    t[key] = t[key].reshape(1, -1).contiguous()
+    save_file(t, str(f))
+    with pytest.raises(CheckpointError, match=r"\(IA\)\^3 on encoder.layer.1.attention.self.key scales its input"):
+        _import(folder, "peft", _backbone("peft-ia3-bert"), tmp_path)
 
 
 def test_mismatched_backbone_is_refused(tmp_path):

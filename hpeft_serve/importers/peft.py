@@ -1,5 +1,5 @@
-"""Import Hugging Face `peft` checkpoints exactly: LoRA and prefix tuning of a sequence classifier or of a
-feature extractor (an embedding adapter).
+"""Import Hugging Face `peft` checkpoints exactly: LoRA, (IA)^3 and prefix tuning of a sequence classifier or
+of a feature extractor (an embedding adapter).
 
 A checkpoint folder is what `PeftModel.save_pretrained(dir)` writes: `adapter_config.json` and
 `adapter_model.safetensors` (or `adapter_model.bin`, read without unpickling code), with the classifier
@@ -11,6 +11,11 @@ hidden state never uses, is ignored with a note).
   from the saved tensors, so `target_modules`, `layers_to_transform` and `exclude_modules` need no
   re-matching), scaled by lora_alpha / r or, with `use_rslora`, lora_alpha / sqrt(r); `rank_pattern` and
   `alpha_pattern` resolved per module as peft resolves them.
+- (IA)^3 (`ia3_l` per module, from the saved tensors as for LoRA): a vector (out, 1) scales the module's output
+  (bias included), one (1, in) its input (peft's `feedforward_modules`). hpeft scales q k v ffn_in on their
+  output and o ffn_out on their input (BERT's default peft config: key and value, and `output.dense`, which
+  ends both the attention output's and the FFN output's name, as feedforward); another orientation is
+  refused, naming the module.
 - Prefix tuning: `prompt_embeddings` (P, 2 L d) are the key/values (the MLP, if any, was evaluated at save).
   peft passes them as past key/values, so transformers shifts the token positions by P: imported as a prefix
   with shift_positions. peft runs this for BERT-type classifiers only (on RoBERTa / XLM-R its sequence-
@@ -33,7 +38,7 @@ from pathlib import Path
 
 from ..backbone import Backbone
 from ..errors import CheckpointError
-from ..methods.config import LoRAConfig, MethodConfig, PrefixConfig
+from ..methods.config import IA3_INPUT, IA3_TARGETS, IA3Config, LoRAConfig, MethodConfig, PrefixConfig
 from .common import (
     Imported,
     check_float,
@@ -57,14 +62,16 @@ BASE = {"bert": "bert", "roberta": "roberta", "xlm-roberta": "roberta", "electra
         "distilbert": "distilbert", "deberta-v2": "deberta"}  # the base model's attribute in a classifier
 LORA_KEY = re.compile(r"^base_model\.model\.((?:bert|roberta|electra|distilbert|deberta)\.)?"
                       r"(encoder|transformer)\.layer\.(\d+)\.(.+)\.lora_([AB])\.weight$")
+IA3_KEY = re.compile(r"^base_model\.model\.((?:bert|roberta|electra|distilbert|deberta)\.)?"
+                     r"(encoder|transformer)\.layer\.(\d+)\.(.+)\.ia3_l$")
 # options read below, and options with no effect at inference; any other option must be unset (null/false/empty)
 HANDLED = {"peft_type", "task_type", "r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern",
            "target_modules", "modules_to_save", "layers_to_transform", "layers_pattern", "exclude_modules",
            "num_virtual_tokens", "token_dim", "num_layers", "num_attention_heads", "num_transformer_submodules",
-           "prefix_projection", "encoder_hidden_size"}
+           "prefix_projection", "encoder_hidden_size", "feedforward_modules"}
 HARMLESS = {"base_model_name_or_path", "revision", "inference_mode", "init_lora_weights", "lora_dropout",
             "megatron_core", "qalora_group_size", "peft_version", "auto_mapping", "loftq_config",
-            "ensure_weight_tying", "init_weights", "bias"}
+            "ensure_weight_tying", "init_weights", "bias", "init_ia3_weights"}
 
 
 IMPORTABLE = tuple(FAMILY_PATHS)  # the families whose peft key names are mapped above
@@ -162,6 +169,42 @@ def _lora(cfg: dict, tensors: dict, backbone: Backbone, folder: Path) -> tuple[l
     return comps, out
 
 
+def _ia3(tensors: dict, backbone: Backbone, folder: Path) -> tuple[list, dict]:
+    """peft's `ia3_l` tensors as (IA)^3 components (one per set of targets, on the layers that have it)."""
+    ec = backbone.config
+    base, paths = BASE[ec.model_type], FAMILY_PATHS[ec.model_type]
+    layers = "transformer.layer" if ec.model_type == "distilbert" else "encoder.layer"
+    d, f = ec.hidden_size, ec.intermediate_size
+    dims = {"q": (d, d), "k": (d, d), "v": (d, d), "o": (d, d), "ffn_in": (d, f), "ffn_out": (f, d)}
+    found: dict[int, dict[str, object]] = {}
+    out = {}
+    for k in sorted(k for k in tensors if k.endswith(".ia3_l")):
+        m = IA3_KEY.match(k)
+        if m and m.group(1) and m.group(1) != base + ".":
+            raise CheckpointError(f"{folder}: the (IA)^3 tensors are for a {m.group(1)[:-1]} model, the backbone "
+                                  f"{backbone.name} is a {ec.model_type}: use the backbone it was trained on")
+        if not m or f"{m.group(2)}.layer" != layers or m.group(4) not in paths \
+                or int(m.group(3)) >= ec.num_hidden_layers:
+            raise _refuse(folder, f"(IA)^3 tensor {k} is not on a projection of the backbone's "
+                          f"{ec.num_hidden_layers} encoder layers")
+        i, t = int(m.group(3)), paths[m.group(4)]
+        module, (d_in, d_out) = f"{layers}.{i}.{m.group(4)}", dims[t]
+        on_input = t in IA3_INPUT
+        want, other = ((1, d_in), (d_out, 1)) if on_input else ((d_out, 1), (1, d_in))
+        if tuple(tensors[k].shape) == other and want != other:
+            raise _refuse(folder, f"(IA)^3 on {module} scales its {'output' if on_input else 'input'} (peft "
+                          f"feedforward_modules {'does not name' if on_input else 'names'} it); hpeft scales "
+                          f"{t} on its {'input' if on_input else 'output'} ({', '.join(IA3_INPUT)} on the input)")
+        out[f"adapters.layers.{i}.ia3.{t}"] = take(tensors, k, want, f"{folder}: {module}").reshape(-1)
+        found.setdefault(i, {})[t] = True
+    if not found:
+        raise _refuse(folder, "an IA3 config without ia3_l tensors")
+    groups: dict[tuple, list[int]] = {}
+    for i, ts in sorted(found.items()):
+        groups.setdefault(tuple(t for t in IA3_TARGETS if t in ts), []).append(i)
+    return [IA3Config(targets=ts, layers=tuple(ls)) for ts, ls in groups.items()], out
+
+
 def _prefix(cfg: dict, tensors: dict, backbone: Backbone, folder: Path, embedding: bool) -> tuple[list, dict]:
     ec = backbone.config
     if ec.model_type not in ("bert", "roberta", "xlm-roberta"):
@@ -188,8 +231,8 @@ def import_peft(folder: Path, backbone: Backbone) -> Imported:
     folder = Path(folder)
     cfg = read_json(folder / "adapter_config.json")
     kind = cfg.get("peft_type")
-    if kind not in ("LORA", "PREFIX_TUNING"):
-        raise CheckpointError(f"{folder}: peft_type {kind!r} is not supported (supported: LORA, PREFIX_TUNING)")
+    if kind not in ("LORA", "IA3", "PREFIX_TUNING"):
+        raise CheckpointError(f"{folder}: peft_type {kind!r} is not supported (supported: LORA, IA3, PREFIX_TUNING)")
     _check_options(cfg, folder)
     if backbone.config.model_type not in IMPORTABLE:
         raise CheckpointError(f"{folder}: importing peft adapters of a {backbone.config.model_type} backbone is not "
@@ -203,6 +246,9 @@ def import_peft(folder: Path, backbone: Backbone) -> Imported:
         _ignore_pooler(tensors, notes, folder)
     if kind == "LORA":
         comps, out = _lora(cfg, tensors, backbone, folder)
+        head_prefix = "base_model.model."
+    elif kind == "IA3":
+        comps, out = _ia3(tensors, backbone, folder)
         head_prefix = "base_model.model."
     else:
         comps, out = _prefix(cfg, tensors, backbone, folder, embedding)
@@ -218,7 +264,7 @@ def import_peft(folder: Path, backbone: Backbone) -> Imported:
     if tensors:
         raise _refuse(folder, f"tensors {sorted(tensors)[:4]} belong to no supported part (other modules_to_save, "
                       "trainable tokens?)")
-    method = MethodConfig("lora" if kind == "LORA" else "prefix", tuple(comps))
+    method = MethodConfig({"LORA": "lora", "IA3": "ia3"}.get(kind, "prefix"), tuple(comps))
     source = {"library": "peft", "version": cfg.get("peft_version"), "peft_type": kind,
               "task_type": cfg["task_type"], "base_model": cfg.get("base_model_name_or_path"), "weights": wfile}
     return Imported(method, head, labels, out | head_t, source, notes)

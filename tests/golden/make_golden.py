@@ -22,6 +22,8 @@ The environment (keep it out of the project's venv: adapters 1.3.0 pins transfor
     /tmp/golden-venv/bin/python tests/golden/make_golden.py
 
 Re-running rewrites every file (seeded, so the same versions give the same tensors).
+`make_golden.py --only peft-ia3` makes only the cases whose name starts with that (peft alone suffices for
+peft cases; the backbones and the other cases are kept) and updates manifest.json.
 """
 
 from __future__ import annotations
@@ -203,7 +205,7 @@ def reload_adapterhub(folder: Path, backbone: Path, arch: str, head: str, labels
 
 # ---------------------------------------------------------------- peft cases
 def peft_cases():
-    from peft import LoraConfig, PrefixTuningConfig, TaskType
+    from peft import IA3Config, LoraConfig, PrefixTuningConfig, TaskType
     return [
         ("peft-lora-bert", "bert", LoraConfig(task_type=TaskType.SEQ_CLS, r=4, lora_alpha=8,
                                                target_modules=["query", "value", "intermediate.dense"]), 2),
@@ -216,6 +218,14 @@ def peft_cases():
         ("peft-prefix-mlp-bert", "bert", PrefixTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=6,
                                                             prefix_projection=True, encoder_hidden_size=32), 2),
         ("peft-prefix-bert", "bert", PrefixTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=5), 3),
+        # peft's default for BERT: key, value and output.dense, which ends the attention output's name too, all
+        # three `output.dense` feedforward (input scaled)
+        ("peft-ia3-bert", "bert", IA3Config(task_type=TaskType.SEQ_CLS), 2),
+        # the paper's k, v and FFN intermediate, plus query and intermediate.dense output-scaled (regexes)
+        ("peft-ia3-roberta", "roberta", IA3Config(
+            task_type=TaskType.SEQ_CLS,
+            target_modules=r".*layer\.\d+\.(attention\.self\.(query|key|value)|intermediate\.dense|output\.dense)",
+            feedforward_modules=r".*layer\.\d+\.output\.dense"), 3),
     ]
 
 
@@ -225,7 +235,7 @@ def make_peft_case(case, arch, config, backbone: Path, labels: int, seed: int):
     torch.manual_seed(seed)
     base = AutoModelForSequenceClassification.from_pretrained(backbone, num_labels=labels)
     model = get_peft_model(base, config)
-    perturb(model, lambda n: "lora_" in n or "prompt_encoder" in n or "modules_to_save" in n, seed)
+    perturb(model, lambda n: "lora_" in n or "ia3_l" in n or "prompt_encoder" in n or "modules_to_save" in n, seed)
     folder = HERE / "cases" / case
     shutil.rmtree(folder, ignore_errors=True)
     model.save_pretrained(str(folder))
@@ -372,7 +382,31 @@ def save_expected(case: str, arch: str, outputs: dict[str, torch.Tensor]) -> Non
               str(HERE / "expected" / f"{case}.safetensors"))
 
 
+def only(prefix: str) -> int:
+    """Make the peft cases named `prefix`... with the backbones already here; update manifest.json."""
+    import peft
+    torch.set_num_threads(2)
+    manifest = json.loads((HERE / "manifest.json").read_text())
+    if manifest["_versions"]["peft"] != peft.__version__:
+        raise SystemExit(f"the other cases were made with peft {manifest['_versions']['peft']}, this is {peft.__version__}")
+    for seed, (case, arch, config, labels) in enumerate(peft_cases(), start=50):
+        if not case.startswith(prefix):
+            continue
+        direct, logits = make_peft_case(case, arch, config, HERE / "backbones" / arch, labels, seed)
+        diff = (logits - direct).abs().max().item()
+        if diff > 1e-5:
+            raise SystemExit(f"{case}: reloaded logits differ from the saved model's by {diff:.2e}")
+        save_expected(case, arch, {"logits": logits})
+        manifest["cases"][case] = {"library": "peft", "backbone": arch, "config": type(config).__name__,
+                                   "head": "static", "weights": "adapter_model.safetensors"}
+        print(f"{case}: reload diff {diff:.1e}, {sorted(p.name for p in (HERE / 'cases' / case).iterdir())}")
+    (HERE / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return 0
+
+
 def main() -> int:
+    if sys.argv[1:2] == ["--only"]:
+        return only(sys.argv[2])
     import adapters
     import peft
     import transformers
