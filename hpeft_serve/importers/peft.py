@@ -129,27 +129,44 @@ def _ignore_pooler(tensors: dict, notes: list, folder: Path) -> None:
                      "hidden state, which the pooler does not change")
 
 
-def _lora(cfg: dict, tensors: dict, backbone: Backbone, folder: Path) -> tuple[list, dict]:
+def _layers_path(backbone: Backbone) -> str:
+    return "transformer.layer" if backbone.config.model_type == "distilbert" else "encoder.layer"
+
+
+def _dims(backbone: Backbone) -> dict[str, tuple[int, int]]:
+    """(in, out) of each projection."""
+    d, f = backbone.config.hidden_size, backbone.config.intermediate_size
+    return {"q": (d, d), "k": (d, d), "v": (d, d), "o": (d, d), "ffn_in": (d, f), "ffn_out": (f, d)}
+
+
+def _match(key_re: re.Pattern, k: str, what: str, backbone: Backbone, folder: Path) -> re.Match:
+    """`k` matched by `key_re` (groups: model prefix, layers path, layer, module path, ...) on one of the
+    backbone's projections, else a clear error naming the tensor."""
     ec = backbone.config
     base, paths = BASE[ec.model_type], FAMILY_PATHS[ec.model_type]
-    layers = "transformer.layer" if ec.model_type == "distilbert" else "encoder.layer"
+    m = key_re.match(k)
+    if m and m.group(1) and m.group(1) != base + ".":
+        raise CheckpointError(f"{folder}: the {what} tensors are for a {m.group(1)[:-1]} model, the backbone "
+                              f"{backbone.name} is a {ec.model_type}: use the backbone it was trained on")
+    if not m or f"{m.group(2)}.layer" != _layers_path(backbone) or m.group(4) not in paths \
+            or int(m.group(3)) >= ec.num_hidden_layers:
+        raise _refuse(folder, f"{what} tensor {k} is not on a projection of the backbone's "
+                      f"{ec.num_hidden_layers} encoder layers")
+    return m
+
+
+def _lora(cfg: dict, tensors: dict, backbone: Backbone, folder: Path) -> tuple[list, dict]:
+    base, paths = BASE[backbone.config.model_type], FAMILY_PATHS[backbone.config.model_type]
+    layers = _layers_path(backbone)
     found: dict[tuple[int, str], dict] = {}
     for k in [k for k in tensors if ".lora_" in k]:
-        m = LORA_KEY.match(k)
-        if m and m.group(1) and m.group(1) != base + ".":
-            raise CheckpointError(f"{folder}: the LoRA tensors are for a {m.group(1)[:-1]} model, the backbone "
-                                  f"{backbone.name} is a {ec.model_type}: use the backbone it was trained on")
-        if not m or f"{m.group(2)}.layer" != layers or m.group(4) not in paths \
-                or int(m.group(3)) >= ec.num_hidden_layers:
-            raise _refuse(folder, f"LoRA tensor {k} is not on a projection of the backbone's "
-                          f"{ec.num_hidden_layers} encoder layers")
+        m = _match(LORA_KEY, k, "LoRA", backbone, folder)
         found.setdefault((int(m.group(3)), m.group(4)), {})[m.group(5)] = tensors.pop(k)
     if not found:
         raise _refuse(folder, "a LoRA config without LoRA tensors")
     groups: dict[tuple, list[int]] = {}
     out = {}
-    d, f = ec.hidden_size, ec.intermediate_size
-    dims = {"q": (d, d), "k": (d, d), "v": (d, d), "o": (d, d), "ffn_in": (d, f), "ffn_out": (f, d)}
+    dims = _dims(backbone)
     for (i, path), ab in sorted(found.items()):
         t, module = paths[path], f"{base}.{layers}.{i}.{path}"
         if set(ab) != {"A", "B"}:
@@ -171,22 +188,11 @@ def _lora(cfg: dict, tensors: dict, backbone: Backbone, folder: Path) -> tuple[l
 
 def _ia3(tensors: dict, backbone: Backbone, folder: Path) -> tuple[list, dict]:
     """peft's `ia3_l` tensors as (IA)^3 components (one per set of targets, on the layers that have it)."""
-    ec = backbone.config
-    base, paths = BASE[ec.model_type], FAMILY_PATHS[ec.model_type]
-    layers = "transformer.layer" if ec.model_type == "distilbert" else "encoder.layer"
-    d, f = ec.hidden_size, ec.intermediate_size
-    dims = {"q": (d, d), "k": (d, d), "v": (d, d), "o": (d, d), "ffn_in": (d, f), "ffn_out": (f, d)}
+    paths, layers, dims = FAMILY_PATHS[backbone.config.model_type], _layers_path(backbone), _dims(backbone)
     found: dict[int, dict[str, object]] = {}
     out = {}
     for k in sorted(k for k in tensors if k.endswith(".ia3_l")):
-        m = IA3_KEY.match(k)
-        if m and m.group(1) and m.group(1) != base + ".":
-            raise CheckpointError(f"{folder}: the (IA)^3 tensors are for a {m.group(1)[:-1]} model, the backbone "
-                                  f"{backbone.name} is a {ec.model_type}: use the backbone it was trained on")
-        if not m or f"{m.group(2)}.layer" != layers or m.group(4) not in paths \
-                or int(m.group(3)) >= ec.num_hidden_layers:
-            raise _refuse(folder, f"(IA)^3 tensor {k} is not on a projection of the backbone's "
-                          f"{ec.num_hidden_layers} encoder layers")
+        m = _match(IA3_KEY, k, "(IA)^3", backbone, folder)
         i, t = int(m.group(3)), paths[m.group(4)]
         module, (d_in, d_out) = f"{layers}.{i}.{m.group(4)}", dims[t]
         on_input = t in IA3_INPUT
