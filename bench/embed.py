@@ -3,10 +3,13 @@ alternating rounds so that every variant sees the same machine load.
 
 - sentence-transformers `encode` on the plain MiniLM (the tool a user would pick today);
 - our shared graph in-process (SharedRuntime, onnxruntime) with an embedding adapter (tokenizing included),
-  in fp32 and with the backbone's MatMuls int8 (`hpeft export --quantize int8`; its embeddings' cosine
-  similarity to the fp32 ones is reported);
-- the full served path: the official openai client -> the gateway (POST /v1/embeddings) -> tritonserver;
-- batch-1 latency through the gateway (p50 / p99).
+  in fp32 and with the backbone's MatMuls int8 (`hpeft export --quantize int8`);
+- the full served path, fp32 and int8: the official openai client -> the gateway (POST /v1/embeddings) ->
+  tritonserver (one repository, tritonserver and gateway per precision: a repository serves one precision);
+- batch-1 latency through the gateway (p50 / p99), fp32 and int8;
+- exactness: the plain MiniLM through our graph ('@backbone') vs sentence-transformers, served vs in-process
+  (the same graph), and the int8 embeddings' cosine similarity to the fp32 ones;
+- the machine's load (/proc/loadavg) before, after every round and at the end: other processes share it.
 
 Texts: held-out BBC bodies (bbc_retrieval), batch 32, up to 256 tokens (MiniLM's max_seq_length). Prints a
 table and writes bench/results/embed.md, .json and .png. Needs the bench extra (sentence-transformers).
@@ -17,6 +20,7 @@ table and writes bench/results/embed.md, .json and .png. Needs the bench extra (
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -112,16 +116,28 @@ def batch1_latency(encode, corpus: list[str], n: int) -> tuple[float, float]:
     return statistics.median(ts), ts[min(len(ts) - 1, int(0.99 * len(ts)))]
 
 
-def serve(repo: Path):
+def serve(repo: Path, stack):
+    """tritonserver on `repo` and a gateway in front of it, both stopped when `stack` closes; the gateway's URL."""
     from hpeft_serve.gateway import GatewayThread, Settings
     from hpeft_serve.serving.client import free_ports
     from hpeft_serve.serving.triton import TritonServer
     http, grpc, metrics, gport = free_ports(4)
-    triton = TritonServer(repo, http, grpc, metrics, work=repo.parent / "work").start()
+    triton = TritonServer(repo, http, grpc, metrics, work=repo.parent / f"work-{repo.name}").start()
+    stack.callback(triton.stop)
     gw = GatewayThread(Settings(repo=str(repo), triton=f"127.0.0.1:{grpc}", triton_key=triton.key,
                                 triton_metrics=f"http://127.0.0.1:{metrics}/metrics", max_tokens=MAX_TOKENS),
                        "127.0.0.1", gport).start()
-    return triton, gw, f"http://127.0.0.1:{gport}"
+    stack.callback(gw.stop)
+    return f"http://127.0.0.1:{gport}"
+
+
+def loadavg() -> str:
+    """The 1, 5 and 15 minute load averages."""
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def _max_diff(a, b, batch) -> float:
+    return float(np.abs(a(batch) - b(batch)).max())
 
 
 def main() -> int:
@@ -137,45 +153,59 @@ def main() -> int:
     from exporters.export import export_checkpoint
     from hpeft_serve.serving.deploy import deploy
     corpus = texts(args.texts)
-    with tempfile.TemporaryDirectory() as tmp:
+    first = corpus[:BATCH]
+    loads = [("start", loadavg())]
+    m = args.method
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         tmp = Path(tmp)
-        print(f"[embed] {args.method} embedding adapter on minilm: checkpoint, shared export, deploy", flush=True)
-        ck = embedding_ckpt(tmp, args.method)
+        print(f"[embed] {m} embedding adapter on minilm: checkpoint, shared exports fp32 and int8, deploy", flush=True)
+        ck = embedding_ckpt(tmp, m)
+        name = ck.name
         export_checkpoint(ck, tmp / "export", "onnx", log=lambda *_: None)
         export_checkpoint(ck, tmp / "export-int8", "onnx", quantize="int8", log=lambda *_: None)
-        name = ck.name
+        variants = {ST: st_encoder(),
+                    inproc(m, "fp32"): runtime_encoder(tmp / "export", name),
+                    inproc(m, "int8"): runtime_encoder(tmp / "export-int8", name)}
+        urls = {}
         if not args.no_serve:
-            deploy(tmp / "export", tmp / "repo", log=lambda *_: None)
-            triton, gw, url = serve(tmp / "repo")
-        try:
-            variants = {ST: st_encoder(),
-                        f"shared graph in-process + {args.method} adapter": runtime_encoder(tmp / "export", name),
-                        f"shared graph int8 in-process + {args.method} adapter":
-                            runtime_encoder(tmp / "export-int8", name)}
-            if not args.no_serve:
-                variants[f"served: openai -> gateway -> Triton + {args.method}"] = served_encoder(url, name)
-            for enc in variants.values():  # warm-up (and a check that each answers)
-                enc(corpus[:BATCH])
-            # the plain backbone through our graph is what sentence-transformers computes
-            agree = float(np.abs(runtime_encoder(tmp / "export", "@backbone")(corpus[:BATCH])
-                                 - variants[ST](corpus[:BATCH])).max())
-            fp32, int8 = list(variants.values())[1:3]
-            cos = float((fp32(corpus[:BATCH]) * int8(corpus[:BATCH])).sum(1).min())  # both L2-normalised
-            runs = {k: [] for k in variants}
-            for r in range(args.rounds):
-                for k, enc in variants.items():
-                    runs[k].append(throughput(enc, corpus))
-                print(f"[embed] round {r + 1}/{args.rounds}: " +
-                      ", ".join(f"{v[-1]:.1f}" for v in runs.values()) + " texts/s", flush=True)
-            lat = None if args.no_serve else batch1_latency(list(variants.values())[3], corpus, args.latency_requests)
-        finally:
-            if not args.no_serve:
-                gw.stop()
-                triton.stop()
-    return report(runs, lat, agree, cos, args, len(corpus))
+            for prec, export in (("fp32", tmp / "export"), ("int8", tmp / "export-int8")):
+                repo = tmp / f"repo-{prec}"
+                deploy(export, repo, log=lambda *_: None)
+                urls[prec] = serve(repo, stack)
+                variants[served(m, prec)] = served_encoder(urls[prec], name)
+        for enc in variants.values():  # warm-up (and a check that each answers)
+            enc(first)
+        exact = {  # the plain backbone through our graph is what sentence-transformers computes
+            "backbone_vs_st_max_abs_diff": _max_diff(runtime_encoder(tmp / "export", "@backbone"), variants[ST], first)}
+        # both L2-normalised: the row-wise dot product is the cosine similarity
+        exact["int8_vs_fp32_min_cosine"] = float((variants[inproc(m, "fp32")](first)
+                                                  * variants[inproc(m, "int8")](first)).sum(1).min())
+        for prec in urls:
+            exact[f"served_vs_inprocess_{prec}_max_abs_diff"] = _max_diff(variants[served(m, prec)],
+                                                                          variants[inproc(m, prec)], first)
+        runs = {k: [] for k in variants}
+        for r in range(args.rounds):
+            for k, enc in variants.items():
+                runs[k].append(throughput(enc, corpus))
+            loads.append((f"after round {r + 1}", loadavg()))
+            print(f"[embed] round {r + 1}/{args.rounds}: " +
+                  ", ".join(f"{v[-1]:.1f}" for v in runs.values()) + f" texts/s; load {loads[-1][1]}", flush=True)
+        lat = {}
+        for prec in urls:
+            lat[prec] = batch1_latency(variants[served(m, prec)], corpus, args.latency_requests)
+        loads.append(("end", loadavg()))
+    return report(runs, lat, exact, loads, args, len(corpus))
 
 
 ST = "sentence-transformers encode (plain MiniLM)"
+
+
+def inproc(method: str, prec: str) -> str:
+    return f"shared graph in-process + {method}, {prec}" + (" backbone" if prec == "int8" else "")
+
+
+def served(method: str, prec: str) -> str:
+    return f"served: openai -> gateway -> Triton + {method}, {prec}" + (" backbone" if prec == "int8" else "")
 
 
 def _goal(variant: str) -> float | None:
@@ -183,31 +213,41 @@ def _goal(variant: str) -> float | None:
     return None if variant == ST else 1.0 if variant.startswith("served") else 1.5
 
 
-def report(runs: dict, lat: tuple | None, agree: float, cos: float, args, n: int) -> int:
+def report(runs: dict, lat: dict, exact: dict, loads: list, args, n: int) -> int:
     import onnxruntime
     import sentence_transformers
     med = {k: statistics.median(v) for k, v in runs.items()}
     base = med[ST]
     lines = [f"Embeddings (bench/embed.py): {n} held-out BBC bodies, batch {BATCH}, <= {MAX_TOKENS} tokens, "
-             f"{THREADS} threads, median of {args.rounds} alternating rounds; sentence-transformers "
+             f"{THREADS} threads, median of {args.rounds} alternating rounds, one run; sentence-transformers "
              f"{sentence_transformers.__version__}, torch {torch.__version__}, onnxruntime {onnxruntime.__version__}",
              "", "| variant | texts/s (median) | rounds | vs sentence-transformers | goal |", "|---|---|---|---|---|"]
     for k, v in med.items():
         goal = _goal(k)
         lines.append(f"| {k} | {v:.1f} | {', '.join(f'{x:.1f}' for x in runs[k])} | {v / base:.2f}x | "
                      f"{'-' if goal is None else f'>= {goal}x ' + ('met' if v / base >= goal else 'NOT met')} |")
-    lines += [""] + ([] if lat is None else [
-              f"batch-1 latency through the gateway (openai client, {args.latency_requests} requests): "
-              f"p50 {lat[0]:.1f} ms, p99 {lat[1]:.1f} ms"]) + [
-              f"plain MiniLM through our graph ('@backbone') vs sentence-transformers: max abs diff {agree:.1e}",
-              f"int8 vs fp32 embeddings of the same adapter (first batch): min cosine similarity {cos:.4f}"]
+    lines.append("")
+    for prec, (p50, p99) in lat.items():
+        lines.append(f"batch-1 latency through the gateway, {prec} (openai client, {args.latency_requests} requests): "
+                     f"p50 {p50:.1f} ms, p99 {p99:.1f} ms")
+    lines.append("plain MiniLM through our graph ('@backbone') vs sentence-transformers (first batch): "
+                 f"max abs diff {exact['backbone_vs_st_max_abs_diff']:.1e}")
+    for prec in lat:
+        lines.append(f"served vs in-process, {prec}, same adapter (first batch): max abs diff "
+                     f"{exact[f'served_vs_inprocess_{prec}_max_abs_diff']:.1e}")
+    lines.append(f"int8 vs fp32 embeddings of the same adapter (first batch): min cosine similarity "
+                 f"{exact['int8_vs_fp32_min_cosine']:.4f}")
+    lines.append("load (/proc/loadavg 1/5/15 min; other processes share the 2 cores): " +
+                 "; ".join(f"{when} {la}" for when, la in loads))
     text = "\n".join(lines)
     print("\n" + text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".md").write_text(text + "\n")
-    args.out.with_suffix(".json").write_text(json.dumps({"runs": runs, "median": med, "batch1_ms": lat,
-                                                         "backbone_vs_st_max_abs_diff": agree,
-                                                         "int8_vs_fp32_min_cosine": cos}, indent=2))
+    args.out.with_suffix(".json").write_text(json.dumps(
+        {"runs": runs, "median": med, "vs_sentence_transformers": {k: v / base for k, v in med.items()},
+         "batch1_ms": {p: {"p50": a, "p99": b} for p, (a, b) in lat.items()}, **exact,
+         "loadavg": dict(loads), "texts": n, "rounds": args.rounds, "batch": BATCH, "max_tokens": MAX_TOKENS,
+         "threads": THREADS, "method": args.method}, indent=2))
     from plots import embed_plot
     embed_plot(med, args.out.with_suffix(".png"), f"embeddings, MiniLM, batch {BATCH}, <= {MAX_TOKENS} tokens, "
                f"{THREADS} threads (median of {args.rounds} rounds)")
