@@ -221,8 +221,9 @@ def test_registered_packs_are_preloaded_in_the_background_within_the_budget(many
     finally:
         rt.stop_preloading()
 
-    # under a budget of 10 slots: 10 preloaded, none evicted for preloading; a miss loads on the request path,
-    # and an evicted pack loaded again is not hashed again (its files did not change)
+    # under a budget of 10 slots: 10 preloaded, none evicted for preloading, the others hashed ahead in the
+    # background; a miss loads on the request path without hashing (verified ahead), and an evicted pack
+    # loaded again is not hashed again either (its files did not change)
     from hpeft_serve.pack import store as store_mod
     small = SharedRuntime(root / "export", store=str(store), budget_bytes=10 * rt.bank.slot_bytes(),
                           preload_every_s=0.02)
@@ -230,6 +231,8 @@ def test_registered_packs_are_preloaded_in_the_background_within_the_budget(many
         assert _wait(lambda: len(small.bank) == 10)
         time.sleep(0.3)
         assert len(small.bank) == 10 and small.preloaded == 10
+        others = len(small.store.names()) - 10
+        assert _wait(lambda: small.verified_ahead == others), (small.verified_ahead, others)
         first = list(small.bank.names())
         cold = next(f"a{i}" for i in range(32) if f"a{i}" not in first)
         hashed = []
@@ -237,9 +240,13 @@ def test_registered_packs_are_preloaded_in_the_background_within_the_budget(many
         store_mod.hashlib.sha256 = lambda b=b"": hashed.append(1) or real(b)
         try:
             _, errs, _ = small.infer(ids[:1], mask[:1], [cold])  # a miss: evicts the least recently used
-            assert errs == [None] and first[0] not in small.bank.names() and len(hashed) == 1
+            assert errs == [None] and first[0] not in small.bank.names() and not hashed
             _, errs, _ = small.infer(ids[:1], mask[:1], [first[0]])  # back: read, checked, not hashed
-            assert errs == [None] and len(hashed) == 1
+            assert errs == [None] and not hashed
+            _register(store, int(cold[1:]), raw, meta, version=2)  # new files: hashed again on their load
+            small.bank.remove(cold)
+            _, errs, versions = small.infer(ids[:1], mask[:1], [cold])
+            assert errs == [None] and versions[0] == json.loads((store / f"{cold}.json").read_text())["sha256"][:16]
         finally:
             store_mod.hashlib.sha256 = real
         # a request naming the least recently used residents and adapters not resident: its loads evict

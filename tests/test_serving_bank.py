@@ -278,3 +278,68 @@ def test_a_bank_given_the_graph_dims_refuses_another_hidden_size_when_empty(serv
     assert bank.names() == [] and bank._arrays == {}
     bank.put(good)
     assert bank.names() == ["lora"]
+
+
+def test_a_compact_load_fills_the_slot_as_a_whole_one_bit_for_bit(served):
+    """The request path reads a pack as its file holds it (Pack.compact: no full tensors built) and the bank
+    fills the rest of the slot: every bank tensor is bit-identical to putting the pack whole, also in a slot
+    that another adapter (other slot kinds, prefix mask and padded logits at their fills) held before."""
+    root, _ = served
+    rt = SharedRuntime(root / "export")
+    whole = {n: rt.store.load(n) for n in ("uni", "comp", "sparse", "lora")}
+    compact = {n: rt.store.load(n, whole=False) for n in whole}
+    assert all(p.compact and set(p.tensors) < set(whole[n].tensors) for n, p in compact.items())
+    a, b = AdapterBank(rt.layout, 2), AdapterBank(rt.layout, 2)
+    for n in ("uni", "comp", "sparse"):  # the same sizes in both banks
+        a.put(whole[n])
+        b.put(whole[n])
+    for victim, n in (("uni", "lora"), ("comp", "uni"), ("sparse", "comp")):  # a freed slot, used again
+        a.remove(victim)
+        b.remove(victim)
+        a.put(whole[n])
+        b.put(compact[n])
+        with a.reading([n]) as (ia, xa, _), b.reading([n]) as (ib, xb, _):
+            assert ia[0] == ib[0] and set(xa) == set(xb)
+            assert all(np.array_equal(xa[k], xb[k]) and not np.shares_memory(xb[k], compact[n].tensors.get(k.split(".")[0], np.zeros(1)))
+                       for k in xa)
+    ids, mask = (t.numpy() for t in _batches()[1])
+    rt.bank.put(compact["uni"])
+    rt.bank.put(compact["comp"])
+    out_c, errs, _ = rt.infer(ids[:2], mask[:2], ["uni", "comp"])
+    rt2 = SharedRuntime(root / "export")
+    rt2.bank.put(whole["uni"])
+    rt2.bank.put(whole["comp"])
+    out_w, errs2, _ = rt2.infer(ids[:2], mask[:2], ["uni", "comp"])
+    assert not any(errs) and not any(errs2) and all(np.array_equal(x, y) for x, y in zip(out_c, out_w))
+
+
+def test_a_compact_load_refuses_what_a_whole_one_refuses(served, tmp_path):
+    """The compact reader takes tensors as views of the file's bytes: byte ranges that overlap, leave a gap,
+    or do not cover the data are refused by name, as the safetensors reader refuses them."""
+    import json
+
+    from hpeft_serve.errors import CheckpointError
+    from hpeft_serve.pack.store import PackStore
+    root, _ = served
+    src = root / "export" / "packs"
+    raw = (src / "lora.safetensors").read_bytes()
+    meta = json.loads((src / "lora.json").read_text())
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    names = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"])
+    first, second = names[0], names[1]
+    overlap = dict(header) | {second: header[second] | {"data_offsets": header[first]["data_offsets"]}}
+    rt = SharedRuntime(root / "export")
+    store = PackStore(tmp_path, rt.store.graph)
+
+    def crafted(h, data_extra=b""):
+        body = json.dumps(h).encode()
+        body += b" " * (-len(body) % 8)
+        return len(body).to_bytes(8, "little") + body + raw[8 + n:] + data_extra
+    for bad in (crafted(overlap), crafted(header, b"\0" * 8), raw[:-4]):
+        store.write("x", bad, {k: v for k, v in meta.items() if k != "sha256"})
+        for whole in (True, False):
+            with pytest.raises(CheckpointError, match="safetensors|tensor"):
+                store.load("x", whole=whole)
+    store.write("x", raw, {k: v for k, v in meta.items() if k != "sha256"})
+    assert store.load("x", whole=False).compact

@@ -26,8 +26,11 @@ import numpy as np
 
 from ..errors import CheckpointError
 from ..names import NAME, check_name
-from .check import check_pack, parse_json
-from .layout import LAYOUT_VERSION, Layout, needs
+from .check import check_head_flags, check_header, check_meta, check_pack, parse_json, safetensors_header
+from .layout import FILL, LAYOUT_VERSION, Layout, needs
+
+HEAD_FLAGS = ("head_cls", "head_max", "head_norm")
+assert not set(HEAD_FLAGS) & set(FILL)  # their fill (what a compact pack leaving them out means) is 0
 
 _NAME_LOCKS = [threading.Lock() for _ in range(64)]  # in-process, striped by (store, name): bounded
 
@@ -60,6 +63,9 @@ class Pack:
     stamp: tuple | None = None  # the store files' (mtime, size) when read: a change means a new version
     task: str = "classification"
     sha256: str | None = None  # of the tensors file, checked against its json when read
+    # True: `tensors` may leave out any tensor that is all its fill (layout.compact), as the pack file does;
+    # a bank writes the tensors present and fills the rest of the slot, without building them
+    compact: bool = False
 
 
 class PackUpdating(CheckpointError):
@@ -119,10 +125,27 @@ class PackStore:
         a, b = self._stat(self._path(name, ".json")), self._stat(self._path(name, ".safetensors"))
         return None if a is None or b is None else a + b
 
-    def load(self, name: str, verified: tuple | None = None) -> Pack:
-        """The pack `name`, checked. `verified`: (stamp, sha256) of an earlier load of it; while its files'
-        stamp is still that one (before and after reading) and its json names that sha256, the tensors are
-        not hashed again (a local store: a replacement changes the stamp)."""
+    def verify(self, name: str) -> tuple | None:
+        """(stamp, sha256) of the pack's tensors file, read while its files' stamp held (before and after):
+        what `load(verified=...)` takes to skip hashing it again (a watcher hashes packs ahead of their first
+        load this way). None if the pack is gone, unreadable or changed meanwhile. A local store only."""
+        if self.fs is not None or not NAME.fullmatch(name or ""):
+            return None
+        stamp = self.stamp(name)
+        try:
+            raw = self._read(self._path(name, ".safetensors"))
+        except PackUnreadable:
+            return None
+        if stamp is None or raw is None or self.stamp(name) != stamp:
+            return None
+        return stamp, hashlib.sha256(raw).hexdigest()
+
+    def load(self, name: str, verified: tuple | None = None, whole: bool = True) -> Pack:
+        """The pack `name`, checked. `verified`: (stamp, sha256) of an earlier load of it (or of `verify`);
+        while its files' stamp is still that one (before and after reading) and its json names that sha256,
+        the tensors are not hashed again (a local store: a replacement changes the stamp). `whole` False:
+        the tensors as the file holds them (a compact pack: `Pack.compact`), for a bank to place; True:
+        every layout tensor (layout.complete)."""
         if not NAME.fullmatch(name or ""):
             raise CheckpointError(f"adapter name {name!r} is invalid")
         stamp = self.stamp(name)
@@ -139,10 +162,10 @@ class PackStore:
             raise PackUpdating(f"adapter {name!r} is being replaced; try again")
         if self.graph is None:
             raise ValueError("this PackStore was opened without the served graph: it cannot check packs")
-        tensors = check_pack(name, meta, raw, self.graph)
+        tensors = check_pack(name, meta, raw, self.graph) if whole else _check_compact(name, meta, raw, self.graph)
         version = meta.get("sha256") or digest
         return Pack(name, tensors, meta["sizes"], version[:16], tuple(meta.get("labels", ())), stamp,
-                    meta.get("task", "classification"), digest)
+                    meta.get("task", "classification"), digest, not whole)
 
     def meta(self, name: str) -> dict | None:
         try:
@@ -214,6 +237,50 @@ class PackStore:
             except (OSError, FileNotFoundError):
                 pass
         return found
+
+
+def _check_compact(name: str, meta, raw: bytes, graph: dict) -> dict[str, np.ndarray]:
+    """check_pack's checks (every size, then every tensor present: float32, of its shape, finite; the head
+    flags against the json), returning the tensors the file holds: the ones it leaves out are their fill,
+    which the bank writes without building them (check_pack gives them back whole: layout.complete)."""
+    sizes = check_meta(name, meta, graph)
+    header = safetensors_header(raw)
+    check_header(name, header, sizes)
+    tensors = _views(name, header, raw)
+    for k, t in tensors.items():
+        if not np.isfinite(t).all():
+            raise CheckpointError(f"adapter {name!r}: tensor {k} has non-finite values")
+    zero = np.zeros((), np.float32)  # the fill of a head flag a compact pack leaves out
+    check_head_flags(name, {k: tensors.get(k, zero) for k in HEAD_FLAGS}, meta)
+    return tensors
+
+
+def _views(name: str, header: dict, raw: bytes) -> dict[str, np.ndarray]:
+    """The tensors of a safetensors file whose header check_header passed (float32, shapes of the layout),
+    as read-only views into `raw` (no copy: a bank copies them into its slot). The byte ranges are checked
+    as the safetensors library checks them: each in the data, of its tensor's size, together covering the
+    data exactly, without overlap."""
+    start = 8 + int.from_bytes(raw[:8], "little")
+    entries = {k: v for k, v in header.items() if k != "__metadata__"}
+    spans = []
+    for k, v in entries.items():
+        off = v.get("data_offsets")
+        if (not isinstance(off, list) or len(off) != 2 or not all(type(x) is int for x in off)
+                or not 0 <= off[0] <= off[1] or off[1] - off[0] != 4 * int(np.prod(v["shape"], dtype=np.int64))):
+            raise CheckpointError(f"adapter {name!r}: not a readable safetensors file (tensor {k} has invalid "
+                                  "data offsets)")
+        spans.append((off[0], off[1], k))
+    end = 0
+    for b, e, k in sorted(spans):
+        if b != end:
+            raise CheckpointError(f"adapter {name!r}: not a readable safetensors file (tensor {k}'s data "
+                                  "overlaps another's or leaves a gap)")
+        end = e
+    if start + end != len(raw):
+        raise CheckpointError(f"adapter {name!r}: not a readable safetensors file (its data is "
+                              f"{len(raw) - start} bytes, its header names {end})")
+    return {k: np.frombuffer(raw, "<f4", (e - b) // 4, start + b).reshape(entries[k]["shape"])
+            for b, e, k in spans}
 
 
 def packs_layout(folder) -> Layout:

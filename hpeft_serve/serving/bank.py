@@ -35,7 +35,7 @@ import numpy as np
 from ..errors import CheckpointError
 from ..pack.check import check_shapes, check_slots
 from ..pack.layout import (FILL, FIXED, Layout, bank_sizes, input_names, per_layer, place, resolve_shape, size_keys,
-                           split_n, symbols)
+                           spec, split_n, symbols)
 from ..pack.store import Pack
 
 SPARE = 2  # slots beyond the budget's: a replacement is written beside the version being served
@@ -204,7 +204,10 @@ class AdapterBank:
         if not isinstance(pack.sizes, dict) or set(pack.sizes) != set(size_keys()):
             raise CheckpointError(f"adapter {pack.name!r}: its sizes do not name exactly the layout's sizes")
         try:
-            check_shapes(pack.name, pack.tensors, pack.sizes)
+            if pack.compact:
+                _check_present(pack.name, pack.tensors, pack.sizes)
+            else:
+                check_shapes(pack.name, pack.tensors, pack.sizes)
         except (KeyError, TypeError, ZeroDivisionError):
             raise CheckpointError(f"adapter {pack.name!r}: its sizes are incomplete or not integers") from None
         want = self.dims or {"L": self.num_layers}
@@ -323,5 +326,18 @@ class AdapterBank:
     def _write(self, arrays: dict, slot: int, pack: Pack) -> None:
         for name, arr in arrays.items():
             base, _, layer = name.partition(".")
-            src = pack.tensors[split_n(base)[0]]
+            src = pack.tensors.get(split_n(base)[0])
+            if src is None and pack.compact:  # all its fill: what place() writes for it, without building it
+                arr[slot, ...] = FILL.get(split_n(base)[0], 0.0)
+                continue
             place(arr[slot, ...], src[int(layer)] if layer else src, base, pack.sizes)  # a view, also 0-d
+
+
+def _check_present(name: str, tensors: dict, sizes: dict) -> None:
+    """A compact pack's tensors (Pack.compact: those left out are their fill): layout tensors only, each of
+    the shape its pack's sizes give."""
+    want = spec()
+    for k, t in tensors.items():
+        if k not in want or tuple(t.shape) != resolve_shape(want[k], sizes):
+            raise CheckpointError(f"adapter {name!r}: tensor {str(k)[:40]} is not a layout tensor of shape "
+                                  f"{list(resolve_shape(want[k], sizes)) if k in want else '(none)'}")

@@ -17,7 +17,11 @@ newly uploaded adapter finds it resident: on the request path its first use is a
 request path remain for what the preloader has not reached (a miss under the budget, a replacement the
 next request names before the watcher saw it): they take the same lock, one pack at a time, so a request
 waits at most for the one pack being loaded. A pack verified once (sha256 against its json) and evicted
-is not hashed again while its files' stamp is unchanged.
+is not hashed again while its files' stamp is unchanged; once the bank is full, the watcher hashes the
+packs that are not resident ahead of their first use (`verify_ahead`, a quarter of a core at most), so
+that an LRU miss on the request path only reads its files, checks them and writes its slot: the pack
+stays compact (the tensors its file holds, as views of its bytes) and the bank fills the rest of the
+slot, without building the union's tensors (about 1 ms for a MiniLM LoRA pack).
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import numpy as np
 
 from ..errors import CheckpointError
 from ..names import NAME
-from ..pack.check import MissingSlots, check_slots
+from ..pack.check import MissingSlots
 from ..pack.layout import BACKBONE, Layout, backbone_pack
 from ..pack.store import Pack, PackStore, PackUnreadable, PackUpdating
 from .bank import AdapterBank
@@ -121,6 +125,8 @@ class SharedRuntime:
         # one load at a time (the preloader's or a request's): a request waits at most for the pack being read
         self._load_lock = threading.Lock()
         self._verified: OrderedDict[str, tuple] = OrderedDict()  # adapter -> (stamp, sha256) read and checked
+        self._store_size = 0  # packs in the store at the preloader's last listing
+        self.verified_ahead = 0  # packs the background thread hashed before their first load
         self.preloaded = 0  # packs the background thread loaded
         self._stop = threading.Event()
         self._preloader = None
@@ -207,15 +213,21 @@ class SharedRuntime:
         return None
 
     def _load(self, n: str) -> None:
-        known = self._verified.get(n)
-        pack = self.store.load(n, verified=known)
-        check_slots(n, self.layout, pack.tensors, pack.sizes)
-        self.bank.put(pack)
+        """Read `n` from the store and put it in the bank (held: the load lock). The pack stays compact (the
+        tensors its file holds; the bank fills the rest of its slot), and one verified before (by an earlier
+        load, or hashed ahead by the preloader) is not hashed again while its files are unchanged."""
+        pack = self.store.load(n, verified=self._verified.get(n), whole=False)
+        self.bank.put(pack)  # checks it whole first (MissingSlots: slots the graph lacks)
         if pack.stamp is not None and pack.sha256:
-            self._verified[n] = (pack.stamp, pack.sha256)
-            self._verified.move_to_end(n)
-            while len(self._verified) > 4 * MAX_PENDING + 2 * len(self.bank):
-                self._verified.popitem(last=False)
+            self._remember_verified(n, (pack.stamp, pack.sha256))
+
+    def _remember_verified(self, n: str, entry: tuple) -> None:
+        """(stamp, sha256) of `n`'s tensors, checked; bounded (a few hundred bytes each): as many as the store
+        holds packs, and MAX_PENDING more."""
+        self._verified[n] = entry
+        self._verified.move_to_end(n)
+        while len(self._verified) > 4 * MAX_PENDING + 2 * len(self.bank) + self._store_size:
+            self._verified.popitem(last=False)
 
     # ------------------------------------------------------------------ preloading
     def start_preloading(self, every_s: float = 0.5) -> None:
@@ -260,8 +272,11 @@ class SharedRuntime:
 
     def preload_once(self) -> bool:
         """One pass over the store: load each pack not resident (or replaced) while the bank has room for it
-        without evicting. Returns whether the bank was found full (the rest are loaded on first use)."""
-        for n in self.store.names():
+        without evicting. Returns whether the bank was found full: the rest are loaded on first use, and are
+        hashed now (`verify_ahead`), so that a first use reads and places a pack without hashing it."""
+        names = self.store.names()
+        self._store_size = len(names)
+        for n in names:
             if self._stop.is_set():
                 return False
             if not NAME.fullmatch(n):
@@ -270,6 +285,7 @@ class SharedRuntime:
             if resident is None:
                 slot = self.bank.slot_bytes()
                 if slot and (len(self.bank) + 1) * slot > self.bank.budget:
+                    self.verify_ahead(names)
                     return True  # no room: never evict a served adapter to preload another
             stamp = self.store.stamp(n)
             if stamp is None or (resident is not None and resident.stamp == stamp):
@@ -288,6 +304,32 @@ class SharedRuntime:
                     self.preloaded += 1
             time.sleep(0)  # let a request in between two packs
         return False
+
+    def verify_ahead(self, names: list[str], duty: float = 0.25) -> int:
+        """Hash the packs of `names` that are not resident and not verified in their current files (sha256
+        of the tensors, as a load does), remembering (stamp, sha256): their load on a request (an LRU miss)
+        then reads and places the pack, and hashes nothing. Runs at most `duty` of one core (it sleeps in
+        between), one pack at a time; a local store only. Returns how many it hashed."""
+        if self.store.fs is not None:
+            return 0
+        done = 0
+        for n in names:
+            if self._stop.is_set():
+                break
+            if not NAME.fullmatch(n) or self.bank.pack(n) is not None:
+                continue
+            known = self._verified.get(n)
+            if known is not None and known[0] == self.store.stamp(n):
+                continue
+            t = time.perf_counter()
+            got = self.store.verify(n)
+            if got is not None:
+                with self._load_lock:
+                    self._remember_verified(n, got)
+                done += 1
+                self.verified_ahead += 1
+            time.sleep(max((time.perf_counter() - t) * (1 - duty) / duty, 0.001))
+        return done
 
     def _checkpoint_error(self, n: str, e: CheckpointError) -> RowError:
         """A pack the store cannot serve: gone meanwhile (unknown), unreadable files (internal: the detail
