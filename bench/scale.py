@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -104,15 +105,37 @@ def wait_resident(cl: "Client", metrics_url: str, n: int, timeout: float = 600.0
 
 
 # ------------------------------------------------------------------ measuring
-def stub_rss_mb(server_pid: int) -> float:
-    """RSS of the model's Python-backend stub (the process holding the bank), MB."""
+def stub_pid(server_pid: int) -> int:
+    """The model's Python-backend stub (the process holding the bank)."""
     kids = [int(p) for p in Path(f"/proc/{server_pid}/task/{server_pid}/children").read_text().split()]
     for p in kids:
         if "triton_python_backend_stub" in Path(f"/proc/{p}/cmdline").read_text():
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
+            return p
     raise RuntimeError("no Python-backend stub process under tritonserver")
+
+
+def stub_rss_mb(server_pid: int) -> float:
+    """RSS of the model's Python-backend stub, MB."""
+    for line in Path(f"/proc/{stub_pid(server_pid)}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS in the stub's status")
+
+
+def wait_idle(server_pid: int, timeout: float = 300.0, busy: float = 0.05) -> float:
+    """Seconds until the stub uses under `busy` of a core over a second (no request is sent meanwhile): its
+    watcher has finished hashing the packs that are not resident ahead of their first use."""
+    pid, tick, t = stub_pid(server_pid), os.sysconf("SC_CLK_TCK"), time.monotonic()
+
+    def cpu() -> float:
+        f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(f[11]) + int(f[12])) / tick  # utime + stime
+    while time.monotonic() - t < timeout:
+        a = cpu()
+        time.sleep(1.0)
+        if cpu() - a < busy:
+            break
+    return time.monotonic() - t
 
 
 class Client:
@@ -149,6 +172,13 @@ def while_running(cl: Client, pool: list[int], job) -> tuple[list[float], object
     lat = steady(cl, pool, 1e9, np.random.default_rng(7), stop) if pool else []
     t.join()
     return lat, box["out"]
+
+
+LOADS: list = []  # (phase, 1-minute load average) during the run
+
+
+def note_load(phase: str) -> None:
+    LOADS.append((phase, float(Path("/proc/loadavg").read_text().split()[0])))
 
 
 def pct(xs, q) -> float:
@@ -317,7 +347,7 @@ def in_process(export: Path, store: Path, n: int, budget: int) -> dict:
     loads, puts = [], []
     for i in range(n):
         t = time.perf_counter()
-        pack = rt.store.load(f"a{i}")
+        pack = rt.store.load(f"a{i}", whole=False)  # as the runtime reads it (compact: views of the file)
         t1 = time.perf_counter()
         rt.bank.put(pack)
         rt._verified[f"a{i}"] = (pack.stamp, pack.sha256)
@@ -327,7 +357,7 @@ def in_process(export: Path, store: Path, n: int, budget: int) -> dict:
     for i in range(min(n, 200)):
         known = rt._verified.get(f"a{i}")
         t = time.perf_counter()
-        rt.store.load(f"a{i}", verified=known)
+        rt.store.load(f"a{i}", verified=known, whole=False)
         again.append(1000 * (time.perf_counter() - t))
     out = {"reload_known_p50_ms": pct(again, 50), "reload_known_max_ms": max(again), "put_p50_ms": pct(puts, 50), "put_p99_ms": pct(puts, 99), "put_max_ms": max(puts),
            "put_longest_at": int(np.argmax(puts)), "load_p50_ms": pct(loads, 50),
@@ -409,11 +439,14 @@ def main() -> int:
             for i in range(0, sizes[0], 8):
                 cl.infer([f"a{j}" for j in range(i, min(i + 8, sizes[0]))])
         res["rss_empty_mb"] = stub_rss_mb(srv.proc.pid)  # (with the first level and the extra resident)
+        note_load("start")
         res["levels"] = grow_and_measure(srv, cl, loader, sizes, args.seconds, packs, preload,
                                          extra if preload else 0)
+        note_load("grown")
         res["paired"] = paired(cl, n, args.seconds)
         res["max_abs_diff"] = exact(cl, ck, n)
         res["replace"] = replacements(cl, store, base, meta, n)
+        note_load("replaced")
         res["first_use"] = first_use(cl, n, extra)
         res["preloaded_at_end"] = resident_count(srv.url_metrics)
         print(f"[scale] paired {res['paired']}, replace {res['replace']}, diff {res['max_abs_diff']:.1e}", flush=True)
@@ -426,11 +459,15 @@ def main() -> int:
         cl = Client(srv.url_grpc, tok)
         if preload:
             wait_resident(cl, srv.url_metrics, slots - 1)  # the preloader filled the budget (and evicted nothing)
+            res["lru_verify_ahead_s"] = wait_idle(srv.proc.pid)  # and hashed the others ahead of their first use
+        note_load("lru start")
         res["lru"] = lru(cl, n, slots, args.seconds)
         res["lru_concurrent"] = lru_concurrent(cl, Client(srv.url_grpc, tok), n, slots, args.seconds)
         res["lru"]["budget_mb"] = slots * pack_tensors / 2 ** 20
         res["lru"]["rss_mb"] = stub_rss_mb(srv.proc.pid)
         res["lru_max_abs_diff"] = exact(cl, ck, n)
+        note_load("lru end")
+    res["loadavg"] = LOADS
     return report(res, args.out)
 
 
@@ -438,7 +475,8 @@ def report(res: dict, out: Path) -> int:
     lv, base = res["levels"], res["levels"][0]
     lines = [f"Scale (bench/scale.py): MiniLM + LoRA packs ({res['pack_file_bytes'] / 1e6:.3f} MB a pack file, "
              f"{res['pack_tensor_bytes'] / 1e6:.3f} MB of tensors), tritonserver on this machine (2 cores shared "
-             "with the clients); requests of 8 rows naming 8 distinct adapters; "
+             "with the clients; 1-minute load average " + ", ".join(f"{p} {v:.1f}" for p, v in res.get("loadavg", []))
+             + "); requests of 8 rows naming 8 distinct adapters; "
              + ("new packs made resident by the server's preloader" if res.get("preload", True) else
                 "**no preloader (PRELOAD_MS 0)**: each new adapter made resident by its first request"), "",
              "| adapters resident | p50 ms | p99 ms | rows/s | p50 vs 8 | stub RSS MB | RSS per adapter vs pack "
@@ -479,7 +517,9 @@ def report(res: dict, out: Path) -> int:
               f"LRU, budget {lr['budget_mb']:.0f} MB ({share:.0%} of the packs, {lr['requests']} requests): "
               f"hit p50 {lr['hit_p50_ms']:.1f} ms, miss "
               f"(1 of 8 adapters not resident) p50 {lr['miss_p50_ms']:.1f} ms: **{lr['ratio']:.2f}x**; longest hit "
-              f"{lr['hit_max_ms']:.1f} ms, longest miss {lr['miss_max_ms']:.1f} ms; stub RSS {lr['rss_mb']:.0f} MB.",
+              f"{lr['hit_max_ms']:.1f} ms, longest miss {lr['miss_max_ms']:.1f} ms; stub RSS {lr['rss_mb']:.0f} MB"
+              + (f" (measured once the watcher had hashed the packs not resident ahead of their first use: "
+                 f"{res['lru_verify_ahead_s']:.0f} s after the budget filled)." if "lru_verify_ahead_s" in res else "."),
               f"Under the budget, a working set of 8 resident adapters while a second client's 1-row requests "
               f"each miss (load on the request path + eviction, {lc['misses']} misses, p50 {lc['miss_1row_p50_ms']:.1f} ms) "
               f"vs while it asks for resident ones ({lc['requests']} requests, alternating rounds): p50 "
