@@ -257,3 +257,43 @@ def test_registered_packs_are_preloaded_in_the_background_within_the_budget(many
         assert errs == [None] * 5, errs
     finally:
         small.stop_preloading()
+
+
+def test_the_watcher_looks_only_at_the_packs_that_changed(many, tmp_path):
+    """With inotify, a pass after the first looks at the packs written or removed since the last one, not at
+    the whole store; when the kernel loses track (a queue overflow: changed() None) the store is listed."""
+    import json
+
+    from safetensors.numpy import load
+
+    from hpeft_serve.pack.store import FolderWatch
+    root, _ = many
+    src = root / "export" / "packs"
+    raw, meta = load((src / "lora.safetensors").read_bytes()), json.loads((src / "lora.json").read_text())
+    store = tmp_path / "packs"
+    store.mkdir()
+    for i in range(40):
+        _register(store, i, raw, meta)
+    rt = SharedRuntime(root / "export", store=str(store))
+    listed, looked = [], []
+    names, stamp = rt.store.names, rt.store.stamp
+    rt.store.names = lambda: listed.append(1) or names()
+    rt.store.stamp = lambda n: looked.append(n) or stamp(n)
+    lost = {"now": False}
+    changed = FolderWatch.changed
+    FolderWatch.changed = lambda self: None if lost["now"] else changed(self)
+    rt.start_preloading(0.02)
+    try:
+        assert _wait(lambda: len(rt.bank) == 40) and len(listed) == 1  # the first pass lists the store
+        looked.clear()
+        _register(store, 40, raw, meta)
+        _register(store, 7, raw, meta, version=1)  # replaced: loaded again by the watcher
+        v7 = json.loads((store / "a7.json").read_text())["sha256"][:16]
+        assert _wait(lambda: rt.bank.pack("a40") is not None and rt.bank.version("a7") == v7)
+        time.sleep(0.1)
+        assert len(listed) == 1 and set(looked) <= {"a40", "a7"}, (len(listed), sorted(set(looked))[:5])
+        lost["now"] = True
+        assert _wait(lambda: len(listed) > 1)  # lost track: listed again
+    finally:
+        FolderWatch.changed = changed
+        rt.stop_preloading()

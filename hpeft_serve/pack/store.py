@@ -175,6 +175,16 @@ class PackStore:
             return None
         return meta if isinstance(meta, dict) else None
 
+    def watch(self) -> "FolderWatch | None":
+        """A FolderWatch on a local store's folder; None for a remote store, a folder not there (yet), or
+        where inotify is not available."""
+        if self.fs is not None:
+            return None
+        try:
+            return FolderWatch(self.root)
+        except OSError:
+            return None
+
     def size(self, name: str) -> int | None:
         st = self._stat(self._path(name, ".safetensors"))
         return None if st is None else st[1]
@@ -237,6 +247,58 @@ class PackStore:
             except (OSError, FileNotFoundError):
                 pass
         return found
+
+
+class FolderWatch:
+    """The packs whose files changed in a local folder (Linux inotify): `changed()` gives the names whose
+    `.json` or `.safetensors` was written, renamed into place, renamed away or deleted since the last call,
+    or None when that is not known (the kernel's queue overflowed, the folder was moved or deleted): then
+    list the folder. OSError from the constructor where inotify is not available."""
+
+    _WRITTEN, _FROM, _TO, _CREATE, _DELETE = 0x8, 0x40, 0x80, 0x100, 0x200
+    _SELF, _OVERFLOW, _IGNORED = 0x400 | 0x800, 0x4000, 0x8000
+    _NONBLOCK, _CLOEXEC = 0o4000, 0o2000000
+
+    def __init__(self, folder):
+        import ctypes
+        import ctypes.util
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        if not hasattr(libc, "inotify_init1"):
+            raise OSError("no inotify on this system")
+        self.fd = libc.inotify_init1(self._NONBLOCK | self._CLOEXEC)
+        if self.fd < 0:
+            raise OSError(ctypes.get_errno(), "inotify_init1 failed")
+        mask = self._WRITTEN | self._FROM | self._TO | self._CREATE | self._DELETE | self._SELF
+        if libc.inotify_add_watch(self.fd, os.fsencode(str(folder)), mask) < 0:
+            err = ctypes.get_errno()
+            os.close(self.fd)
+            raise OSError(err, f"cannot watch {folder}")
+        self.lost = False
+
+    def changed(self) -> set[str] | None:
+        names: set[str] = set()
+        while True:
+            try:
+                buf = os.read(self.fd, 1 << 16)
+            except BlockingIOError:
+                break
+            at = 0
+            while at + 16 <= len(buf):
+                mask, size = int.from_bytes(buf[at + 4:at + 8], "little"), int.from_bytes(buf[at + 12:at + 16], "little")
+                name = buf[at + 16:at + 16 + size].rstrip(b"\0").decode("utf-8", "replace")
+                at += 16 + size
+                if mask & (self._OVERFLOW | self._IGNORED | self._SELF):  # what changed is not known
+                    self.lost = self.lost or bool(mask & (self._IGNORED | self._SELF))  # no watch any more
+                    names = None
+                    continue
+                if names is not None and not name.startswith("."):
+                    for suffix in (".json", ".safetensors"):
+                        if name.endswith(suffix) and len(name) > len(suffix):
+                            names.add(name[:-len(suffix)])
+        return names
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
 def _check_compact(name: str, meta, raw: bytes, graph: dict) -> dict[str, np.ndarray]:

@@ -10,9 +10,9 @@ embedder (pooled and normalised as backbone.json's "embedding" says). Should tha
 the rows of the adapter whose forward fails get an error. Messages name the problem, never the store's
 location or a stack frame (those go to the server log).
 
-Preloading (`preload_every_s`): a background thread watches the store (for a local folder, a stat of the
-folder; it lists the packs only when the folder changed) and loads every pack registered or replaced
-there into the bank while the bank has room under its budget (it never evicts), so a request naming a
+Preloading (`preload_every_s`): a background thread watches the store (a local folder with inotify: each
+pass looks only at the packs written or removed since the last, whatever the number in the store; else a
+stat of the folder, and a listing when it changed) and loads every pack registered or replaced there into the bank while the bank has room under its budget (it never evicts), so a request naming a
 newly uploaded adapter finds it resident: on the request path its first use is a lookup. Loads on the
 request path remain for what the preloader has not reached (a miss under the budget, a replacement the
 next request names before the watcher saw it): they take the same lock, one pack at a time, so a request
@@ -125,7 +125,8 @@ class SharedRuntime:
         # one load at a time (the preloader's or a request's): a request waits at most for the pack being read
         self._load_lock = threading.Lock()
         self._verified: OrderedDict[str, tuple] = OrderedDict()  # adapter -> (stamp, sha256) read and checked
-        self._store_size = 0  # packs in the store at the preloader's last listing
+        self._store_size = 0  # packs in the store, as the preloader knows it
+        self._names: set[str] = set()  # the store's packs, as the preloader knows them
         self.verified_ahead = 0  # packs the background thread hashed before their first load
         self.preloaded = 0  # packs the background thread loaded
         self._stop = threading.Event()
@@ -256,26 +257,53 @@ class SharedRuntime:
         return st.st_mtime_ns, st.st_ino
 
     def _preload_loop(self, every_s: float) -> None:
-        seen, full_at = None, None  # the folder's stamp at the last pass; the bank's size when it was full
+        """A local folder is watched with inotify (store.FolderWatch): a pass looks at the packs written or
+        removed since the last one only, whatever the number in the store; the whole folder is listed at
+        start, when the kernel lost track (its queue overflowed, the folder moved) and when the bank has
+        room again after it was full. Without inotify (or for a remote store): the folder's stamp, and a
+        listing when it changed."""
+        seen, full_at, watch = None, None, None  # the folder's stamp; the bank's size when it was full
         every_s = every_s if self.store.fs is None else max(every_s, 5.0)
         first = True
         while first or not self._stop.wait(every_s):
             first = False
             try:
-                folder = self._folder_stamp()
-                if folder is not None and folder == seen and (full_at is None or len(self.bank) >= full_at):
-                    continue
-                seen = folder
-                full_at = len(self.bank) if self.preload_once() else None
+                changed = None  # None: list the store
+                if watch is not None and not watch.lost:
+                    changed = watch.changed()
+                else:
+                    if watch is not None:
+                        watch.close()
+                    watch = self.store.watch()  # before the listing: what is written meanwhile is seen next pass
+                room = full_at is not None and len(self.bank) < full_at  # evicted or removed since it was full
+                if watch is not None and changed is not None:
+                    if room:
+                        changed = None
+                    elif not changed:
+                        continue
+                elif watch is None:
+                    folder = self._folder_stamp()
+                    if folder is not None and folder == seen and not room:
+                        continue
+                    seen = folder
+                full_at = len(self.bank) if self.preload_once(None if changed is None else sorted(changed)) else None
             except Exception:  # noqa: BLE001 - the watcher must outlive any one bad pack or store error
                 self._log_internal("preloading adapters")
+        if watch is not None:
+            watch.close()
 
-    def preload_once(self) -> bool:
-        """One pass over the store: load each pack not resident (or replaced) while the bank has room for it
-        without evicting. Returns whether the bank was found full: the rest are loaded on first use, and are
-        hashed now (`verify_ahead`), so that a first use reads and places a pack without hashing it."""
-        names = self.store.names()
-        self._store_size = len(names)
+    def preload_once(self, names: list[str] | None = None) -> bool:
+        """One pass over the store (or over `names`, those that changed): load each pack not resident (or
+        replaced) while the bank has room for it without evicting. Returns whether the bank was found full:
+        the rest are loaded on first use, and are hashed now (`verify_ahead`), so that a first use reads and
+        places a pack without hashing it."""
+        if names is None:
+            names = self.store.names()
+            self._names = set(names)
+        else:
+            for n in names:
+                (self._names.add if self.store.stamp(n) is not None else self._names.discard)(n)
+        self._store_size = len(self._names)
         for n in names:
             if self._stop.is_set():
                 return False
