@@ -245,3 +245,21 @@ def test_the_lifespan_opens_and_closes_the_triton_client(gw):
     finally:
         thread.stop()
     assert gateway._client is None and not thread.thread.is_alive()
+
+
+def test_each_resource_has_its_router_and_create_app_includes_them(gw):
+    """The package layout: one router per resource (predict, embeddings, models and adapters, health), each
+    route's endpoint defined in its router's module; create_app(settings) includes them all, nothing else."""
+    from fastapi.routing import APIRoute
+    from hpeft_serve.gateway import create_app
+    from hpeft_serve.gateway.routers import embeddings, health, models, predict
+    want = {"/v1/predict": predict, "/v1/embeddings": embeddings, "/v1/models": models,
+            "/v1/models/{model_id}": models, "/v1/adapters": models, "/v1/adapters/{name}": models,
+            "/healthz": health, "/livez": health, "/metrics": health}
+    for module in (predict, embeddings, models, health):
+        routes = [r for r in module.router.routes if isinstance(r, APIRoute)]
+        assert {r.path for r in routes} == {p for p, m in want.items() if m is module}, module.__name__
+        assert all(r.endpoint.__module__ == module.__name__ for r in routes), module.__name__
+    for app in (gw["thread"].app, create_app(gw["settings"])):
+        assert set(app.openapi()["paths"]) == set(want)
+    assert {p for p in json.loads(_call(f"{gw['url']}/openapi.json")[1])["paths"]} == set(want)

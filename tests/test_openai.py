@@ -255,3 +255,42 @@ def test_concurrent_embeddings_and_predictions_are_each_exact(stack):
     with ThreadPoolExecutor(6) as pool:
         for name, got in pool.map(call, range(18)):
             assert got.shape == want[name].shape and np.abs(got - want[name]).max() <= TOL, name
+
+
+def _readme_curls(section: str = "### Embeddings, OpenAI-compatible") -> list[list[str]]:
+    """The curl commands of the README's bash block in `section`, continuation lines joined, as argv lists."""
+    import shlex
+    from pathlib import Path
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    block = text[text.index(section):].split("```bash\n", 1)[1].split("```", 1)[0]
+    return [shlex.split(cmd, comments=True) for cmd in block.replace("\\\n", " ").splitlines()
+            if cmd.startswith("curl ")]
+
+
+def test_the_readme_curl_commands_answer_as_the_readme_says(stack):
+    """The README's curl examples, run with the real curl against this gateway (host and adapter name
+    swapped for this stack's): the embeddings equal the PyTorch forward, the model list starts with the backbone."""
+    import shutil
+    import subprocess
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    host = stack["url"].removeprefix("http://")
+    cmds = _readme_curls()
+    assert [c[2].rsplit("/", 2)[-2:] for c in cmds] == [["v1", "embeddings"], ["v1", "models"]], cmds
+    answers = []
+    for argv in cmds:
+        argv = [a.replace("localhost:8080", host) for a in argv]
+        body = next((i for i, a in enumerate(argv) if a == "-d"), None)
+        if body is not None:  # the README's adapter -> this stack's embedding adapter
+            req = json.loads(argv[body + 1])
+            argv[body + 1] = json.dumps(req | {"model": "emb"})
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=True)
+        answers.append((req if body is not None else None, json.loads(out.stdout)))
+    (req, emb), (_, models) = answers
+    assert emb["object"] == "list" and emb["model"] == "emb" and [d["index"] for d in emb["data"]] == [0, 1]
+    ids, mask = _tokens(stack["gateway"], req["input"])
+    got = np.array([d["embedding"] for d in emb["data"]], np.float32)
+    assert np.abs(got - _reference(stack["cks"]["emb"], (ids, mask))).max() <= TOL
+    assert emb["usage"] == {"prompt_tokens": int(mask.sum()), "total_tokens": int(mask.sum())}
+    assert models["object"] == "list" and models["data"][0]["id"] == "tiny-bert"
+    assert models["data"][0]["object"] == "model"
