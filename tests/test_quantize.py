@@ -186,7 +186,8 @@ def test_int8_merged_lora_runs_the_kernels_of_plain_export_int8(ckpts, tiny_bert
     backbone (bench/export.py's peer): after onnxruntime's graph optimizations, the merged LoRA int8 graph
     runs every backbone projection in the same fused int8 kernels (DynamicQuantizeMatMul, and
     MatMulIntegerToFloat for q, k, v sharing one DynamicQuantizeLinear), none left as an unfused
-    MatMulInteger, and its attention as many fp32 MatMuls as the peer's (no extra op in the hot loop)."""
+    MatMulInteger, and its attention as many fp32 MatMuls as the peer's (no extra op in the hot loop); and
+    both residual Add + LayerNorm pairs of each layer fused into SkipLayerNormalization (the peer: one)."""
     import warnings
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from transformers import BertConfig, BertModel
@@ -219,3 +220,7 @@ def test_int8_merged_lora_runs_the_kernels_of_plain_export_int8(ckpts, tiny_bert
     assert ours["DynamicQuantizeMatMul"] + ours["MatMulIntegerToFloat"] == 6 * layers
     assert ours["MatMulInteger"] == 0
     assert ours["MatMul"] + ours["FusedMatMul"] == peer["MatMul"] + peer["FusedMatMul"] == 2 * layers
+    # its recorded shapes let onnxruntime fuse both residual Adds of every layer into their LayerNorms (the
+    # peer, without them, fuses only the FFN's): only the embeddings' LayerNorm stays unfused
+    assert ours["SkipLayerNormalization"] == 2 * layers and ours["LayerNormalization"] == 1, ours
+    assert peer["SkipLayerNormalization"] == layers and ours["Add"] < peer["Add"], peer
