@@ -293,14 +293,16 @@ def lru(cl: Client, n: int, slots: int, seconds: float) -> dict:
             "hit_max_ms": max(hits), "miss_max_ms": max(misses), "requests": len(hits) + len(misses)}
 
 
-def lru_concurrent(cl: Client, other: Client, n: int, slots: int, seconds: float, rounds: int = 6) -> dict:
+def lru_concurrent(cl: Client, other: Client, n: int, slots: int, seconds: float, rounds: int = 6,
+                   seed: int = 5) -> dict:
     """Requests of a resident working set of 8 (cl) while `other` sends 1-row requests in alternating rounds:
     each naming an adapter not resident (a load on the request path and an eviction) or one of the working
     set (the control: the same traffic, no bank change)."""
     warm = [f"a{j}" for j in range(8)]
     cl.infer(warm)
-    rng = np.random.default_rng(5)
+    rng = np.random.default_rng(seed)
     out = {"miss": [], "control": []}
+    windows = {"miss": [], "control": []}
     cold_lat = []
     for k in range(rounds):
         kind = "miss" if k % 2 == 0 else "control"
@@ -313,16 +315,19 @@ def lru_concurrent(cl: Client, other: Client, n: int, slots: int, seconds: float
                 else:
                     other.infer([warm[int(rng.integers(8))]], slice(0, 1))
         t = threading.Thread(target=run)
+        t0 = time.time()
         t.start()
         end = time.monotonic() + seconds / rounds
         while time.monotonic() < end:
             out[kind].append(cl.infer(warm)[0])
         stop.set()
         t.join()
+        windows[kind].append((t0, time.time()))
     m, c = out["miss"], out["control"]
     return {"miss_round_p50_ms": pct(m, 50), "miss_round_p99_ms": pct(m, 99), "miss_round_max_ms": max(m),
             "control_p50_ms": pct(c, 50), "control_p99_ms": pct(c, 99), "control_max_ms": max(c),
-            "requests": len(m) + len(c), "misses": len(cold_lat), "miss_1row_p50_ms": pct(cold_lat, 50)}
+            "requests": len(m) + len(c), "misses": len(cold_lat), "miss_1row_p50_ms": pct(cold_lat, 50),
+            "windows": windows}
 
 
 def first_use(cl: Client, n: int, extra: int) -> dict:
@@ -378,6 +383,64 @@ def exact(cl: Client, ck: Path, n: int) -> float:
     return diff
 
 
+TIMED_MODEL = '''"""The hpeft model, each execute's parts timed into EXEC_LOG (bench/scale.py: where a miss's time goes)."""
+import json
+import time
+
+from hpeft_serve.serving.triton_model import TritonPythonModel as Model
+
+EXEC_LOG = {log!r}
+
+
+class TritonPythonModel(Model):
+    def initialize(self, args):
+        super().initialize(args)
+        self._log, self._t = open(EXEC_LOG, "a", buffering=1), {{}}
+        for name in ("ensure", "_answer"):
+            def timed(*a, _f=getattr(self.runtime, name), _n=name, **k):
+                t = time.perf_counter()
+                try:
+                    return _f(*a, **k)
+                finally:
+                    self._t[_n] = self._t.get(_n, 0.0) + 1000 * (time.perf_counter() - t)
+            setattr(self.runtime, name, timed)
+
+    def _publish(self):
+        t = time.perf_counter()
+        try:
+            super()._publish()
+        finally:
+            self._t["publish"] = 1000 * (time.perf_counter() - t)
+
+    def execute(self, requests):
+        self._t, t, g = {{}}, time.perf_counter(), self.runtime.bank.generation
+        try:
+            return super().execute(requests)
+        finally:
+            self._log.write(json.dumps({{"at": time.time(), "requests": len(requests), "changed": self.runtime.bank.generation != g,
+                                        "total": 1000 * (time.perf_counter() - t), **self._t}}) + "\\n")
+'''
+
+
+def timed_model(repo: Path, log: Path) -> None:
+    """The deployed model with each execute's parts timed (ensure: loads; _answer: the forward; publish: the
+    residency gauges) into `log`, one JSON line per execute."""
+    (repo / "hpeft" / "1" / "model.py").write_text(TIMED_MODEL.format(log=str(log)))
+
+
+def exec_parts(log: Path, windows: list[tuple[float, float]]) -> dict:
+    """Medians / max of the timed parts of the executes inside `windows` (time.time() spans), split by
+    whether the execute changed the bank (loaded a pack: a miss)."""
+    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if any(a <= r["at"] <= b for a, b in windows)]
+    out = {}
+    for kind, sel in (("changed", [r for r in rows if r["changed"]]), ("unchanged", [r for r in rows if not r["changed"]])):
+        out[kind] = {"executes": len(sel)} | {
+            f"{k}_{q}": (pct([r.get(k, 0.0) for r in sel], 50) if q == "p50" else max([r.get(k, 0.0) for r in sel], default=float("nan")))
+            for k in ("total", "ensure", "_answer", "publish") for q in ("p50", "max")}
+    return out
+
+
 def set_budget(repo: Path, mb: float) -> None:
     cfg = repo / "hpeft" / "config.pbtxt"
     text = cfg.read_text()
@@ -391,6 +454,7 @@ def main() -> int:
     ap.add_argument("--sizes", default="8,200,2000")
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument("--out", type=Path, default=Path("bench/results/scale"))
+    ap.add_argument("--lru-repeats", type=int, default=3, help="runs of the miss-vs-control rounds under the budget")
     ap.add_argument("--preload-ms", type=float, default=None,
                     help="the model's PRELOAD_MS (default: its own, 500; 0: no preloader, first use loads)")
     args = ap.parse_args()
@@ -455,6 +519,8 @@ def main() -> int:
     print(f"[scale] in process: {res['in_process']}", flush=True)
     slots = max(n // 10, 24)  # 10% of the packs (at least 3 requests' worth)
     set_budget(repo, slots * pack_tensors / 2 ** 20)
+    exec_log = work / "executes.jsonl"
+    timed_model(repo, exec_log)
     with server() as srv:
         cl = Client(srv.url_grpc, tok)
         if preload:
@@ -462,10 +528,14 @@ def main() -> int:
             res["lru_verify_ahead_s"] = wait_idle(srv.proc.pid)  # and hashed the others ahead of their first use
         note_load("lru start")
         res["lru"] = lru(cl, n, slots, args.seconds)
-        res["lru_concurrent"] = lru_concurrent(cl, Client(srv.url_grpc, tok), n, slots, args.seconds)
+        other = Client(srv.url_grpc, tok)
+        res["lru_concurrent"] = [lru_concurrent(cl, other, n, slots, args.seconds, seed=5 + k)
+                                 for k in range(args.lru_repeats)]
         res["lru"]["budget_mb"] = slots * pack_tensors / 2 ** 20
         res["lru"]["rss_mb"] = stub_rss_mb(srv.proc.pid)
         res["lru_max_abs_diff"] = exact(cl, ck, n)
+        w = [r.pop("windows") for r in res["lru_concurrent"]]
+        res["lru_executes"] = {k: exec_parts(exec_log, [x for r in w for x in r[k]]) for k in ("miss", "control")}
         note_load("lru end")
     res["loadavg"] = LOADS
     return report(res, args.out)
@@ -497,7 +567,7 @@ def report(res: dict, out: Path) -> int:
                      f"{r['first_use_p50_ms']:.1f} / {r['first_use_max_ms']:.1f} | {r['resident_1row_p50_ms']:.1f} | "
                      f"{grow} | {ctl} | {took} |")
     p, rp, lr, fu, ip = res["paired"], res["replace"], res["lru"], res["first_use"], res["in_process"]
-    lc = res["lru_concurrent"]
+    lcs = res["lru_concurrent"] if isinstance(res["lru_concurrent"], list) else [res["lru_concurrent"]]
     share = lr["budget_mb"] / (res["adapters"] * res["pack_tensor_bytes"] / 2 ** 20)
     lines += ["", f"Alternating rounds, all {res['adapters']} resident: working set of 8 p50 {p['p50_8_ms']:.1f} ms, "
               f"of {res['adapters']} p50 {p['p50_n_ms']:.1f} ms: **{p['ratio_p50']:.3f}x** (p99 {p['p99_8_ms']:.1f} / "
@@ -520,11 +590,16 @@ def report(res: dict, out: Path) -> int:
               f"{lr['hit_max_ms']:.1f} ms, longest miss {lr['miss_max_ms']:.1f} ms; stub RSS {lr['rss_mb']:.0f} MB"
               + (f" (measured once the watcher had hashed the packs not resident ahead of their first use: "
                  f"{res['lru_verify_ahead_s']:.0f} s after the budget filled)." if "lru_verify_ahead_s" in res else "."),
-              f"Under the budget, a working set of 8 resident adapters while a second client's 1-row requests "
-              f"each miss (load on the request path + eviction, {lc['misses']} misses, p50 {lc['miss_1row_p50_ms']:.1f} ms) "
-              f"vs while it asks for resident ones ({lc['requests']} requests, alternating rounds): p50 "
-              f"{lc['miss_round_p50_ms']:.1f} vs {lc['control_p50_ms']:.1f} ms, p99 {lc['miss_round_p99_ms']:.1f} vs "
-              f"{lc['control_p99_ms']:.1f} ms, longest **{lc['miss_round_max_ms']:.1f}** vs {lc['control_max_ms']:.1f} ms.",
+              "", "Under the budget, requests of a working set of 8 resident adapters while a second client's 1-row "
+              "requests each miss (a load on the request path + an eviction) vs while it asks for resident ones "
+              "(the control), in alternating rounds; each run is 6 rounds (ms):", "",
+              "| run | requests | misses (their 1-row p50) | p50 miss rounds / control | p99 miss rounds / control "
+              "| longest miss rounds / control | longest: miss rounds less control |", "|---|---|---|---|---|---|---|",
+              *[f"| {k + 1} | {c['requests']} | {c['misses']} ({c['miss_1row_p50_ms']:.1f}) | {c['miss_round_p50_ms']:.1f} / "
+                f"{c['control_p50_ms']:.1f} | {c['miss_round_p99_ms']:.1f} / {c['control_p99_ms']:.1f} | "
+                f"{c['miss_round_max_ms']:.1f} / {c['control_max_ms']:.1f} | "
+                f"**{c['miss_round_max_ms'] - c['control_max_ms']:+.1f}** |" for k, c in enumerate(lcs)],
+              *exec_lines(res.get("lru_executes")),
               f"Answers vs PyTorch (8 adapters spread over all): max abs diff {res['max_abs_diff']:.1e} "
               f"(under the budget: {res['lru_max_abs_diff']:.1e})."]
     text = "\n".join(lines)
@@ -536,6 +611,24 @@ def report(res: dict, out: Path) -> int:
     ok = res["max_abs_diff"] <= TOL and res["lru_max_abs_diff"] <= TOL
     print("PASS" if ok else "FAIL (answers differ from PyTorch)")
     return 0 if ok else 1
+
+
+def exec_lines(ex: dict | None) -> list[str]:
+    """The stub's own timing of its executes in those rounds (ms, p50 / max)."""
+    if not ex:
+        return []
+    part = lambda d, k: f"{d[k + '_p50']:.1f} / {d[k + '_max']:.1f}"  # noqa: E731
+    out = ["", "The stub's executes in those rounds, timed inside it (ms, p50 / max): whole execute, loads "
+           "(`ensure`: read, check, place, evict), forward (`_answer`), residency gauges (`_publish`, one "
+           "Triton metric message per adapter that came or went)", "",
+           "| rounds | executes | loaded a pack | execute | loads | forward | gauges |", "|---|---|---|---|---|---|---|"]
+    for kind in ("miss", "control"):
+        for sub in ("changed", "unchanged"):
+            d = ex[kind][sub]
+            if d["executes"]:
+                out.append(f"| {kind} | {d['executes']} | {'yes' if sub == 'changed' else 'no'} | {part(d, 'total')} | "
+                           f"{part(d, 'ensure')} | {part(d, '_answer')} | {part(d, 'publish')} |")
+    return out + [""]
 
 
 def plot(res: dict, path: Path) -> None:
