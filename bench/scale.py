@@ -433,11 +433,13 @@ def exec_parts(log: Path, windows: list[tuple[float, float]]) -> dict:
     whether the execute changed the bank (loaded a pack: a miss)."""
     rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
     rows = [r for r in rows if any(a <= r["at"] <= b for a, b in windows)]
+    for r in rows:  # what the bank's change adds to every request in (or queued behind) this execute
+        r["bank"] = r.get("ensure", 0.0) + r.get("publish", 0.0)
     out = {}
     for kind, sel in (("changed", [r for r in rows if r["changed"]]), ("unchanged", [r for r in rows if not r["changed"]])):
         out[kind] = {"executes": len(sel)} | {
             f"{k}_{q}": (pct([r.get(k, 0.0) for r in sel], 50) if q == "p50" else max([r.get(k, 0.0) for r in sel], default=float("nan")))
-            for k in ("total", "ensure", "_answer", "publish") for q in ("p50", "max")}
+            for k in ("total", "ensure", "_answer", "publish", "bank") for q in ("p50", "max")}
     return out
 
 
@@ -534,7 +536,7 @@ def main() -> int:
         res["lru"]["budget_mb"] = slots * pack_tensors / 2 ** 20
         res["lru"]["rss_mb"] = stub_rss_mb(srv.proc.pid)
         res["lru_max_abs_diff"] = exact(cl, ck, n)
-        w = [r.pop("windows") for r in res["lru_concurrent"]]
+        w = [r["windows"] for r in res["lru_concurrent"]]
         res["lru_executes"] = {k: exec_parts(exec_log, [x for r in w for x in r[k]]) for k in ("miss", "control")}
         note_load("lru end")
     res["loadavg"] = LOADS
@@ -620,14 +622,17 @@ def exec_lines(ex: dict | None) -> list[str]:
     part = lambda d, k: f"{d[k + '_p50']:.1f} / {d[k + '_max']:.1f}"  # noqa: E731
     out = ["", "The stub's executes in those rounds, timed inside it (ms, p50 / max): whole execute, loads "
            "(`ensure`: read, check, place, evict), forward (`_answer`), residency gauges (`_publish`, one "
-           "Triton metric message per adapter that came or went)", "",
-           "| rounds | executes | loaded a pack | execute | loads | forward | gauges |", "|---|---|---|---|---|---|---|"]
+           "Triton metric message per adapter that came or went), and loads + gauges in one execute (what a miss "
+           "adds to the requests in it or queued behind it)", "",
+           "| rounds | executes | loaded a pack | execute | loads | forward | gauges | loads + gauges |",
+           "|---|---|---|---|---|---|---|---|"]
     for kind in ("miss", "control"):
         for sub in ("changed", "unchanged"):
             d = ex[kind][sub]
             if d["executes"]:
                 out.append(f"| {kind} | {d['executes']} | {'yes' if sub == 'changed' else 'no'} | {part(d, 'total')} | "
-                           f"{part(d, 'ensure')} | {part(d, '_answer')} | {part(d, 'publish')} |")
+                           f"{part(d, 'ensure')} | {part(d, '_answer')} | {part(d, 'publish')} | "
+                           f"{part(d, 'bank') if 'bank_p50' in d else '-'} |")
     return out + [""]
 
 
