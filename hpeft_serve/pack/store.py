@@ -261,8 +261,7 @@ class FolderWatch:
 
     def __init__(self, folder):
         import ctypes
-        import ctypes.util
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        libc = ctypes.CDLL(None, use_errno=True)  # the process's own symbols (libc's): no library search
         if not hasattr(libc, "inotify_init1"):
             raise OSError("no inotify on this system")
         self.fd = libc.inotify_init1(self._NONBLOCK | self._CLOEXEC)
