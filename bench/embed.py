@@ -223,6 +223,11 @@ def _goal(variant: str) -> float | None:
     return None if variant == ST else 1.0 if variant.startswith("served") else 1.5
 
 
+def plot_title(rounds: int) -> str:
+    return (f"embeddings, MiniLM, batch {BATCH}, <= {MAX_TOKENS} tokens, {THREADS} threads\n"
+            f"texts/s, median of {rounds} rounds (one run)")
+
+
 def report(runs: dict, lat: dict, exact: dict, loads: list, args, n: int) -> int:
     import onnxruntime
     import sentence_transformers
@@ -260,8 +265,7 @@ def report(runs: dict, lat: dict, exact: dict, loads: list, args, n: int) -> int
          "loadavg": dict(loads), "texts": n, "rounds": args.rounds, "batch": BATCH, "max_tokens": MAX_TOKENS,
          "threads": THREADS, "method": args.method}, indent=2))
     from plots import embed_plot
-    embed_plot(med, args.out.with_suffix(".png"), f"embeddings, MiniLM, batch {BATCH}, <= {MAX_TOKENS} tokens, "
-               f"{THREADS} threads (median of {args.rounds} rounds)")
+    embed_plot(med, args.out.with_suffix(".png"), plot_title(args.rounds))
     return 0
 
 
