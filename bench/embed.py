@@ -139,6 +139,21 @@ def serve(repo: Path, stack):
     return f"http://127.0.0.1:{gport}"
 
 
+def code_version() -> str:
+    """The checkout's commit, and the files of the code measured that differ from it (a shared checkout)."""
+    import subprocess
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "hpeft_serve", "exporters", "bench/embed.py"],
+                               cwd=root, capture_output=True, text=True, check=True).stdout.split("\n")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (no git)"
+    changed = sorted(line[3:] for line in dirty if line.strip())
+    return head + (f" + uncommitted changes in {', '.join(changed)}" if changed else "")
+
+
 def loadavg() -> str:
     """The 1, 5 and 15 minute load averages."""
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
@@ -162,7 +177,7 @@ def main() -> int:
     from hpeft_serve.serving.deploy import deploy
     corpus = texts(args.texts)
     first = corpus[:BATCH]
-    loads = [("start", loadavg())]
+    loads, version = [("start", loadavg())], code_version()
     m = args.method
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         tmp = Path(tmp)
@@ -204,7 +219,7 @@ def main() -> int:
         for prec in urls:
             lat[prec] = batch1_latency(variants[served(m, prec)], corpus, args.latency_requests)
         loads.append(("end", loadavg()))
-    return report(runs, lat, exact, loads, args, len(corpus))
+    return report(runs, lat, exact, loads, version, args, len(corpus))
 
 
 ST = "sentence-transformers encode (plain MiniLM)"
@@ -228,7 +243,7 @@ def plot_title(rounds: int) -> str:
             f"texts/s, median of {rounds} rounds (one run)")
 
 
-def report(runs: dict, lat: dict, exact: dict, loads: list, args, n: int) -> int:
+def report(runs: dict, lat: dict, exact: dict, loads: list, version: str, args, n: int) -> int:
     import onnxruntime
     import sentence_transformers
     med = {k: statistics.median(v) for k, v in runs.items()}
@@ -253,6 +268,7 @@ def report(runs: dict, lat: dict, exact: dict, loads: list, args, n: int) -> int
                      f"{exact[f'served_vs_inprocess_{prec}_max_abs_diff']:.1e}")
     lines.append(f"int8 vs fp32 embeddings of the same adapter (first batch): min cosine similarity "
                  f"{exact['int8_vs_fp32_min_cosine']:.4f}")
+    lines.append(f"code: {version}")
     lines.append("load (/proc/loadavg 1/5/15 min; other processes share the 2 cores): " +
                  "; ".join(f"{when} {la}" for when, la in loads))
     text = "\n".join(lines)
@@ -262,7 +278,7 @@ def report(runs: dict, lat: dict, exact: dict, loads: list, args, n: int) -> int
     args.out.with_suffix(".json").write_text(json.dumps(
         {"runs": runs, "median": med, "vs_sentence_transformers": ratio,
          "batch1_ms": {p: {"p50": a, "p99": b} for p, (a, b) in lat.items()}, **exact,
-         "loadavg": dict(loads), "texts": n, "rounds": args.rounds, "batch": BATCH, "max_tokens": MAX_TOKENS,
+         "loadavg": dict(loads), "code": version, "texts": n, "rounds": args.rounds, "batch": BATCH, "max_tokens": MAX_TOKENS,
          "threads": THREADS, "method": args.method}, indent=2))
     from plots import embed_plot
     embed_plot(med, args.out.with_suffix(".png"), plot_title(args.rounds))
