@@ -110,12 +110,17 @@ def _quiet_root():
 
 
 def quantize_int8(path: Path, reference: dict[tuple, list[np.ndarray]], per_channel: bool = True,
-                  external: bool = False) -> dict:
-    """Quantize the backbone MatMuls of the graph at `path` in place; returns what was done."""
+                  external: bool = False, keep_fp32: tuple[str, ...] = ()) -> dict:
+    """Quantize the backbone MatMuls of the graph at `path` in place (but those named in `keep_fp32`, which
+    must be backbone MatMuls); returns what was done."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
     path = Path(path)
     model = _load(path)
     nodes = backbone_matmuls(model, reference)
+    unknown = sorted(set(keep_fp32) - set(nodes))
+    if unknown:
+        raise RuntimeError(f"{path.name}: keep_fp32 names no backbone MatMul: {', '.join(unknown)}")
+    nodes = [n for n in nodes if n not in set(keep_fp32)]
     if not nodes:
         raise RuntimeError(f"{path.name}: no backbone MatMul found to quantize")
     with tempfile.TemporaryDirectory() as tmp, _quiet_root():
@@ -137,7 +142,7 @@ def quantize_int8(path: Path, reference: dict[tuple, list[np.ndarray]], per_chan
     return {"mode": "int8", "method": "onnxruntime dynamic (weights int8 symmetric, activations uint8 per call)",
             "per_channel": per_channel, "reduce_range": False, "quantized": "backbone projection MatMuls",
             "matmuls": len(nodes), "fp32": "embeddings, LayerNorms, attention scores, adapters, heads",
-            "residual_sums": residuals}
+            "residual_sums": residuals, **({"kept_fp32": list(keep_fp32)} if keep_fp32 else {})}
 
 
 def _unfused_residuals(graph: onnx.GraphProto) -> int:

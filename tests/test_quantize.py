@@ -265,3 +265,30 @@ def test_int8_residual_sums_are_exact(ckpts, tmp_path):
         a, b = (ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"]).run(["logits"], feed)[0]
                 for p in (path, back))
         assert np.array_equal(a, b)
+
+
+def test_int8_keep_fp32_named_matmul(ckpts, tiny_bert, tmp_path):
+    """keep_fp32 leaves exactly the named backbone MatMul fp32 (its weight untouched, every other projection
+    int8, still within tolerance); a name that is no backbone MatMul is refused by name."""
+    from exporters.merge import merge
+    from exporters.quantize import backbone_matmuls, backbone_weights, quantize_int8
+    export_checkpoint(ckpts["lora"], tmp_path, merged=True, log=lambda *_: None)
+    path = tmp_path / "lora.onnx"
+    model, _ = checkpoint.load(ckpts["lora"])
+    ref = backbone_weights(merge(model).encoder)
+    names = backbone_matmuls(onnx.load(str(path)), ref)
+    keep = names[-1]
+    with pytest.raises(RuntimeError, match="keep_fp32 names no backbone MatMul: /not/a/node"):
+        quantize_int8(path, ref, keep_fp32=("/not/a/node",))
+    info = quantize_int8(path, ref, keep_fp32=(keep,))
+    layers = tiny_bert.config.num_hidden_layers
+    q, n = _quantized(path)
+    assert n == info["matmuls"] == 6 * layers - 1 and info["kept_fp32"] == [keep]
+    inits = {i.name for i in q.graph.initializer}
+    fp32_weighted = [x.name for x in q.graph.node if x.op_type == "MatMul" and x.input[1] in inits]
+    # besides it only the head's (fp32 by design); the attention products have no constant weight
+    assert keep in fp32_weighted and all(x.startswith("/head/") for x in fp32_weighted if x != keep), fp32_weighted
+    ids, mask = _batch()
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+        ["logits"], {"input_ids": ids, "attention_mask": mask})[0]
+    _check_close(got, _reference(ckpts["lora"], ids, mask), INT8_TOL)
