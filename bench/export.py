@@ -10,6 +10,9 @@ PHMLinear body against a dense MatMul of the same shape, export times and file s
 (bench/plots.py) beside the json.
 
     python bench/export.py [--method unipelt] [--reps 30] [--rounds 3] [--out bench/results/export.json]
+    python bench/export.py --quick   # iteration only: merged and the shared variants at 1 x 32, nothing written
+
+The tables go to stdout and to the json's .md sibling (bench/results/export.md).
 """
 
 from __future__ import annotations
@@ -191,6 +194,8 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=Path("bench/results/export.json"))
     ap.add_argument("--families", action="store_true",
                     help="then the rows per encoder family (bench/families.py: BERT, DistilBERT, ELECTRA, DeBERTa-v3)")
+    ap.add_argument("--quick", action="store_true",
+                    help="iteration only: ONNX merged and the three shared fp32 variants at 1 x 32; writes no file")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     backbone = load_backbone("minilm")
@@ -234,6 +239,8 @@ def main() -> int:
     same_packs = [(load_file(str(same_dir / "packs" / f"{ck.name}.safetensors")),
                    json.loads((same_dir / "packs" / f"{ck.name}.json").read_text())["sizes"]) for ck in same]
     eight_same = np_feed(stack(same_packs), same_dir)
+    if args.quick:
+        return quick(args, merged, shared_one, shared_same, shared, one, eight_same, eight)
     # the same exports with the backbone's MatMuls int8
     q = {"quantize": "int8", "log": lambda *_: None}
     export_checkpoint(ckpts[args.method], work / "merged-int8", "onnx", merged=True, **q)
@@ -285,13 +292,36 @@ def main() -> int:
                          "vs_eager": res["PyTorch eager (our model)"] / ms, "vs_merged": ms / res["ONNX merged"],
                          "gflops": flop / (ms / 1000), "of_matmul": flop / (ms / 1000) / gf})
     phm = phm_vs_dense(args.threads)
-    report(args, gf, rows, phm, times, sizes)
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    import contextlib
+    import io
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        report(args, gf, rows, phm, times, sizes)
+    sys.stdout.write(buf.getvalue())
+    args.out.with_suffix(".md").write_text(buf.getvalue())
     args.out.write_text(json.dumps({"matmul_gflops": gf, "threads": args.threads, "method": args.method,
                                     "rows": rows, "phm": phm, "export_s": times, "bytes": sizes}, indent=1))
     from plots import export_plots
     for f in export_plots(json.loads(args.out.read_text()), args.out.with_suffix("")):
         print(f"plot: {f}", file=sys.stderr)
+    return 0
+
+
+def quick(args, merged, shared_one, shared_same, shared, one, eight_same, eight) -> int:
+    """--quick: the 1 x 32 rows that the mixed-batch goals compare (same interleaved rounds), to stdout."""
+    ids, mask = batch_inputs(1, 32)
+    feed = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
+    idx = {"adapter_index": np.zeros(1, np.int64)}
+    res = timed({"ONNX merged": lambda: merged.run(["logits"], feed),
+                 "ONNX shared, 1 adapter": lambda: shared_one.run(["logits"], feed | idx | one),
+                 f"ONNX shared, 8 {args.method} mixed": lambda: shared_same.run(["logits"], feed | idx | eight_same),
+                 "ONNX shared, 8 methods mixed": lambda: shared.run(["logits"], feed | idx | eight)},
+                args.reps, args.rounds)
+    print(f"1 x 32, {args.threads} threads, medians of {args.rounds} interleaved rounds of {args.reps}\n")
+    print("| variant | median ms | time vs ONNX merged |\n|---|---|---|")
+    for k, ms in res.items():
+        print(f"| {k} | {ms:.2f} | {ms / res['ONNX merged']:.2f}x |")
     return 0
 
 
