@@ -72,7 +72,7 @@ def run_one(ckpt: Path, work: Path, eval_size: int, threads: int) -> dict:
     logits = {k: np.concatenate(v) for k, v in logits.items()}
     acc = {k: float((v.argmax(1) == gold).mean()) for k, v in logits.items()}
     row = {"checkpoint": str(ckpt), "name": name, "method": cfg["method"], "task": task, "n": len(gold),
-           "acc_fp32": acc["fp32"], "logit_scale": float(np.abs(logits["fp32"]).max())}
+           "acc_fp32": acc["fp32"], "logit_scale": float(np.abs(logits["fp32"]).max()), "train": train_recipe(cfg)}
     for k in ("int8", "int8 per tensor"):
         row[k] = {"acc": acc[k], "delta_points": 100 * (acc[k] - acc["fp32"]),
                   "max_logit_diff": float(np.abs(logits[k] - logits["fp32"]).max()),
@@ -83,6 +83,12 @@ def run_one(ckpt: Path, work: Path, eval_size: int, threads: int) -> dict:
     got = np.stack(SharedRuntime(out / "shared-int8", threads=threads).infer(*first, [name] * len(first[0]))[0])
     row["shared_vs_merged_int8"] = float(np.abs(got - logits["int8"][:len(got)]).max())
     return row
+
+
+def train_recipe(cfg: dict) -> str:
+    """How the checkpoint was trained, from its config: examples x epochs at max tokens."""
+    t = cfg.get("train") or {}
+    return f"{t['train_size']} x {t['epochs']} at {t['max_length']}" if t.get("train_size") else "?"
 
 
 def main() -> int:
@@ -96,7 +102,8 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="hpeft-bench-quantize-"))
     rows = json.loads(args.out.read_text()) if args.append and args.out.is_file() else []
     for ck in args.checkpoints:
-        rows = [r for r in rows if r["name"] != ck.name] + [run_one(ck, work, args.eval_size, args.threads)]
+        row = run_one(ck, work, args.eval_size, args.threads)
+        rows = [r for r in rows if (r["name"], r.get("train")) != (row["name"], row["train"])] + [row]
         r = rows[-1]
         print(f"{r['name']}: fp32 {r['acc_fp32']:.3f} int8 {r['int8']['acc']:.3f}", file=sys.stderr, flush=True)
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -108,12 +115,12 @@ def main() -> int:
 def report(rows: list[dict], args) -> None:
     print(f"MiniLM merged ONNX, held-out {args.eval_size} per task (max {MAX_LENGTH} tokens), "
           f"CPU {args.threads} threads\n")
-    print("| task | method | fp32 acc | int8 acc | change (points) | max logit diff (logit scale) | argmax agree | "
+    print("| task | method | train (examples x epochs at tokens) | fp32 acc | int8 acc | change (points) | max logit diff (logit scale) | argmax agree | "
           "speed-up | per-tensor int8: change / max diff / speed-up | shared int8 = merged int8 |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for r in sorted(rows, key=lambda r: (r["task"], r["method"])):
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in sorted(rows, key=lambda r: (r["task"], r["method"], r.get("train", "?"))):
         q, p = r["int8"], r["int8 per tensor"]
-        print(f"| {r['task']} | {r['method']} | {r['acc_fp32']:.3f} | {q['acc']:.3f} | {q['delta_points']:+.1f} | "
+        print(f"| {r['task']} | {r['method']} | {r.get('train', '?')} | {r['acc_fp32']:.3f} | {q['acc']:.3f} | {q['delta_points']:+.1f} | "
               f"{q['max_logit_diff']:.3f} ({r['logit_scale']:.1f}) | {100 * q['argmax_agree']:.1f}% | "
               f"{q['speedup']:.2f}x | "
               f"{p['delta_points']:+.1f} / {p['max_logit_diff']:.3f} / {p['speedup']:.2f}x | "
