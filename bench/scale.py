@@ -94,7 +94,7 @@ def resident_count(metrics_url: str) -> int:
 
 
 def wait_resident(cl: "Client", metrics_url: str, n: int, timeout: float = 600.0) -> float:
-    """Seconds until n adapters are resident (a request now and then: the gauges publish on execute)."""
+    """Seconds until n adapters are resident (the model's publisher thread updates the gauges within 0.5 s of a change)."""
     t = time.monotonic()
     while resident_count(metrics_url) < n:
         if time.monotonic() - t > timeout:
@@ -405,12 +405,12 @@ class TritonPythonModel(Model):
                     self._t[_n] = self._t.get(_n, 0.0) + 1000 * (time.perf_counter() - t)
             setattr(self.runtime, name, timed)
 
-    def _publish(self):
+    def _publish(self):  # on the model's publisher thread, not in an execute: logged on a line of its own
         t = time.perf_counter()
         try:
             super()._publish()
         finally:
-            self._t["publish"] = 1000 * (time.perf_counter() - t)
+            self._log.write(json.dumps({{"at": time.time(), "publisher": 1000 * (time.perf_counter() - t)}}) + "\\n")
 
     def execute(self, requests):
         self._t, t, g = {{}}, time.perf_counter(), self.runtime.bank.generation
@@ -432,9 +432,9 @@ def exec_parts(log: Path, windows: list[tuple[float, float]]) -> dict:
     """Medians / max of the timed parts of the executes inside `windows` (time.time() spans), split by
     whether the execute changed the bank (loaded a pack: a miss)."""
     rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if any(a <= r["at"] <= b for a, b in windows)]
+    rows = [r for r in rows if any(a <= r["at"] <= b for a, b in windows) and "publisher" not in r]
     for r in rows:  # what the bank's change adds to every request in (or queued behind) this execute
-        r["bank"] = r.get("ensure", 0.0) + r.get("publish", 0.0)
+        r["bank"] = r.get("ensure", 0.0) + r.get("publish", 0.0)  # publish: 0 since gauges left execute
     out = {}
     for kind, sel in (("changed", [r for r in rows if r["changed"]]), ("unchanged", [r for r in rows if not r["changed"]])):
         out[kind] = {"executes": len(sel)} | {

@@ -147,6 +147,12 @@ def test_upload_replace_delete_without_restart(stack):
     code, out = _call(f"{url}/v1/adapters/fresh", "PUT", raw=pack.read_bytes(), token=TOKEN,
                       content_type="application/octet-stream")
     assert code == 201 and out["replaced"] is False and out["method"] == "unipelt", out
+    # preloaded in the background and its residency gauge published by the model's own thread: shown
+    # loaded before any request has named it (no execute runs in between)
+    t0 = time.monotonic()
+    while not {a["name"]: a for a in _call(f"{url}/v1/adapters")[1]["adapters"]}.get("fresh", {}).get("loaded"):
+        assert time.monotonic() - t0 < 30, "the uploaded adapter was never shown resident without a request"
+        time.sleep(0.2)
     _check_answer(stack, "fresh", stack["cks"]["uni2"])
     # replace "fresh" with uni's pack: the next answer is uni's, and names uni's version
     uni = stack["repo"] / "hpeft" / "1" / "export" / "packs" / "uni.safetensors"

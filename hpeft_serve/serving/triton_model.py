@@ -18,6 +18,7 @@ in `execute` becomes an INTERNAL error per request, with the traceback in the se
 """
 
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -54,9 +55,30 @@ class TritonPythonModel:
         self.resident = pb_utils.MetricFamily(name="hpeft_adapter_resident", kind=pb_utils.MetricFamily.GAUGE,
                                               description="1 while the adapter is loaded in the bank, else 0")
         self.gauges, self.published, self.seen = {}, set(), -1
+        # the gauges are published by a thread of their own, never inside execute: a miss's load (or the
+        # preloader's) changes the bank, and its metric messages to Triton then delay no request
+        self._bank_changed, self._closing = threading.Event(), False
+        self._publisher = threading.Thread(target=self._publish_loop, name="hpeft-gauges", daemon=True)
+        self._publisher.start()
 
     def finalize(self):
+        self._closing = True
+        self._bank_changed.set()
+        self._publisher.join(timeout=5)
         self.runtime.stop_preloading()
+
+    def _publish_loop(self, every_s: float = 0.5):
+        """Publish the residency gauges when execute says the bank changed, and every `every_s` (the
+        preloader changes the bank between requests)."""
+        while not self._closing:
+            self._bank_changed.wait(every_s)
+            self._bank_changed.clear()
+            if self._closing:
+                return
+            try:
+                self._publish()
+            except Exception:  # noqa: BLE001 - a metrics failure must not stop the gauges or the model
+                log_internal(pb_utils.Logger.log_error, "publishing the residency gauges")
 
     def _publish(self):
         """Update the gauges of the adapters whose residency changed (each set is a message to Triton); nothing
@@ -105,10 +127,8 @@ class TritonPythonModel:
                 rows = range(row, row + len(names))
                 row += len(names)
                 responses[i] = self._respond(rows, answers)
-            try:
-                self._publish()
-            except Exception:  # noqa: BLE001 - a metrics failure must not fail answered requests
-                log_internal(pb_utils.Logger.log_error, "publishing the residency gauges")
+            if self.runtime.bank.generation != self.seen:
+                self._bank_changed.set()  # the publisher thread updates the gauges, off the request path
         return responses
 
     def _respond(self, rows, answers):
