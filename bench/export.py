@@ -11,6 +11,7 @@ PHMLinear body against a dense MatMul of the same shape, export times and file s
 
     python bench/export.py [--method unipelt] [--reps 30] [--rounds 3] [--out bench/results/export.json]
     python bench/export.py --quick   # iteration only: merged and the shared variants at 1 x 32, nothing written
+    python bench/export.py --quick --profile   # and ORT's profile of the two shared graphs by op type
 
 The tables go to stdout and to the json's .md sibling (bench/results/export.md).
 """
@@ -196,6 +197,9 @@ def main() -> int:
                     help="then the rows per encoder family (bench/families.py: BERT, DistilBERT, ELECTRA, DeBERTa-v3)")
     ap.add_argument("--quick", action="store_true",
                     help="iteration only: ONNX merged and the three shared fp32 variants at 1 x 32; writes no file")
+    ap.add_argument("--profile", action="store_true",
+                    help="with --quick: onnxruntime's profile (enable_profiling) of the shared graph with one "
+                         "adapter's slots and of the 8-method one at 1 x 32: kernel time and runs per op type")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     backbone = load_backbone("minilm")
@@ -240,7 +244,7 @@ def main() -> int:
                    json.loads((same_dir / "packs" / f"{ck.name}.json").read_text())["sizes"]) for ck in same]
     eight_same = np_feed(stack(same_packs), same_dir)
     if args.quick:
-        return quick(args, merged, shared_one, shared_same, shared, one, eight_same, eight)
+        return quick(args, work, merged, shared_one, shared_same, shared, one, eight_same, eight)
     # the same exports with the backbone's MatMuls int8
     q = {"quantize": "int8", "log": lambda *_: None}
     export_checkpoint(ckpts[args.method], work / "merged-int8", "onnx", merged=True, **q)
@@ -308,7 +312,31 @@ def main() -> int:
     return 0
 
 
-def quick(args, merged, shared_one, shared_same, shared, one, eight_same, eight) -> int:
+def profile_ops(path: Path, feed: dict, threads: int, runs: int = 40) -> tuple[float, dict[str, tuple[float, float]]]:
+    """onnxruntime's profile of `runs` runs (the first 5 left out): the median run in ms, and per op type the
+    kernel time (ms) and the kernels run, each per run (nodes inside an If's branches count on their own and
+    inside the If's time)."""
+    import collections
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.enable_profiling = True
+    so.profile_file_prefix = str(path.parent / "profile")
+    s = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    for _ in range(runs):
+        s.run(["logits"], feed)
+    events = json.loads(Path(s.end_profiling()).read_text())
+    model_runs = [e for e in events if e.get("cat") == "Session" and e["name"] == "model_run"][5:]
+    t0, n = model_runs[0]["ts"], len(model_runs)
+    us, count = collections.Counter(), collections.Counter()
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= t0:
+            us[e["args"]["op_name"]] += e["dur"]
+            count[e["args"]["op_name"]] += 1
+    return (statistics.median(e["dur"] for e in model_runs) / 1000,
+            {op: (us[op] / n / 1000, count[op] / n) for op in us})
+
+
+def quick(args, work, merged, shared_one, shared_same, shared, one, eight_same, eight) -> int:
     """--quick: the 1 x 32 rows that the mixed-batch goals compare (same interleaved rounds), to stdout."""
     ids, mask = batch_inputs(1, 32)
     feed = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
@@ -322,6 +350,16 @@ def quick(args, merged, shared_one, shared_same, shared, one, eight_same, eight)
     print("| variant | median ms | time vs ONNX merged |\n|---|---|---|")
     for k, ms in res.items():
         print(f"| {k} | {ms:.2f} | {ms / res['ONNX merged']:.2f}x |")
+    if args.profile:  # profiling slows every kernel: compare the two columns, not with the times above
+        (ms1, one_ops), (ms8, eight_ops) = (profile_ops(work / d / "backbone.onnx", feed | idx | bank, args.threads)
+                                            for d, bank in (("shared-one", one), ("shared", eight)))
+        print(f"\nORT profile, 1 x 32 (median run, profiled: 1 adapter's slots {ms1:.2f} ms, 8 methods' {ms8:.2f} ms)\n")
+        print("| op type | 8 methods: ms / run | kernels / run | 1 adapter: ms / run | kernels / run |\n|---|---|---|---|---|")
+        for op in sorted(set(one_ops) | set(eight_ops), key=lambda o: -eight_ops.get(o, (0, 0))[0]):
+            a, b = eight_ops.get(op, (0.0, 0.0)), one_ops.get(op, (0.0, 0.0))
+            print(f"| {op} | {a[0]:.3f} | {a[1]:.0f} | {b[0]:.3f} | {b[1]:.0f} |")
+        print(f"| all | {sum(v[0] for v in eight_ops.values()):.3f} | {sum(v[1] for v in eight_ops.values()):.0f} | "
+              f"{sum(v[0] for v in one_ops.values()):.3f} | {sum(v[1] for v in one_ops.values()):.0f} |")
     return 0
 
 
