@@ -198,9 +198,10 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true",
                     help="iteration only: ONNX merged and the three shared fp32 variants at 1 x 32; writes no file")
     ap.add_argument("--profile", action="store_true",
-                    help="with --quick: onnxruntime's profile (enable_profiling) of the shared graph with one "
+                    help="(implies --quick) onnxruntime's profile (enable_profiling) of the shared graph with one "
                          "adapter's slots and of the 8-method one at 1 x 32: kernel time and runs per op type")
     args = ap.parse_args()
+    args.quick = args.quick or args.profile
     torch.set_num_threads(args.threads)
     backbone = load_backbone("minilm")
     work = Path(tempfile.mkdtemp(prefix="hpeft-bench-export-"))
