@@ -1,4 +1,5 @@
 """Merged inference models: fold what folds exactly, keep the rest as extra ops with constant weights.
+Each slot kind's rule is its module's (hpeft_serve/slots/*.py, MERGE):
 
 - LoRA without a gate: W <- W + (alpha / r) B A (a gated LoRA depends on its input: kept as ops).
 - BitFit: frozen bias <- bias + delta (the same fp32 addition the model does at run time).
@@ -18,6 +19,7 @@ import copy
 import torch
 
 from hpeft_serve.model import HybridModel
+from hpeft_serve.slots.registry import KINDS, implementing
 
 
 def _projections(layer) -> dict:
@@ -26,43 +28,19 @@ def _projections(layer) -> dict:
             "attn_ln": layer.attention.output.LayerNorm, "ffn_ln": layer.output.LayerNorm}
 
 
-def _fold_phm(m: HybridModel) -> None:
-    from hpeft_serve.methods.bottleneck import DenseProj, PHMProj
-    from hpeft_serve.methods.functional import phm_weight
-    rule = m.adapters.phm_rule
-    for la in m.adapters.layers:
-        for b in la.seq.values():
-            for attr in ("adapter_down", "adapter_up"):
-                p = getattr(b, attr)
-                if isinstance(p, PHMProj):
-                    h = phm_weight(rule, p.phm_W_left, p.phm_W_right)  # (in, out)
-                    dense = DenseProj(h.shape[0], h.shape[1], sparse=False)
-                    dense.weight.copy_(h.t())
-                    dense.bias.copy_(p.bias)
-                    setattr(b, attr, dense)
-
-
 @torch.no_grad()
 def merge(model: HybridModel, fold_phm: bool = False) -> HybridModel:
-    """A folded copy of `model` (eval mode) computing the same logits; the original is untouched."""
+    """A folded copy of `model` (eval mode) computing the same logits; the original is untouched. Each
+    registered slot kind (hpeft_serve/slots) folds what it can: whole-model steps, then per layer in the
+    kinds' MERGE_ORDER (BitFit, (IA)^3, LoRA), then finishing steps."""
     m = copy.deepcopy(model).eval()
-    m.adapters.eject_prefix()
-    if fold_phm:
-        _fold_phm(m)
+    for k in KINDS:
+        k.merge_model(m, fold_phm)
+    by_layer = sorted(implementing("merge_layer"), key=lambda k: k.MERGE_ORDER)
     for la, layer in zip(m.adapters.layers, m.encoder.layers):
         proj = _projections(layer)
-        if la.bitfit is not None:
-            for name, delta in la.bitfit.items():
-                proj[name].bias += delta
-            la.bitfit = None
-        if la.ia3 is not None:
-            from hpeft_serve.methods.ia3 import merge_into
-            for name, scale in la.ia3.items():
-                merge_into(name, proj[name], scale)
-            la.ia3 = None
-        for t in [t for t, lo in la.lora.items() if lo.gate is None]:
-            proj[t].weight.copy_(la.lora[t].merged_weight(proj[t].weight))
-            del la.lora[t]
-    for p in m.adapters.sparse_projections():
-        p.prepare_compact_export()
+        for k in by_layer:
+            k.merge_layer(la, proj)
+    for k in KINDS:
+        k.merge_finish(m)
     return m

@@ -33,13 +33,12 @@ from hpeft_serve.encoder import Encoder, LayerContext
 from hpeft_serve.methods import functional as Fn
 from hpeft_serve.model import pool
 
-from hpeft_serve.methods.config import IA3_INPUT
-from hpeft_serve.pack.layout import NEG, _lora_dims
+from hpeft_serve.pack.layout import NEG
+from hpeft_serve.slots.registry import KINDS, implementing, ln_bias_inputs
 
 from .layout import ACTS, Layout, bank_feed, input_names, per_layer
 from .segment import Kind, Usage
 
-GATE = ("_gated", "_gate_w", "_gate_b")
 
 
 def _col(t: torch.Tensor) -> torch.Tensor:
@@ -84,9 +83,13 @@ class Rows:
         return torch.where(gated > 0.5, g, 1.0 if otherwise is None else otherwise)
 
     def layer_norm(self, name: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float):
-        if not self.layout.bitfit:
+        """LayerNorm `name` with each row's bias deltas (the kinds' ln_bias_inputs: BitFit's)."""
+        deltas = ln_bias_inputs(self.layout, name)
+        if not deltas:
             return F.layer_norm(x, weight.shape, weight, bias, eps)
-        return F.layer_norm(x, weight.shape, weight, None, eps) + (bias + self.w1(f"bitfit_{name}"))
+        for n in deltas:
+            bias = bias + self.w1(n)
+        return F.layer_norm(x, weight.shape, weight, None, eps) + bias
 
     def act(self, p: str, h: torch.Tensor) -> torch.Tensor:
         acts = self.layout.acts
@@ -124,91 +127,30 @@ def _phm_weight(rule: torch.Tensor, W_left: torch.Tensor, W_right: torch.Tensor)
 
 
 # ---------------------------------------------------------------- the kinds: fn(base, *xs, index, ws)
-def _names(layout: Layout, p: str, own: list[str]) -> list[str]:
-    return own + ([p + g for g in GATE] if p in layout.gated else [])
+class _Example:
+    """What a kind's example inputs are made of (build_kinds): rand(*shape), dim {"d", "f"}, tm the gates'
+    token weights ([] without gates), gm(p) tm where p is gated, ln a LayerNorm's (weight, bias), eps."""
 
-
-def _lora_kind(layout: Layout, t: str) -> tuple:
-    p = f"lora_{t}"
-    names = _names(layout, p, [f"{p}_A", f"{p}_B", f"{p}_scale"])
-
-    def fn(y, x, *rest):  # y + x A^T B^T * (gate or scale)
-        r = Rows(dict(zip(names, rest[-1])), rest[-2], layout, rest[0] if len(rest) == 3 else None)
-        delta = Fn.lora_delta(x, r.w(f"{p}_A"), r.w(f"{p}_B"))
-        return y + delta * r.coef(p, x, r.col(f"{p}_scale"))
-    return fn, names, _lora_dims(t)  # (in, out): ffn_in d -> f, ffn_out f -> d
-
-
-def _prefix_gate_kind(layout: Layout) -> tuple:
-    names = ["prefix" + g for g in GATE]
-
-    def fn(_, x, tmask, index, ws):  # (R, 1, 1): the gate where gated, else 1
-        return Rows(dict(zip(names, ws)), index, layout, tmask).coef("prefix", x, None)
-    return fn, names
-
-
-def _seq_kind(layout: Layout, site: str, n: int | None, eps: float) -> tuple:
-    """The sequential adapter of `site` (dense, or the PHM branch of n), on LN(h + a) or h per row."""
-    p = f"seq_{site}" if n is None else f"phm{n}_{site}"
-    if n is None:
-        own = [f"{p}_{k}" for k in ("down_w", "down_b", "up_w", "up_b", "scale")]
-    else:
-        own = [f"{p}_{k}" for k in ("down_Wl", "down_Wr", "down_b", "up_Wl", "up_Wr", "up_b", "scale")]
-        own.append(f"phm{n}_rule")
-    own += [f"{p}_act"] if len(layout.acts) > 1 else []
-    own += [f"seq_{site}_ln_before"] + ([f"bitfit_{site}_ln"] if layout.bitfit else [])
-    names = _names(layout, p, own)
-
-    def fn(out, h, a, *rest):  # the dense one: seq + h + a (the PyTorch order); a PHM branch: out + seq
-        ws = rest[-1]
-        r = Rows(dict(zip(names, ws)), rest[-2], layout, rest[0] if len(rest) == 3 else None)
-        lnb = r.col(f"seq_{site}_ln_before")
-        x_a = lnb * r.layer_norm(f"{site}_ln", h + a, ws[-2], ws[-1], eps) + (1.0 - lnb) * h
-        if n is None:
-            return r.dense(p, x_a) + h + a
-        return out + r.phm(p, n, x_a)
-    return fn, names
-
-
-def _par_kind(layout: Layout, site: str) -> tuple:
-    p = f"par_{site}"
-    own = [f"{p}_{k}" for k in ("down_w", "down_b", "up_w", "up_b", "scale")]
-    names = _names(layout, p, own + ([f"{p}_act"] if len(layout.acts) > 1 else []))
-
-    def fn(out, a, *rest):
-        r = Rows(dict(zip(names, rest[-1])), rest[-2], layout, rest[0] if len(rest) == 3 else None)
-        return out + r.dense(p, a)
-    return fn, names
+    def __init__(self, layout: Layout, d: int, f: int, eps: float):
+        g = torch.Generator().manual_seed(0)
+        self.rand = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+        self.dim, self.eps = {"d": d, "f": f}, eps
+        self.tm = [torch.ones(2, 3, 1)] if layout.gated else []
+        self.gm = lambda p: self.tm if p in layout.gated else []  # noqa: E731
+        self.ln = [self.rand(d), self.rand(d)]
 
 
 def build_kinds(layout: Layout, d: int, f: int, eps: float) -> dict[str, Kind]:
-    """Every kind the layout has, traced on an example bank of layer 0 (sizes 2 rows, 3 tokens)."""
+    """Every segmented kind the layout has (each registered slot kind's, hpeft_serve/slots), traced on an
+    example bank of layer 0 (sizes 2 rows, 3 tokens)."""
     from .export import example_bank  # exporters.export imports this module
     bank = {n: (t[:, 0] if per_layer(n) else t) for n, t in example_bank(1, d, f, layout, k=4).items()}
-    g = torch.Generator().manual_seed(0)
-    rand = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
-    index, dim = torch.tensor([1, 3]), {"d": d, "f": f}
-    tm = [torch.ones(2, 3, 1)] if layout.gated else []
-    gm = lambda p: tm if p in layout.gated else []  # noqa: E731
-    ln = [rand(d), rand(d)]
+    ex, index = _Example(layout, d, f, eps), torch.tensor([1, 3])
     kinds = {}
-
-    def add(key, fn, names, xs, extra=()):
-        ws = [bank[n] for n in names] + list(extra)
-        kinds[key] = Kind(fn, names, (xs[0], *xs[1:], index, ws))
-    for t in layout.lora:
-        fn, names, (i, o) = _lora_kind(layout, t)
-        add(f"lora_{t}", fn, names, [rand(2, 3, dim[o]), rand(2, 3, dim[i])] + gm(f"lora_{t}"))
-    if layout.prefix and "prefix" in layout.gated:
-        add("prefix", *_prefix_gate_kind(layout), [torch.zeros(2, 1, 1), rand(2, 3, d), tm[0]])
-    for site in layout.seq:
-        add(f"seq_{site}", *_seq_kind(layout, site, None, eps), [rand(2, 3, d)] * 3 + gm(f"seq_{site}"), ln)
-    for n in layout.phm_n:
-        for site in layout.phm:
-            p = f"phm{n}_{site}"
-            add(p, *_seq_kind(layout, site, n, eps), [rand(2, 3, d)] * 3 + gm(p), ln)
-    for site in layout.par:
-        add(f"par_{site}", *_par_kind(layout, site), [rand(2, 3, d)] * 2 + gm(f"par_{site}"))
+    for slot in KINDS:
+        for key, fn, names, xs, *extra in slot.kinds(layout, ex):
+            ws = [bank[n] for n in names] + list(extra[0] if extra else ())
+            kinds[key] = Kind(fn, names, (xs[0], *xs[1:], index, ws))
     return kinds
 
 
@@ -249,52 +191,46 @@ class BankedLayer:
         xs = xs + ([ctx.shared["gate_token_weight"]] if p in self.layout.gated else [])
         return kind(base, self.usage, f"{p}.{self.i}", xs, self.index, ws)
 
+    # each hook runs the registered slot kinds that implement it, in the PyTorch modules' order
     def linear(self, name, x, layer, ctx):
         bias = layer.bias
-        if self.layout.bitfit:  # the row's delta in the bias, as the PyTorch module adds it
-            bias = bias + self.t(f"bitfit_{name}")[self.index2]  # (B, 1, out)
-        ia3 = name in self.layout.ia3  # the row's (IA)^3 scale, 1 + the pack's (B, 1, in or out); 1 without one
-        scale = 1.0 + self.t(f"ia3_{name}")[self.index2] if ia3 else None
-        if ia3 and name in IA3_INPUT:
-            y = F.linear(x * scale, layer.weight) + bias
-        else:
-            y = F.linear(x, layer.weight) + bias
-            y = y * scale if ia3 else y
-        if name in self.layout.lora:
-            y = self._run(f"lora_{name}", y, [x], ctx)
+        for k in _HOOKS["linear_bias"]:  # BitFit: the row's delta in the bias
+            bias = k.linear_bias(self, name, bias)
+        x_in = x
+        for k in _HOOKS["linear_input"]:  # (IA)^3 on the input
+            x_in = k.linear_input(self, name, x_in)
+        y = F.linear(x_in, layer.weight) + bias
+        for k in _HOOKS["linear_output"]:  # (IA)^3 on the output
+            y = k.linear_output(self, name, y)
+        for k in _HOOKS["linear_add"]:  # LoRA
+            y = k.linear_add(self, name, y, x, ctx)
         return y
 
     def layer_norm(self, name, x, ln):
-        if not self.layout.bitfit:
+        b = ln.bias
+        for k in _HOOKS["layer_norm_bias"]:
+            b = k.layer_norm_bias(self, name, b)
+        if b is ln.bias:
             return F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
-        b = ln.bias + self.t(f"bitfit_{name}")[self.index2]  # (B, 1, D)
         return F.layer_norm(x, ln.normalized_shape, ln.weight, None, ln.eps) + b
 
     def prefix(self, x, ctx):
-        if not self.layout.prefix:
-            return None
-        full = self.w("prefix_mask")  # (B, P): 0 on a row's prefix positions, float32 min elsewhere
-        cols = (full.amax(dim=0) > 0.5 * NEG).nonzero().squeeze(1)  # the positions some row has: (P',)
-        k = self.w("prefix_k").index_select(1, cols)  # (B, P', D)
-        v = self.w("prefix_v").index_select(1, cols)
-        mask = full.index_select(1, cols)
-        if "prefix" in self.layout.gated:  # a row without a prefix keeps coef 0: its positions are masked
-            use = (full > 0.5 * NEG).to(x.dtype).sum(dim=1)  # (B,): a row's prefix positions (P may be 0)
-            coef = self._run("prefix", _col(use), [x], ctx)
-            k, v = coef * k, coef * v
-        return k, v, mask
+        for k in _HOOKS["prefix"]:
+            got = k.prefix(self, x, ctx)
+            if got is not None:
+                return got
+        return None
 
     def residual(self, site, h, a, ln, ctx):
-        lay = self.layout
         out = h + a
-        params = (ln.weight, ln.bias)
-        if site in lay.seq:
-            out = self._run(f"seq_{site}", out, [h, a], ctx, params)
-        for n in lay.phm_n if site in lay.phm else ():  # one branch per n: a row uses the branch of its n
-            out = self._run(f"phm{n}_{site}", out, [h, a], ctx, params)
-        if site in lay.par:
-            out = self._run(f"par_{site}", out, [a], ctx)
+        for k in _RESIDUAL:  # sequential, its branches, parallel
+            out = k.residual(self, site, out, h, a, ln, ctx)
         return self.layer_norm(f"{site}_ln", out, ln)
+
+
+_HOOKS = {h: implementing(h) for h in ("linear_bias", "linear_input", "linear_output", "linear_add",
+                                         "layer_norm_bias", "prefix")}
+_RESIDUAL = sorted(implementing("residual"), key=lambda k: k.RESIDUAL)
 
 
 class _Banked:

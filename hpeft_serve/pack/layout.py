@@ -29,61 +29,30 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 
 from ..errors import CheckpointError
-from ..methods.config import BIAS_NAMES, IA3_INPUT, IA3_TARGETS, LORA_TARGETS, SITES
+from ..slots.base import NEG  # noqa: F401  (re-exported: the kinds' modules own these)
+from ..slots.bottleneck import ACTS  # noqa: F401
+from ..slots.head import OPTIONAL  # noqa: F401
+from ..slots.registry import KINDS
 
 LAYOUT_VERSION = 1
-ACTS = ("relu", "gelu", "gelu_new", "silu")  # the activations a bottleneck slot can select (one-hot)
-NEG = float(np.finfo(np.float32).min)  # additive mask value / logit of a padded label
 FIXED = ("L", "d", "f")  # the backbone's sizes: every pack of a graph has these
 TASKS = ("classification", "embedding")
 EMBED_POOLINGS = ("mean", "cls", "max")
 BACKBONE = "@backbone"  # the plain backbone's embedding (reserved: NAME never matches it)
-# tensors added to version 1 with embeddings: a pack written before has none of them and is a classifier
-# (not max-pooled, not normalised), so they read as these values
-OPTIONAL = {"head_max": 0.0, "head_norm": 0.0}
-
-
-def _lora_dims(t: str) -> tuple[str, str]:
-    return {"ffn_in": ("d", "f"), "ffn_out": ("f", "d")}.get(t, ("d", "d"))
 
 
 @lru_cache(maxsize=1)
 def spec() -> dict[str, tuple]:
-    """Per pack tensor: its shape in symbols (L layers, d hidden, f FFN, named sizes padded across a bank)."""
-    s: dict[str, tuple] = {"gate_masked": (), "head_cls": ()}
-    for t in LORA_TARGETS:
-        i, o = _lora_dims(t)
-        s |= {f"lora_{t}_A": ("L", f"R_{t}", i), f"lora_{t}_B": ("L", o, f"R_{t}"), f"lora_{t}_scale": ("L",),
-              f"lora_{t}_gated": ("L",), f"lora_{t}_gate_w": ("L", 1, i), f"lora_{t}_gate_b": ("L", 1)}
-    s |= {"prefix_k": ("L", "P", "d"), "prefix_v": ("L", "P", "d"), "prefix_mask": ("L", "P"),
-          "prefix_gated": ("L",), "prefix_gate_w": ("L", 1, "d"), "prefix_gate_b": ("L", 1)}
-    for kind in ("seq", "par"):
-        for site in SITES:
-            p, w = f"{kind}_{site}", f"W_{kind}_{site}"
-            s |= {f"{p}_down_w": ("L", w, "d"), f"{p}_down_b": ("L", w), f"{p}_up_w": ("L", "d", w),
-                  f"{p}_up_b": ("L", "d"), f"{p}_scale": ("L",), f"{p}_act": ("L", len(ACTS)),
-                  f"{p}_gated": ("L",), f"{p}_gate_w": ("L", 1, "d"), f"{p}_gate_b": ("L", 1)}
-    for site in SITES:
-        p, o = f"phm_{site}", f"O_{site}"
-        s |= {f"seq_{site}_ln_before": ("L",), f"{p}_down_Wl": ("L", "n", "d/n", "r"), f"{p}_down_Wr": ("L", "n", "r", o),
-              f"{p}_down_b": ("L", "n", o), f"{p}_up_Wl": ("L", "n", o, "r"), f"{p}_up_Wr": ("L", "n", "r", "d/n"),
-              f"{p}_up_b": ("L", "d"), f"{p}_scale": ("L",), f"{p}_act": ("L", len(ACTS)), f"{p}_gated": ("L",),
-              f"{p}_gate_w": ("L", 1, "d"), f"{p}_gate_b": ("L", 1)}
-    s["phm_rule"] = ("n", "n", "n")
-    for b in BIAS_NAMES:
-        s[f"bitfit_{b}"] = ("L", "f" if b == "ffn_in" else "d")
-    for t in IA3_TARGETS:  # (IA)^3: the scale less 1 (zero: no change), on the input (o, ffn_out) or output
-        i, o = _lora_dims(t)
-        s[f"ia3_{t}"] = ("L", i if t in IA3_INPUT else o)
-    s |= {"head_dense_w": ("d", "d"), "head_dense_b": ("d",), "head_out_w": ("C", "d"), "head_out_b": ("C",)}
-    s |= {"head_max": (), "head_norm": ()}  # embeddings output: max pooling, L2 normalisation (0/1)
-    return s
+    """Per pack tensor: its shape in symbols (L layers, d hidden, f FFN, named sizes padded across a bank),
+    every registered slot kind's (hpeft_serve/slots), in registry order, their LEAD tensors first."""
+    every = [k.spec() for k in KINDS]
+    lead = {n: s[n] for k, s in zip(KINDS, every) for n in k.LEAD}
+    return lead | {n: v for s in every for n, v in s.items() if n not in lead}
 
 
 def size_keys() -> tuple[str, ...]:
@@ -92,7 +61,7 @@ def size_keys() -> tuple[str, ...]:
                                if isinstance(s, str) and s != "d/n"))
 
 
-FILL = {"prefix_mask": NEG, "head_out_b": NEG}  # padding that must stay out of softmax / argmax
+FILL = {n: v for k in KINDS for n, v in k.FILL.items()}  # padding that must stay out of softmax / argmax
 _PHM_N = re.compile(r"phm(\d+)_(.+)")
 
 
@@ -148,9 +117,8 @@ def bank_sizes(all_sizes: list[dict]) -> dict:
             raise ValueError(f"packs for different backbones cannot share a bank: {fixed} vs "
                              f"{ {k: s[k] for k in FIXED} }")
     out = {k: max(s[k] for s in all_sizes) for k in all_sizes[0] if k != "n"}
-    out["r"] = max(out["r"], 1)
-    out["C"] = max(out["C"], 1)  # a bank of embedding adapters only still has one (float32 min) logit column
-    out |= {k: max(v, 1) for k, v in out.items() if k.startswith("O_")}
+    for kind in KINDS:  # the kinds' minimums (PHM r and widths, C: a bank of embedding adapters only still
+        out |= {k: max(out[k], v) for k, v in kind.BANK_MIN.items()}  # has one float32-min logit column)
     return out
 
 
@@ -175,62 +143,28 @@ def copy_slot(dst, src) -> None:
 
 
 # ---------------------------------------------------------------- the slots a graph actually takes
-@dataclass(frozen=True)
-class Layout:
-    """The slot kinds a shared graph takes (the union over the adapters exported into it). A slot no
-    adapter uses is left out of the graph entirely: an absent slot and an all-zero slot give the same
-    logits, so packs never change; a new adapter that needs a new kind of slot re-exports the graph.
-    PHM: a branch for each n in `phm_n` at each site in `phm`. `embeddings`: the graph has the `embeddings`
-    output (and the head_max / head_norm inputs); graphs exported before it lack it, every new one has it."""
-
-    lora: tuple[str, ...] = ()
-    prefix: bool = False
-    seq: tuple[str, ...] = ()
-    phm: tuple[str, ...] = ()
-    par: tuple[str, ...] = ()
-    gated: tuple[str, ...] = ()
-    acts: tuple[str, ...] = ()
-    bitfit: bool = False
-    phm_n: tuple[int, ...] = ()
-    embeddings: bool = False
-    ia3: tuple[str, ...] = ()
+class _Layout:
+    """The slot kinds a shared graph takes (the union over the adapters exported into it): a frozen
+    dataclass whose fields are the registered kinds' (slots/*.py FIELDS), serialised in backbone.json under
+    their names. A slot no adapter uses is left out of the graph entirely: an absent slot and an all-zero
+    slot give the same logits, so packs never change; a new adapter that needs a new kind of slot re-exports
+    the graph. PHM: a branch for each n in `phm_n` at each site in `phm`. `embeddings`: the graph has the
+    `embeddings` output (and the head_max / head_norm inputs); graphs exported before it lack it, every new
+    one has it."""
 
     def phm_prefixes(self) -> list[str]:
         """The PHM branches, `phm{n}_{site}`."""
         return [f"phm{n}_{s}" for n in self.phm_n for s in self.phm]
 
     def names(self) -> list[str]:
-        """The bank tensors the graph takes, in its input order."""
-        gate = ("_gated", "_gate_w", "_gate_b")
-        scale = lambda p: [f"{p}_scale"] + ([f"{p}_act"] if len(self.acts) > 1 else [])  # noqa: E731
-        want = ["head_cls", "head_dense_w", "head_dense_b", "head_out_w", "head_out_b"]
-        want += ["gate_masked"] if self.gated else []
-        want += ["head_max", "head_norm"] if self.embeddings else []
-        for t in self.lora:
-            want += [f"lora_{t}_A", f"lora_{t}_B", f"lora_{t}_scale"]
-        want += ["prefix_k", "prefix_v", "prefix_mask"] if self.prefix else []
-        for kind, sites in (("seq", self.seq), ("par", self.par)):
-            for s in sites:
-                want += [f"{kind}_{s}_{k}" for k in ("down_w", "down_b", "up_w", "up_b")] + scale(f"{kind}_{s}")
-        want += [f"seq_{s}_ln_before" for s in SITES if s in self.seq or s in self.phm]
-        want += [f"{p}{g}" for p in self.gated if not p.startswith("phm") for g in gate]
-        want += [f"bitfit_{b}" for b in BIAS_NAMES] if self.bitfit else []
-        want += [f"ia3_{t}" for t in self.ia3]
-        out = [n for n in spec() if n in set(want)]
-        for n in self.phm_n:  # per n: its branches, then its rule
-            for p in (f"phm{n}_{s}" for s in SITES if s in self.phm):
-                out += [f"{p}_{k}" for k in ("down_Wl", "down_Wr", "down_b", "up_Wl", "up_Wr", "up_b")] + scale(p)
-                out += [f"{p}{g}" for g in gate] if p in self.gated else []
-            out.append(f"phm{n}_rule")
-        return out
+        """The bank tensors the graph takes, in its input order: spec order, then the kinds' tensors that
+        are not pack tensors (per-n PHM branches) in registry order."""
+        want = list(dict.fromkeys(n for k in KINDS for n in k.names(self)))
+        s, chosen = spec(), set(want)
+        return [n for n in s if n in chosen] + [n for n in want if n not in s]
 
     def union(self, other: "Layout") -> "Layout":
-        u = lambda a, b: tuple(x for x in dict.fromkeys(a + b))  # noqa: E731
-        return Layout(u(self.lora, other.lora), self.prefix or other.prefix, u(self.seq, other.seq),
-                      u(self.phm, other.phm), u(self.par, other.par), u(self.gated, other.gated),
-                      u(self.acts, other.acts), self.bitfit or other.bitfit,
-                      tuple(sorted(set(self.phm_n) | set(other.phm_n))), self.embeddings or other.embeddings,
-                      tuple(t for t in IA3_TARGETS if t in self.ia3 or t in other.ia3))
+        return Layout(**{f.name: f.union(getattr(self, f.name), getattr(other, f.name)) for f in FIELDS})
 
     def covers(self, other: "Layout") -> bool:
         return self.union(other) == self
@@ -240,33 +174,27 @@ class Layout:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Layout":
-        """A graph's layout from its backbone.json; one written before PHM slots were per n (PHM sites, no
-        `phm_n`) is refused: its PHM inputs take any one n, which no bank of this release feeds."""
-        if d.get("phm") and "phm_n" not in d:
-            raise CheckpointError("this shared graph predates PHM slots per n (its backbone.json has PHM sites "
-                                  "but no phm_n): export an adapter into its folder again, or `hpeft deploy` "
-                                  "an export, to re-export the graph")
+        """A graph's layout from its backbone.json (a field it lacks: its default); one a kind refuses (PHM
+        sites without `phm_n`: from before PHM slots per n, whose inputs take any one n, which no bank of
+        this release feeds) is a CheckpointError, as is a field no kind declares."""
+        for k in KINDS:
+            k.check_dict(d)
+        unknown = sorted(set(d) - {f.name for f in FIELDS})
+        if unknown:
+            raise CheckpointError(f"the graph's layout names slot kinds this release does not have: {unknown}")
         return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()})
+
+
+FIELDS = tuple(f for k in KINDS for f in k.FIELDS)
+Layout = dataclasses.make_dataclass(
+    "Layout", [(f.name, type(f.default), dataclasses.field(default=f.default)) for f in FIELDS],
+    bases=(_Layout,), frozen=True, namespace={"__module__": __name__, "__doc__": _Layout.__doc__})
 
 
 def needs(t: dict, sizes: dict) -> Layout:
     """The slot kinds one pack uses: the smallest layout that gives its exact logits."""
-    lora = tuple(x for x in LORA_TARGETS if sizes[f"R_{x}"] > 0)
-    seq = tuple(s for s in SITES if sizes[f"W_seq_{s}"] > 0)
-    par = tuple(s for s in SITES if sizes[f"W_par_{s}"] > 0)
-    phm = tuple(s for s in SITES if sizes[f"O_{s}"] > 0 and sizes["r"] > 0)
-    n = sizes["n"]
-    slots = [f"lora_{x}" for x in lora] + (["prefix"] if sizes["P"] > 0 else []) + \
-        [f"seq_{s}" for s in seq] + [f"par_{s}" for s in par] + [f"phm_{s}" for s in phm]
-    named = lambda p: f"phm{n}_{p[4:]}" if p.startswith("phm_") else p  # noqa: E731  the bank's name
-    nonzero = lambda k: k in t and bool((t[k] != 0).any())  # noqa: E731  a compact pack lacks zero tensors
-    gated = tuple(named(p) for p in slots if nonzero(f"{p}_gated"))
-    acts = tuple(a for j, a in enumerate(ACTS)
-                 if any(bool((t[f"{p}_act"][..., j] != 0).any()) for p in slots if f"{p}_act" in t))
-    bitfit = any(nonzero(f"bitfit_{b}") for b in BIAS_NAMES)
-    embeddings = sizes["C"] == 0 or any(nonzero(k) for k in OPTIONAL)
-    ia3 = tuple(x for x in IA3_TARGETS if nonzero(f"ia3_{x}"))
-    return Layout(lora, sizes["P"] > 0, seq, phm, par, gated, acts, bitfit, (n,) if phm else (), embeddings, ia3)
+    slots = [s for k in KINDS for s in k.slots(sizes)]
+    return Layout(**{f: v for k in KINDS for f, v in k.needs(t, sizes, slots).items()})
 
 
 def backbone_pack(dims: dict, pooling: str, normalize: bool) -> tuple[dict[str, np.ndarray], dict[str, int]]:
