@@ -25,6 +25,9 @@ from hpeft_serve.errors import HpeftError
 from hpeft_serve.pack.store import predates_phm_n, served_layout
 from hpeft_serve.backbone import load_backbone
 
+from hpeft_serve.pack.layout import size_keys
+from hpeft_serve.slots.registry import KINDS
+
 from .layout import LAYOUT_VERSION, Layout, bank_feed, input_names, needs, pack, per_layer, resolve_shape, symbols
 from .merge import merge
 from .quantize import Precision
@@ -60,14 +63,14 @@ def shared_dynamic_axes(layout: Layout, num_layers: int) -> dict:
 def example_bank(L: int, d: int, f: int, layout: Layout, k: int = 2) -> dict[str, torch.Tensor]:
     """A random bank of the tensors `layout` takes, whose every size is non-zero (so tracing sees every op);
     flags are 0/1."""
-    sizes = {"L": L, "d": d, "f": f, "P": 3, "r": 1, "C": 3} | {s: 2 for s in (
-        "R_q", "R_k", "R_v", "R_o", "R_ffn_in", "R_ffn_out", "O_attn", "O_ffn")} | {
-        f"W_{kind}_{site}": 4 for kind in ("seq", "par") for site in ("attn", "ffn")}
+    sizes = {s: 2 for s in size_keys()} | {s: v for kind in KINDS for s, v in kind.EXAMPLE_SIZES.items()}
+    sizes |= {"L": L, "d": d, "f": f}
+    flags = tuple(dict.fromkeys(e for kind in KINDS for e in kind.FLAGS))
     g = torch.Generator().manual_seed(0)
     bank = {}
     for name in layout.names():
         shape = (k, *resolve_shape(symbols(name), sizes))
-        flag = name.endswith(("_gated", "_ln_before", "_act", "gate_masked", "head_cls"))
+        flag = name.endswith(flags)
         bank[name] = torch.randint(0, 2, shape, generator=g).float() if flag else torch.randn(shape, generator=g) * 0.1
     return bank
 

@@ -59,6 +59,8 @@ class SlotKind:
     RESIDUAL = 0  # the position of `residual` in a sub-layer's residual (0 sequential, 1 its branches, 2 parallel)
     MERGE_ORDER = 0  # the position of `merge_layer` in a merged layer
     MERGE = "nothing to merge"  # the merge rule, in words
+    EXAMPLE_SIZES: dict[str, int] = {}  # the sizes of the example bank graphs are traced on (default 2)
+    FLAGS: tuple[str, ...] = ()  # name endings of the 0/1 tensors (the example bank draws them 0 or 1)
     BANK_MIN: dict[str, int] = {}  # sizes a bank keeps >= these (ONNX Reshape reads a 0 as "copy this dim")
 
     # ------------------------------------------------------------ the layout (no torch)

@@ -44,6 +44,8 @@ class Bottleneck(SlotKind):
     """`kind` "seq" or "par": the dense bottleneck adapters of that kind at both sites."""
 
     MERGE = "not mergeable: kept as ops (SparseAdapter: its non-zeros, hpeft::SparseLinear)"
+    FLAGS = ("_act", "_ln_before")
+    EXAMPLE_SIZES = {f"W_{kind}_{site}": 4 for kind in ("seq", "par") for site in SITES}
 
     def __init__(self, kind: str):
         self.kind = self.name = kind

@@ -13,6 +13,7 @@ class Gates(SlotKind):
     name = "gates"
     FIELDS = (Field("gated"),)
     LEAD = ("gate_masked",)
+    FLAGS = ("_gated", "gate_masked")
     MERGE = "not mergeable: a gated slot is kept as ops"
 
     def spec(self):

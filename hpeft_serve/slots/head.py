@@ -16,6 +16,8 @@ class Head(SlotKind):
     FIELDS = (Field.flag("embeddings"),)
     LEAD = ("head_cls",)
     FILL = {"head_out_b": NEG}
+    FLAGS = ("head_cls",)
+    EXAMPLE_SIZES = {"C": 3}
     BANK_MIN = {"C": 1}  # a bank of embedding adapters only still has one (float32 min) logit column
 
     def spec(self):

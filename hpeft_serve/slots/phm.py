@@ -18,6 +18,8 @@ class PHM(SlotKind):
     FIELDS = (Field("phm"), Field.sorted("phm_n"))
     RESIDUAL = 1  # after the dense sequential adapter, before the parallel one
     BANK_MIN = {"r": 1} | {f"O_{s}": 1 for s in SITES}
+    FLAGS = ("_act", "_ln_before")
+    EXAMPLE_SIZES = {"r": 1}
     MERGE = "kept as hpeft::PHMLinear, or folded into a dense weight H^T (fold_phm)"
 
     def spec(self):

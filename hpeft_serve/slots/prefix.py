@@ -12,6 +12,7 @@ class Prefix(SlotKind):
     name = "prefix"
     FIELDS = (Field.flag("prefix"),)
     FILL = {"prefix_mask": NEG}
+    EXAMPLE_SIZES = {"P": 3}
     MERGE = "ejected to constant key/value vectors"
 
     def spec(self):
