@@ -3,7 +3,8 @@
 batches that mix adapters.
 
 `BankedLayer` implements the encoder's LayerHooks with each row's own adapter weights, calling the same
-functions as the PyTorch modules (hpeft_serve.methods.functional); flags (0/1) select per row what the
+functions as the PyTorch modules (hpeft_serve.methods.functional); each hook runs the registered slot kinds
+that implement it (hpeft_serve/slots: a kind's banked forward is its module's), in the PyTorch order; flags (0/1) select per row what the
 modules select by their configuration, and 0/1 mixing is exact in floating point. A `Layout` says which
 slot kinds the graph has at all: the rest are not computed; PHM adapters get one branch per n (a row's
 adapter fills the branch of its n, the others are exact zeros).
@@ -38,7 +39,6 @@ from hpeft_serve.slots.registry import KINDS, implementing, ln_bias_inputs
 
 from .layout import ACTS, Layout, bank_feed, input_names, per_layer
 from .segment import Kind, Usage
-
 
 
 def _col(t: torch.Tensor) -> torch.Tensor:

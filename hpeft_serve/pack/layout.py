@@ -19,6 +19,9 @@ PHM slots come in one kind per n (a pack has one n, the size of its rule): the b
 own n and is zeros in the others (an all-zero branch adds exactly 0).
 How a trained model becomes a pack (torch) is exporters/layout.py.
 
+Each slot kind is one module of hpeft_serve/slots, listed in slots/registry.py: spec(), FILL, the Layout's
+fields, names(), union() and needs() here are assembled from the kinds' declarations.
+
 Packs are stored compactly: a pack file holds only the tensors that are not all their fill (zeros; the
 prefix mask's and the padded logit's float32 min), so a LoRA's pack is its LoRA and head tensors, not the
 union's slots; `complete` gives the missing ones back (packs written whole before stay readable). The
