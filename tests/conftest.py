@@ -56,6 +56,17 @@ def padded_batch(tokenizer, texts=("a good film", "the plot was awful and the ac
     return enc["input_ids"], enc["attention_mask"]
 
 
+def mixed_lengths(b: int, s: int, seed: int, step: int = 2):
+    """Random token ids (b, s) and a mask whose row r (r >= 1) has its last tokens padded, `step` more a row
+    (at least 2 real tokens): a padded batch of mixed lengths without a tokenizer."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1000, 5000, (b, s), generator=g)
+    mask = torch.ones(b, s, dtype=torch.long)
+    for r in range(1, b):
+        mask[r, max(2, s - step * r):] = 0
+    return ids, mask
+
+
 @pytest.fixture(autouse=True)
 def _threads():
     torch.set_num_threads(2)

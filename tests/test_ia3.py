@@ -22,6 +22,7 @@ from hpeft_serve.methods.config import BitFitConfig, IA3Config, LoRAConfig, Meth
 from hpeft_serve.methods.presets import resolve
 from hpeft_serve.model import HeadConfig
 from hpeft_serve.training import build_model
+from .conftest import mixed_lengths
 
 TOL = 1e-5
 ALL = ("q", "k", "v", "o", "ffn_in", "ffn_out")
@@ -40,12 +41,7 @@ def _perturbed(backbone, method, seed):
 
 
 def _batch(b, s, seed):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1000, 5000, (b, s), generator=g)
-    mask = torch.ones(b, s, dtype=torch.long)
-    for r in range(1, b):
-        mask[r, max(2, s - 3 * r):] = 0
-    return ids, mask
+    return mixed_lengths(b, s, seed, step=3)
 
 
 def test_new_ia3_is_the_backbone_and_a_trained_one_is_not(tiny_bert):

@@ -27,6 +27,7 @@ from hpeft_serve.methods.presets import resolve
 from hpeft_serve.model import HeadConfig
 from hpeft_serve.serving.runtime import SharedRuntime
 from hpeft_serve.training import build_model
+from .conftest import mixed_lengths
 
 INT8_TOL = 1e-2  # ~25x the largest difference measured on the tiny backbone; MiniLM: see bench/quantize.py
 FP16_TOL = 2e-3
@@ -47,11 +48,7 @@ def _ckpt(backbone, method, folder, seed=0, **overrides):
 
 
 def _batch(b=6, s=17, seed=3):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1000, 5000, (b, s), generator=g)
-    mask = torch.ones(b, s, dtype=torch.long)
-    for r in range(1, b):
-        mask[r, max(2, s - 3 * r):] = 0
+    ids, mask = mixed_lengths(b, s, seed, step=3)
     return ids.numpy(), mask.numpy()
 
 

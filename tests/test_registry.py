@@ -26,6 +26,7 @@ from hpeft_serve.model import HeadConfig
 from hpeft_serve.pack.layout import FIELDS, FILL, Layout, complete, is_fill, needs, spec
 from hpeft_serve.slots.registry import KINDS
 from hpeft_serve.training import build_model
+from .conftest import mixed_lengths
 
 TOL = 1e-5
 ALL = ("q", "k", "v", "o", "ffn_in", "ffn_out")
@@ -59,12 +60,7 @@ def _model(backbone, kind: str, seed: int):
 
 
 def _batch(b: int, s: int, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1000, 5000, (b, s), generator=g)
-    mask = torch.ones(b, s, dtype=torch.long)
-    for r in range(1, b):
-        mask[r, max(2, s - 2 * r):] = 0
-    return ids, mask
+    return mixed_lengths(b, s, seed)
 
 
 def _ref(model, ids, mask) -> torch.Tensor:

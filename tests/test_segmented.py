@@ -23,6 +23,7 @@ from hpeft_serve import checkpoint
 from hpeft_serve.methods.presets import resolve
 from hpeft_serve.model import HeadConfig
 from hpeft_serve.training import build_model
+from .conftest import mixed_lengths
 
 TOL = 1e-5
 # every slot kind: LoRA q/v (gated), prefix (gated, two lengths), sequential (dense and PHM), parallel, BitFit
@@ -68,12 +69,7 @@ def _bank(folder, names):
 
 
 def _batch(b, s, seed):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1000, 5000, (b, s), generator=g)
-    mask = torch.ones(b, s, dtype=torch.long)
-    for r in range(1, b):
-        mask[r, max(2, s - 2 * r):] = 0
-    return ids, mask
+    return mixed_lengths(b, s, seed)
 
 
 def _run(fmt, folder, ids, mask, idx, feed):
