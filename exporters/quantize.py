@@ -117,10 +117,11 @@ def quantize_int8(path: Path, reference: dict[tuple, list[np.ndarray]], per_chan
     path = Path(path)
     model = _load(path)
     nodes = backbone_matmuls(model, reference)
-    unknown = sorted(set(keep_fp32) - set(nodes))
+    keep = set(keep_fp32)
+    unknown = sorted(keep - set(nodes))
     if unknown:
         raise RuntimeError(f"{path.name}: keep_fp32 names no backbone MatMul: {', '.join(unknown)}")
-    nodes = [n for n in nodes if n not in set(keep_fp32)]
+    nodes = [n for n in nodes if n not in keep]
     if not nodes:
         raise RuntimeError(f"{path.name}: no backbone MatMul found to quantize")
     with tempfile.TemporaryDirectory() as tmp, _quiet_root():
