@@ -144,7 +144,7 @@ def write_shared_graph(encoder, backbone: dict, layout: Layout, out: Path, fmt: 
     else:
         export_torchscript(shared, args, out / graph)
     info = _graph_info(backbone, fmt, graph, layout, encoder.config, embedding)
-    info |= precision.apply(out / graph, encoder, external=True)
+    info |= precision.apply(out / graph, encoder, external=True, backbone=backbone["name"])
     (out / "backbone.json").write_text(json.dumps(info, indent=2) + "\n")
     return [graph] + (["backbone.onnx.data"] if fmt == "onnx" else [])
 
@@ -175,17 +175,19 @@ def _task(cfg: dict) -> dict:
 
 
 def export_checkpoint(ckpt: Path, out: Path, fmt: str = "onnx", merged: bool = False, log=print,
-                      fold_phm: bool = False, quantize: str | None = None, precision: str = "fp32") -> dict:
-    """`quantize` "int8": the backbone's MatMuls int8 (CPU); `precision` "fp16": the graph fp16 (CUDA)."""
+                      fold_phm: bool = False, quantize: str | None = None, precision: str = "fp32",
+                      smooth: bool = True) -> dict:
+    """`quantize` "int8": the backbone's MatMuls int8 (CPU; `smooth`: SmoothQuant-smoothed first, the
+    default); `precision` "fp16": the graph fp16 (CUDA)."""
     if fmt not in ("onnx", "torchscript"):
         raise HpeftError(f"unknown format {fmt!r}: use onnx or torchscript")
-    prec = Precision.check(quantize, precision, fmt)
+    prec = Precision.check(quantize, precision, fmt, smooth)
     model, cfg = checkpoint.load(ckpt)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     name, t0 = cfg["name"], time.perf_counter()
     if merged:
-        files, done = _export_merged(model, name, out, fmt, fold_phm, prec)
+        files, done = _export_merged(model, name, out, fmt, fold_phm, prec, cfg["backbone"]["name"])
     else:
         tensors, sizes = pack(model)
         files = _write_graph(model, cfg, out, fmt, needs(tensors, sizes), log, prec)
@@ -202,11 +204,12 @@ def export_checkpoint(ckpt: Path, out: Path, fmt: str = "onnx", merged: bool = F
     return info
 
 
-def _export_merged(model, name: str, out: Path, fmt: str, fold_phm: bool, prec: Precision) -> tuple[list[str], dict]:
+def _export_merged(model, name: str, out: Path, fmt: str, fold_phm: bool, prec: Precision,
+                   backbone: str) -> tuple[list[str], dict]:
     inference = merge(model, fold_phm)
     if fmt == "onnx":
         path = export_merged_onnx(inference, out / f"{name}.onnx")
-        return [path.name], prec.apply(path, inference.encoder)  # its folded projections
+        return [path.name], prec.apply(path, inference.encoder, forward=inference, backbone=backbone)  # folded
     args = example_inputs(model.encoder.config.vocab_size)
     files = [export_torchscript(inference, args, out / f"{name}.pt").name]
     pt2 = export_program(inference, example_inputs(model.encoder.config.vocab_size, batch=3, seq=9),

@@ -24,6 +24,7 @@ import logging
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +72,109 @@ def backbone_matmuls(model: onnx.ModelProto, reference: dict[tuple, list[np.ndar
     return names
 
 
+CALIBRATION_PER_TASK = 64  # the first training examples of each built-in task (data.TASKS), never held-out ones
+CALIBRATION_MAX_LENGTH = 128
+SMOOTH_ALPHA = 0.5
+
+
+@lru_cache(maxsize=1)
+def _calibration_texts(per_task: int) -> tuple[str, ...]:
+    from hpeft_serve.data import TASKS, load_task
+    return tuple(t for task in TASKS for t, _ in load_task(task).train[:per_task])
+
+
+def calibration_texts(per_task: int = CALIBRATION_PER_TASK) -> list[str]:
+    """A fixed set of real sentences, read offline: the first `per_task` training examples of each built-in
+    task (hpeft_serve.data; the held-out sets are never read)."""
+    return list(_calibration_texts(per_task))
+
+
+def activation_maxima(forward, tokenizer, texts: list[str], vocab_size: int,
+                      max_length: int = CALIBRATION_MAX_LENGTH, batch: int = 32) -> list[tuple[np.ndarray, np.ndarray]]:
+    """max |x_j| over the calibration tokens (padding included: the int8 graph quantizes those too) of the
+    input of every 2-D projection `forward(input_ids, attention_mask)` applies (torch.nn.functional.linear,
+    which nn.Linear and the encoder's hooks call): a list of (weight as a MatMul's (in, out) operand, amax
+    per input channel)."""
+    import torch
+    import torch.nn.functional as F
+    seen: dict[int, tuple] = {}
+    linear = F.linear
+
+    def recording(x, weight, bias=None):
+        if weight.dim() == 2:
+            m = x.detach().abs().reshape(-1, x.shape[-1]).amax(0)
+            k = id(weight)
+            seen[k] = (weight, m if k not in seen else torch.maximum(seen[k][1], m))
+        return linear(x, weight, bias)
+
+    F.linear = recording
+    try:
+        with torch.no_grad():
+            for i in range(0, len(texts), batch):
+                enc = tokenizer(texts[i:i + batch], truncation=True, max_length=max_length, padding=True,
+                                return_tensors="pt")
+                ids = enc["input_ids"] % vocab_size  # a tiny test backbone reads MiniLM's tokenizer
+                forward(ids, enc["attention_mask"])
+    finally:
+        F.linear = linear
+    return [(w.detach().numpy().T.copy(), m.numpy().astype(np.float64)) for w, m in seen.values()]
+
+
+def _amax_for(w: np.ndarray, stats: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray | None:
+    for ref, m in stats:
+        if ref.shape == w.shape and np.linalg.norm(w - ref) <= MAX_DELTA * np.linalg.norm(ref):
+            return m
+    return None
+
+
+def smooth(model: onnx.ModelProto, nodes: list[str], stats: list[tuple[np.ndarray, np.ndarray]],
+           alpha: float = SMOOTH_ALPHA) -> int:
+    """SmoothQuant's per-channel migration on the MatMuls `nodes`: y = (x * (1/s)) @ (diag(s) W) with
+    s_j = max|x_j|^alpha / max|W_j.|^(1 - alpha) (MatMuls reading the same x share one s and one Mul):
+    the same product in exact arithmetic, with x's outlier channels moved into the weight (int8 per output
+    channel) before x is quantized per call (uint8 per tensor). `stats`: activation_maxima. Returns how many
+    inputs were smoothed."""
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    readers: dict[str, int] = {}
+    for n in g.node:
+        for name in n.input:
+            readers[name] = readers.get(name, 0) + 1
+    by_name = {n.name: n for n in g.node}
+    groups: dict[str, list[onnx.NodeProto]] = {}
+    for name in nodes:
+        groups.setdefault(by_name[name].input[0], []).append(by_name[name])
+    done = 0
+    for x, members in groups.items():
+        ws = [numpy_helper.to_array(inits[n.input[1]]) for n in members]
+        ms = [_amax_for(w, stats) for w in ws]
+        if any(m is None for m in ms):
+            missing = [n.name for n, m in zip(members, ms) if m is None]
+            raise RuntimeError(f"smoothing: no calibration statistics for {', '.join(missing)}")
+        a = np.max(ms, axis=0)
+        wmax = np.max([np.abs(w).max(1) for w in ws], axis=0).astype(np.float64)
+        s = np.ones_like(a)
+        ok = (a > 0) & (wmax > 0)
+        s[ok] = a[ok] ** alpha / wmax[ok] ** (1 - alpha)
+        s = np.clip(s, 1e-4, 1e4)
+        inv = numpy_helper.from_array((1.0 / s).astype(np.float32), f"{x}__smooth_inv")
+        g.initializer.append(inv)
+        mul = onnx.helper.make_node("Mul", [x, inv.name], [f"{x}__smoothed"], name=f"{x}__smooth")
+        for n, w in zip(members, ws):
+            scaled = numpy_helper.from_array((w * s[:, None]).astype(np.float32), n.input[1]
+                                             if readers.get(n.input[1]) == 1 else f"{n.input[1]}__smooth_{n.name}")
+            if scaled.name == n.input[1]:
+                inits[n.input[1]].CopyFrom(scaled)
+            else:
+                g.initializer.append(scaled)
+                n.input[1] = scaled.name
+            n.input[0] = mul.output[0]
+        g.node.append(mul)
+        done += 1
+    _topological(g)
+    return done
+
+
 def _load(path: Path) -> onnx.ModelProto:
     return onnx.load(str(path), load_external_data=True)
 
@@ -110,9 +214,12 @@ def _quiet_root():
 
 
 def quantize_int8(path: Path, reference: dict[tuple, list[np.ndarray]], per_channel: bool = True,
-                  external: bool = False, keep_fp32: tuple[str, ...] = ()) -> dict:
+                  external: bool = False, keep_fp32: tuple[str, ...] = (),
+                  stats: list[tuple[np.ndarray, np.ndarray]] | None = None, alpha: float = SMOOTH_ALPHA,
+                  smooth_only=None) -> dict:
     """Quantize the backbone MatMuls of the graph at `path` in place (but those named in `keep_fp32`, which
-    must be backbone MatMuls); returns what was done."""
+    must be backbone MatMuls); with `stats` (activation_maxima), smooth their inputs first (all, or those
+    MatMuls for which `smooth_only(name)` is true); returns what was done."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
     path = Path(path)
     model = _load(path)
@@ -124,6 +231,9 @@ def quantize_int8(path: Path, reference: dict[tuple, list[np.ndarray]], per_chan
     nodes = [n for n in nodes if n not in keep]
     if not nodes:
         raise RuntimeError(f"{path.name}: no backbone MatMul found to quantize")
+    smoothed = 0
+    if stats is not None:
+        smoothed = smooth(model, [n for n in nodes if smooth_only is None or smooth_only(n)], stats, alpha)
     with tempfile.TemporaryDirectory() as tmp, _quiet_root():
         out = Path(tmp) / "q.onnx"
         # reduce_range off: the u8s8 saturation it avoids needs a CPU without VNNI; MatMulConstBOnly keeps
@@ -143,7 +253,9 @@ def quantize_int8(path: Path, reference: dict[tuple, list[np.ndarray]], per_chan
     return {"mode": "int8", "method": "onnxruntime dynamic (weights int8 symmetric, activations uint8 per call)",
             "per_channel": per_channel, "reduce_range": False, "quantized": "backbone projection MatMuls",
             "matmuls": len(nodes), "fp32": "embeddings, LayerNorms, attention scores, adapters, heads",
-            "residual_sums": residuals, **({"kept_fp32": list(keep_fp32)} if keep_fp32 else {})}
+            "residual_sums": residuals, **({"kept_fp32": list(keep_fp32)} if keep_fp32 else {}),
+            **({"smoothing": {"method": "SmoothQuant per-channel migration, y = (x / s) @ (diag(s) W)",
+                              "alpha": alpha, "inputs": smoothed}} if stats is not None else {})}
 
 
 def _unfused_residuals(graph: onnx.GraphProto) -> int:
@@ -226,12 +338,14 @@ def to_fp16(path: Path, external: bool = False) -> dict:
 
 @dataclass(frozen=True)
 class Precision:
-    """How an export's graph computes: "fp32" (exact), "int8" (backbone MatMuls, CPU) or "fp16" (CUDA)."""
+    """How an export's graph computes: "fp32" (exact), "int8" (backbone MatMuls, CPU) or "fp16" (CUDA);
+    for int8, `smooth`: the SmoothQuant alpha of the smoothing before quantization (None: not smoothed)."""
 
     kind: str = "fp32"
+    smooth: float | None = None
 
     @classmethod
-    def check(cls, quantize: str | None, precision: str, fmt: str) -> "Precision":
+    def check(cls, quantize: str | None, precision: str, fmt: str, smooth: bool = True) -> "Precision":
         from hpeft_serve.errors import HpeftError
         if quantize is not None and quantize not in MODES:
             raise HpeftError(f"unknown --quantize {quantize!r}: use {', '.join(MODES)}")
@@ -242,24 +356,56 @@ class Precision:
         kind = quantize or precision
         if kind != "fp32" and fmt != "onnx":
             raise HpeftError(f"--quantize/--precision {kind} needs --format onnx (TorchScript exports are fp32)")
-        return cls(kind)
+        return cls(kind, SMOOTH_ALPHA if kind == "int8" and smooth else None)
 
     @classmethod
     def of(cls, info: dict) -> "Precision":
-        """The precision an export json (backbone.json, <name>.json) records."""
+        """The precision an export json (backbone.json, <name>.json) records (an int8 export that records
+        no smoothing predates it: not smoothed)."""
         q = info.get("quantization") or {}
-        return cls(q.get("mode") or q.get("precision") or "fp32")
+        kind = q.get("mode") or q.get("precision") or "fp32"
+        return cls(kind, (q.get("smoothing") or {}).get("alpha") if kind == "int8" else None)
 
     def __str__(self) -> str:
-        return self.kind
+        if self.kind != "int8":
+            return self.kind
+        return f"int8 (smoothed, alpha {self.smooth})" if self.smooth is not None else "int8 (not smoothed)"
 
     def suffix(self) -> str:
-        return "" if self.kind == "fp32" else f", {self.kind}"
+        return "" if self.kind == "fp32" else f", {self}"
 
-    def apply(self, path: Path, encoder, external: bool = False) -> dict:
-        """Turn the fp32 graph at `path` into this precision; what the export json records ({} for fp32)."""
+    def apply(self, path: Path, encoder, external: bool = False, forward=None, backbone: str | None = None) -> dict:
+        """Turn the fp32 graph at `path` into this precision; what the export json records ({} for fp32).
+        int8 smoothing calibrates with `forward(input_ids, attention_mask)` (a merged export: its model,
+        adapters included; default: `encoder`, the plain backbone a shared graph serves every adapter on)
+        on calibration_texts() tokenized by `backbone`'s tokenizer."""
         if self.kind == "int8":
-            return {"quantization": quantize_int8(path, backbone_weights(encoder), external=external)}
+            stats, note = None, {}
+            if self.smooth is not None:
+                stats, note = calibrate(forward or encoder, backbone, encoder.config.vocab_size)
+                note["calibrated_on"] = "the exported model (adapters included)" if forward is not None \
+                    else "the plain backbone (the shared graph serves every adapter)"
+            q = quantize_int8(path, backbone_weights(encoder), external=external, stats=stats,
+                              alpha=self.smooth if self.smooth is not None else SMOOTH_ALPHA)
+            if stats is not None:
+                q["smoothing"] |= note
+            return {"quantization": q}
         if self.kind == "fp16":
             return {"quantization": to_fp16(path, external=external)}
         return {}
+
+
+def calibrate(forward, backbone: str | None, vocab_size: int) -> tuple[list, dict]:
+    """activation_maxima of `forward` on calibration_texts(), and what the export json records of it."""
+    from hpeft_serve.backbone import load_backbone
+    from hpeft_serve.errors import DataError, HpeftError
+    if backbone is None:
+        raise HpeftError("int8 smoothing needs the backbone's name (its tokenizer) to calibrate")
+    try:
+        texts = calibration_texts()
+    except DataError as e:
+        raise HpeftError(f"int8 smoothing: its calibration sentences cannot be read ({e}); export with "
+                         f"smoothing off (hpeft export --quantize int8 --no-smooth)") from e
+    stats = activation_maxima(forward, load_backbone(backbone).tokenizer(), texts, vocab_size)
+    return stats, {"calibration": f"{len(texts)} sentences: the first {CALIBRATION_PER_TASK} training examples of "
+                                  f"each built-in task, up to {CALIBRATION_MAX_LENGTH} tokens"}

@@ -15,6 +15,8 @@ def add_arguments(p) -> None:
     p.add_argument("--quantize", choices=("int8",), default=None,
                    help="CPU: the frozen backbone's MatMuls int8 (onnxruntime dynamic, per channel); adapters, "
                    "heads and LayerNorms stay fp32; answers within the tolerance the README states, not exact")
+    p.add_argument("--no-smooth", action="store_true", help="with --quantize int8: quantize without the "
+                   "SmoothQuant smoothing (calibrated on fixed training sentences) that is done by default")
     p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32",
                    help="fp16: the graph in fp16 for CUDA (inputs and outputs stay fp32); default fp32 (exact)")
 
@@ -27,5 +29,5 @@ def run(args) -> int:
         raise HpeftError(f"export needs onnx, onnxruntime and onnxscript ({e}): pip install 'hpeft-serve[export]'") \
             from None
     export_checkpoint(args.checkpoint, args.out, args.format, args.merge, fold_phm=args.fold_phm,
-                      quantize=args.quantize, precision=args.precision)
+                      quantize=args.quantize, precision=args.precision, smooth=not args.no_smooth)
     return 0
