@@ -1,9 +1,10 @@
 """Our merged LoRA int8 graph vs onnxruntime's int8 dynamic quantization of the plain Hugging Face export of
 MiniLM (bench/export.py's peer, built by its hf_peers), like for like, and what onnxruntime runs of each.
 
-Variants: ours as exported (residual sums as ONNX Sum, see exporters/quantize.py), ours with those Sums
-turned back into Adds (the export before that change: onnxruntime then fuses the FFN residual into its
-CPU SkipLayerNormalization), and the peer. For each: the op counts after onnxruntime's optimizer, then
+Variants: ours as exported (smoothed, residual sums as ONNX Sum, see exporters/quantize.py), ours not
+smoothed (`smooth=False`: what the smoothing's Muls cost), the peer, and our fp32 merged graph (the int8
+speed-up vs fp32 in the same run). (Until the smoothing, a variant with the residual Sums turned back into
+Adds was measured instead: README's "residual Adds back" row.) For each: the op counts after onnxruntime's optimizer, then
 paired, interleaved timing (every rep runs each variant once, in turn): 1-thread CPU time of the calling
 thread (the steadier number on a shared machine) and 2-thread wall time; medians, and the median of the
 per-rep ratios to the peer. /proc/loadavg before and after.
@@ -59,6 +60,9 @@ def paired(models: dict[str, Path], b: int, s: int, reps: int, base: str) -> dic
         out[f"{threads} thread {what} ms"] = {k: statistics.median(v) for k, v in t.items()}
         out[f"{threads} thread {what} / {base} (median of paired ratios)"] = {
             k: statistics.median(a / p for a, p in zip(v, t[base])) for k, v in t.items()}
+        if "ours fp32" in t:
+            out[f"{threads} thread {what} speed-up vs ours fp32 (median of paired fp32 / variant)"] = {
+                k: statistics.median(f / a for f, a in zip(t["ours fp32"], v)) for k, v in t.items()}
     out["load_after"] = open("/proc/loadavg").read().split()[:3]
     return out
 
@@ -73,14 +77,12 @@ def main() -> int:
     ck = make_ckpt(backbone, "lora", work / "ckpt", 0)
     export_checkpoint(ck, work / "ours", "onnx", merged=True, quantize="int8", log=lambda *_: None)
     ours = work / "ours" / "lora.onnx"
-    m = onnx.load(str(ours))
-    sums = [n for n in m.graph.node if n.op_type == "Sum"]
-    for n in sums:
-        n.op_type = "Add"
-    adds = work / "ours-residual-adds.onnx"
-    onnx.save(m, str(adds))
+    sums = [n for n in onnx.load(str(ours)).graph.node if n.op_type == "Sum"]
+    export_checkpoint(ck, work / "plain", "onnx", merged=True, quantize="int8", smooth=False, log=lambda *_: None)
+    export_checkpoint(ck, work / "fp32", "onnx", merged=True, log=lambda *_: None)
     peer = hf_peers(backbone.folder, work / "hf")["plain int8"]
-    models = {"ours": ours, "ours, residual Adds": adds, "ORT HF export int8": peer}
+    models = {"ours": ours, "ours, not smoothed": work / "plain" / "lora.onnx", "ORT HF export int8": peer,
+              "ours fp32": work / "fp32" / "lora.onnx"}
     ops = {}
     for k, p in models.items():
         opt = work / f"opt-{p.stem}.onnx"
@@ -98,6 +100,10 @@ def main() -> int:
               r["1 thread cpu / ORT HF export int8 (median of paired ratios)"].items()) +
               "; 2-thread wall / peer " + ", ".join(f"{v}: {x:.3f}" for v, x in
               r["2 thread wall / ORT HF export int8 (median of paired ratios)"].items()) +
+              "; 1-thread CPU speed-up vs fp32 " + ", ".join(f"{v}: {x:.2f}x" for v, x in
+              r["1 thread cpu speed-up vs ours fp32 (median of paired fp32 / variant)"].items()) +
+              "; 2-thread wall speed-up vs fp32 " + ", ".join(f"{v}: {x:.2f}x" for v, x in
+              r["2 thread wall speed-up vs ours fp32 (median of paired fp32 / variant)"].items()) +
               f"; load {r['load_before']} -> {r['load_after']}")
     return 0
 
