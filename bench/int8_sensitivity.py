@@ -2,7 +2,8 @@
 (all others int8), scored on a calibration set of 128 TRAINING examples (the held-out set is never used to
 choose) by how much of the int8 mean |logit error| vs fp32 it removes; then, on the held-out set as
 bench/quantize.py measures it (1,000, 64 tokens, 2 threads, variants interleaved by batch): fp32, int8 and
-int8 with the top 1, 2 and 3 kept fp32 (`quantize_int8(..., keep_fp32=...)`).
+int8 with the top 1, 2 and 3 kept fp32 (`quantize_int8(..., keep_fp32=...)`). All variants here are not
+smoothed (quantize_int8 without stats): the analysis that preceded the smoothing (bench/int8_smooth.py).
 
     python bench/int8_sensitivity.py CKPT WORKDIR > result.json      # per-MatMul scores on stderr
 """

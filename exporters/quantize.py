@@ -2,7 +2,10 @@
 `--precision fp16`.
 
 int8 (CPU): onnxruntime's dynamic quantization of the frozen backbone's projections only (q, k, v, o,
-FFN in and out of every layer: weights int8 per output channel, activations uint8 quantized per call);
+FFN in and out of every layer: weights int8 per output channel, activations uint8 quantized per call),
+by default after SmoothQuant-style smoothing of their inputs (`smooth`: a Mul by 1/s on each input, diag(s)
+folded into the weights, exact in fp32; s from activation maxima calibrated on fixed training sentences of
+the built-in tasks, `calibration_texts`);
 everything else stays fp32: embeddings, LayerNorms, softmax, the head, and every adapter tensor (in the
 shared graph they are graph inputs, never constants, so they cannot be quantized; in a merged graph an
 adapter's own MatMuls are left alone, and only a LoRA folded into a backbone projection is quantized with
