@@ -34,7 +34,7 @@ from quantize import batches  # noqa: E402
 
 KINDS = ("q", "k", "v", "o", "ffn_in", "ffn_out")
 GROUPS = {"all": set(KINDS), "ln": {"q", "k", "v", "ffn_in"}, "qkv": {"q", "k", "v"}, "ffn_in": {"ffn_in"},
-          "o": {"o"}, "ln_o": {"q", "k", "v", "ffn_in", "o"}, "ffn_out": {"ffn_out"}, "ffn": {"ffn_in", "ffn_out"}, "none": set()}
+          "o": {"o"}, "ln_o": {"q", "k", "v", "ffn_in", "o"}, "no_o": {"q", "k", "v", "ffn_in", "ffn_out"}, "ffn_out": {"ffn_out"}, "ffn": {"ffn_in", "ffn_out"}, "none": set()}
 
 
 def kinds(nodes: list[str]) -> dict[str, str]:
