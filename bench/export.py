@@ -44,6 +44,7 @@ PEERS = {"plain": "ORT HF export (plain MiniLM)", "fused": "ORT HF export + fusi
          "plain int8": "ORT HF export int8", "fused int8": "ORT HF export + fusions, int8"}
 FLOOR = "FLOP floor (fp32 matmul rate)"
 LORA, LORA8 = "ONNX merged lora (plain backbone's shape)", "ONNX merged lora int8"
+UNION = "ONNX shared, 8 methods mixed, the union's graph"  # every batch on it, no signature graph
 MIXED = ("unipelt", "mam", "compacter", "sparse_adapter", "lora", "adapter", "s4", "prefix")
 
 
@@ -179,6 +180,19 @@ def timed(variants: dict, reps: int, rounds: int) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
+def runtime_graph(folder: Path, union, packs: list, threads: int):
+    """(session, its bank feed) that SharedRuntime runs a batch of `packs` on in `folder`: the smallest
+    signature graph covering them (hpeft_serve/serving/graphs.py), or the union's `union` = (session, feed)."""
+    from hpeft_serve.pack.layout import needs
+    from hpeft_serve.serving.graphs import SignatureGraphs
+    info = json.loads((folder / "backbone.json").read_text())
+    graphs = SignatureGraphs(folder, info, lambda p: session(p, threads), print)
+    got = graphs.wait([needs({k: v.numpy() for k, v in t.items()}, s) for t, s in packs])
+    if got is None:
+        return union
+    return got[0], {n: v for n, v in union[1].items() if n in got[1].inputs}
+
+
 def batch_inputs(b: int, s: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(1000, 20000, (b, s), generator=g)
@@ -274,18 +288,23 @@ def main() -> int:
         reps = args.reps if b == 1 else max(2, args.reps // 10)
         idx0 = {"adapter_index": np.zeros(b, np.int64)}
         idx8 = {"adapter_index": (np.arange(b) % 8).astype(np.int64)}
+        # the graph the runtime runs this batch's adapters on (at batch 1 its one row's signature graph)
+        rows = [packs[MIXED[k]] for k in sorted(set(idx8["adapter_index"].tolist()))]
+        mixed, mixed_feed = runtime_graph(work / "shared", (shared, eight), rows, args.threads)
+        mixed8, mixed8_feed = runtime_graph(work / "shared-int8", (shared8, eight), rows, args.threads)
         variants = {
             "PyTorch eager (our model)": lambda: model(ids, mask),
             "ONNX merged": lambda: merged.run(["logits"], feed),
             "ONNX shared, 1 adapter": lambda: shared_one.run(["logits"], feed | idx0 | one),
             f"ONNX shared, 8 {args.method} mixed": lambda: shared_same.run(["logits"], feed | idx8 | eight_same),
-            "ONNX shared, 8 methods mixed": lambda: shared.run(["logits"], feed | idx8 | eight),
+            "ONNX shared, 8 methods mixed": lambda: mixed.run(["logits"], feed | idx8 | mixed_feed),
+            UNION: lambda: shared.run(["logits"], feed | idx8 | eight),
             "TorchScript merged": lambda: ts(ids, mask),
             "ONNX merged int8": lambda: merged8.run(["logits"], feed),
             LORA: lambda: merged_lora.run(["logits"], feed),
             LORA8: lambda: merged_lora8.run(["logits"], feed),
             "ONNX shared int8, 1 adapter": lambda: shared8_one.run(["logits"], feed | idx0 | one),
-            "ONNX shared int8, 8 methods mixed": lambda: shared8.run(["logits"], feed | idx8 | eight),
+            "ONNX shared int8, 8 methods mixed": lambda: mixed8.run(["logits"], feed | idx8 | mixed8_feed),
             PEER_EAGER: lambda: hf(input_ids=ids, attention_mask=mask),
         } | {PEERS[k]: (lambda p=p: p.run(None, feed)) for k, p in peers.items()}
         with torch.no_grad():
@@ -342,10 +361,15 @@ def quick(args, work, merged, shared_one, shared_same, shared, one, eight_same, 
     ids, mask = batch_inputs(1, 32)
     feed = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
     idx = {"adapter_index": np.zeros(1, np.int64)}
+    from safetensors.torch import load_file
+    first = work / "shared" / "packs" / f"{MIXED[0]}"
+    mixed, mixed_feed = runtime_graph(work / "shared", (shared, eight), [(load_file(f"{first}.safetensors"),
+                                      json.loads(first.with_suffix(".json").read_text())["sizes"])], args.threads)
     res = timed({"ONNX merged": lambda: merged.run(["logits"], feed),
                  "ONNX shared, 1 adapter": lambda: shared_one.run(["logits"], feed | idx | one),
                  f"ONNX shared, 8 {args.method} mixed": lambda: shared_same.run(["logits"], feed | idx | eight_same),
-                 "ONNX shared, 8 methods mixed": lambda: shared.run(["logits"], feed | idx | eight)},
+                 "ONNX shared, 8 methods mixed": lambda: mixed.run(["logits"], feed | idx | mixed_feed),
+                 UNION: lambda: shared.run(["logits"], feed | idx | eight)},
                 args.reps, args.rounds)
     print(f"1 x 32, {args.threads} threads, medians of {args.rounds} interleaved rounds of {args.reps}\n")
     print("| variant | median ms | time vs ONNX merged |\n|---|---|---|")
@@ -368,6 +392,7 @@ RATIOS = (  # (label, numerator variant, denominator variant): time ratios, < 1 
     ("shared 1 adapter / merged", "ONNX shared, 1 adapter", "ONNX merged"),
     ("shared 8 of one method mixed / merged", "ONNX shared, 8 {m} mixed", "ONNX merged"),
     ("shared 8 methods mixed / merged", "ONNX shared, 8 methods mixed", "ONNX merged"),
+    ("shared 8 methods mixed on the union's graph / merged", UNION, "ONNX merged"),
     ("int8: shared 8 methods mixed / merged", "ONNX shared int8, 8 methods mixed", "ONNX merged int8"),
     ("int8 merged / fp32 merged", "ONNX merged int8", "ONNX merged"),
     ("int8 shared 1 adapter / fp32 shared 1 adapter", "ONNX shared int8, 1 adapter", "ONNX shared, 1 adapter"),
@@ -384,7 +409,7 @@ RATIOS = (  # (label, numerator variant, denominator variant): time ratios, < 1 
 
 def ratios(rows: list[dict], method: str | None = None) -> None:
     method = method or next(r["variant"].split()[3] for r in rows if r["variant"].startswith("ONNX shared, 8 ")
-                            and not r["variant"].endswith("methods mixed"))
+                            and r["variant"].split()[3] != "methods")
     by = {(r["batch"], r["seq"], r["variant"]): r["ms"] for r in rows}
     shapes = list(dict.fromkeys((r["batch"], r["seq"]) for r in rows))
     print("\n| time ratio (same run; < 1: faster) | " + " | ".join(f"{b} x {s}" for b, s in shapes) + " |")

@@ -9,11 +9,22 @@ same DIR for the same backbone reuses the graph: only its pack is written; one t
 graph lacks (a PHM n included) re-exports the graph for the union, and the packs already there stay valid.
 Every graph exported now has the `embeddings` output (Layout.embeddings); one exported before it is
 re-exported by the next export into its folder.
+
+Signature graphs (ONNX): beside the union's graph, DIR/graphs/<key>/ holds the shared graph of each slot-kind
+signature an exported adapter has (its `needs`: LoRA alone, UniPELT's LoRA + prefix + gated adapter, ...),
+when that is less than the union: backbone.json + backbone.onnx(.data), a shared export of its own without
+packs. The runtime runs a batch on the smallest graph whose layout covers its rows' adapters
+(hpeft_serve/serving/graphs.py), so a batch pays for the slot kinds its own adapters use, not for the
+union's (exact: an absent slot and an all-zero one give the same logits). Written when an adapter is
+exported (its signature) and when the union's graph is (re-)exported (those of every pack in DIR/packs), at
+most MAX_GRAPHS per folder; `signature_graphs=False` (`hpeft export --no-signature-graphs`) writes none.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -22,7 +33,8 @@ import torch
 
 from hpeft_serve import checkpoint
 from hpeft_serve.errors import HpeftError
-from hpeft_serve.pack.store import predates_phm_n, served_layout
+from hpeft_serve.pack.store import pack_needs, predates_phm_n, served_layout
+from hpeft_serve.serving.graphs import GRAPHS, MAX_GRAPHS, signature_key
 from hpeft_serve.backbone import load_backbone
 
 from hpeft_serve.pack.layout import size_keys
@@ -149,6 +161,37 @@ def write_shared_graph(encoder, backbone: dict, layout: Layout, out: Path, fmt: 
     return [graph] + (["backbone.onnx.data"] if fmt == "onnx" else [])
 
 
+def write_signature_graphs(encoder, backbone: dict, layouts: list[Layout], out: Path,
+                           precision: Precision | None = None, log=print) -> list[str]:
+    """The shared graph of each of `layouts` (adapter signatures, with the embeddings output) that the
+    union's graph in `out` covers and is larger than, into out/graphs/<key>/ (built in a temp folder, renamed
+    into place: a reader sees a whole graph or none); those already there are kept. At most MAX_GRAPHS."""
+    union = read_layout(out)
+    folder = out / GRAPHS
+    have = {p.parent.name for p in folder.glob("*/backbone.json")}
+    files = []
+    for layout in dict.fromkeys(x.union(WITH_EMBEDDINGS) for x in layouts):
+        key = signature_key(layout)
+        if layout == union or not union.covers(layout) or key in have:
+            continue
+        if len(have) >= MAX_GRAPHS:
+            log(f"{folder} holds {MAX_GRAPHS} signature graphs: adapters of other signatures run on the union's")
+            break
+        tmp = folder / f".tmp-{key}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        t0 = time.perf_counter()
+        got = write_shared_graph(encoder, backbone, layout, tmp, "onnx", precision=precision)
+        try:
+            os.replace(tmp, folder / key)
+        except OSError:  # written meanwhile by another export: the same graph
+            shutil.rmtree(tmp, ignore_errors=True)
+        have.add(key)
+        files += [f"{GRAPHS}/{key}/{f}" for f in [*got, "backbone.json"]]
+        log(f"wrote the signature graph {folder / key} in {time.perf_counter() - t0:.1f}s")
+    return files
+
+
 def write_pack(tensors: dict, sizes: dict, cfg: dict, folder: Path) -> list[str]:
     """`<name>.safetensors` (its header carries the json below, less the sha256) then `<name>.json` (which
     records the tensors' sha256), each written to a temp name and renamed: a reader never sees a
@@ -176,9 +219,10 @@ def _task(cfg: dict) -> dict:
 
 def export_checkpoint(ckpt: Path, out: Path, fmt: str = "onnx", merged: bool = False, log=print,
                       fold_phm: bool = False, quantize: str | None = None, precision: str = "fp32",
-                      smooth: bool = True) -> dict:
+                      smooth: bool = True, signature_graphs: bool = True) -> dict:
     """`quantize` "int8": the backbone's MatMuls int8 (CPU; `smooth`: SmoothQuant-smoothed first, the
-    default); `precision` "fp16": the graph fp16 (CUDA)."""
+    default); `precision` "fp16": the graph fp16 (CUDA); `signature_graphs`: a shared ONNX export also
+    writes the graph of the adapter's signature (see above)."""
     if fmt not in ("onnx", "torchscript"):
         raise HpeftError(f"unknown format {fmt!r}: use onnx or torchscript")
     prec = Precision.check(quantize, precision, fmt, smooth)
@@ -190,7 +234,11 @@ def export_checkpoint(ckpt: Path, out: Path, fmt: str = "onnx", merged: bool = F
         files, done = _export_merged(model, name, out, fmt, fold_phm, prec, cfg["backbone"]["name"])
     else:
         tensors, sizes = pack(model)
-        files = _write_graph(model, cfg, out, fmt, needs(tensors, sizes), log, prec)
+        used = needs(tensors, sizes)
+        files = _write_graph(model, cfg, out, fmt, used, log, prec)
+        if fmt == "onnx" and signature_graphs:  # the union's graph (re-)exported: every pack's signature too
+            sigs = [used] + (pack_needs(out / "packs") if files else [])
+            files += write_signature_graphs(model.encoder, cfg["backbone"], sigs, out, prec, log)
         files += write_pack(tensors, sizes, cfg, out / "packs")
         done = {}
     info = {"name": name, "format": fmt, "mode": "merged" if merged else "shared", "files": files,

@@ -17,6 +17,8 @@ def add_arguments(p) -> None:
                    "heads and LayerNorms stay fp32; answers within the tolerance the README states, not exact")
     p.add_argument("--no-smooth", action="store_true", help="with --quantize int8: quantize without the "
                    "SmoothQuant smoothing (calibrated on fixed training sentences) that is done by default")
+    p.add_argument("--no-signature-graphs", action="store_true", help="shared ONNX: write only the union's graph, "
+                   "not also the graph of this adapter's slot kinds (which serves its batches faster; see README)")
     p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32",
                    help="fp16: the graph in fp16 for CUDA (inputs and outputs stay fp32); default fp32 (exact)")
 
@@ -29,5 +31,6 @@ def run(args) -> int:
         raise HpeftError(f"export needs onnx, onnxruntime and onnxscript ({e}): pip install 'hpeft-serve[export]'") \
             from None
     export_checkpoint(args.checkpoint, args.out, args.format, args.merge, fold_phm=args.fold_phm,
-                      quantize=args.quantize, precision=args.precision, smooth=not args.no_smooth)
+                      quantize=args.quantize, precision=args.precision, smooth=not args.no_smooth,
+                      signature_graphs=not args.no_signature_graphs)
     return 0

@@ -30,10 +30,13 @@ class MissingSlots(CheckpointError):
     """A valid pack that needs slot kinds the deployed graph does not take."""
 
 
-def check_slots(name: str, layout: Layout, tensors: dict, sizes: dict) -> None:
-    if not layout.covers(needs(tensors, sizes)):
+def check_slots(name: str, layout: Layout, tensors: dict, sizes: dict) -> Layout:
+    """The slot kinds the pack needs (MissingSlots where `layout`, the graph's, lacks some)."""
+    got = needs(tensors, sizes)
+    if not layout.covers(got):
         raise MissingSlots(f"adapter {name!r} needs slots the deployed graph lacks: deploy its export with "
                            "`hpeft deploy`, which extends the graph")
+    return got
 
 
 def parse_json(data, what: str):

@@ -66,6 +66,9 @@ class Pack:
     # True: `tensors` may leave out any tensor that is all its fill (layout.compact), as the pack file does;
     # a bank writes the tensors present and fills the rest of the slot, without building them
     compact: bool = False
+    # the slot kinds it uses (pack.layout.needs), set by the bank that holds it: which shared graphs can run
+    # its rows (serving/graphs.py)
+    needs: object = None
 
 
 class PackUpdating(CheckpointError):
@@ -344,18 +347,26 @@ def _views(name: str, header: dict, raw: bytes) -> dict[str, np.ndarray]:
             for b, e, k in spans}
 
 
-def packs_layout(folder) -> Layout:
-    """The slot kinds the packs in a local folder need together (the union of their `needs`), read without
-    a graph to check them against: what re-exports a graph recorded before PHM slots were per n. Packs that
-    cannot be read are skipped."""
+def pack_needs(folder) -> list[Layout]:
+    """The slot kinds each pack in a local folder needs (its `needs`), read without a graph to check them
+    against. Packs that cannot be read are skipped (they cannot be served either)."""
     from safetensors.numpy import load_file
-    out = Layout()
+    out = []
     for meta_f in sorted(Path(folder).glob("*.json")):
         try:
             sizes = json.loads(meta_f.read_text())["sizes"]
-            out = out.union(needs(load_file(str(meta_f.with_suffix(".safetensors"))), sizes))
-        except Exception:  # noqa: BLE001  an unreadable pack adds nothing (it cannot be served either)
+            out.append(needs(load_file(str(meta_f.with_suffix(".safetensors"))), sizes))
+        except Exception:  # noqa: BLE001
             continue
+    return out
+
+
+def packs_layout(folder) -> Layout:
+    """The slot kinds the packs in a local folder need together (the union of their `needs`): what
+    re-exports a graph recorded before PHM slots were per n."""
+    out = Layout()
+    for got in pack_needs(folder):
+        out = out.union(got)
     return out
 
 

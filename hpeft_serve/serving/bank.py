@@ -175,7 +175,7 @@ class AdapterBank:
     def put(self, pack: Pack) -> None:
         """Add or atomically replace an adapter (CheckpointError, and no change, if it cannot be served)."""
         with self._writer:
-            self._check(pack)
+            used = self._check(pack)
             victims, sizes = self._plan(pack)
             state = None
             if sizes != self._sizes or not self._free:  # beside every resident: victims and an old version
@@ -184,7 +184,7 @@ class AdapterBank:
             arrays, free = (self._arrays, self._free) if state is None else (state.arrays, state.free)
             slot = heapq.heappop(free)  # no reader indexes it
             self._write(arrays, slot, pack)
-            meta = dataclasses.replace(pack, tensors={})  # the tensors live in the slot
+            meta = dataclasses.replace(pack, tensors={}, needs=used)  # the tensors live in the slot
             self._publish(state, victims, (meta, slot))
 
     def remove(self, name: str) -> None:
@@ -199,8 +199,8 @@ class AdapterBank:
                     state = self._rebuild(sizes, self._capacity_for(len(self._slots), sizes))
             self._publish(state, [name])
 
-    def _check(self, pack: Pack) -> None:
-        """Everything that could refuse `pack`, before anything changes."""
+    def _check(self, pack: Pack) -> Layout:
+        """Everything that could refuse `pack`, before anything changes; returns the slot kinds it needs."""
         if not isinstance(pack.sizes, dict) or set(pack.sizes) != set(size_keys()):
             raise CheckpointError(f"adapter {pack.name!r}: its sizes do not name exactly the layout's sizes")
         try:
@@ -217,7 +217,7 @@ class AdapterBank:
         if bad:
             raise CheckpointError(f"adapter {pack.name!r} is laid out for {bad}; this bank serves "
                                   f"{ {k: want[k] for k in bad} }: export it for the served backbone")
-        check_slots(pack.name, self.layout, pack.tensors, pack.sizes)
+        return check_slots(pack.name, self.layout, pack.tensors, pack.sizes)
 
     def _plan(self, pack: Pack) -> tuple[list[str], dict]:
         """The residents that leave for `pack` (the least recently used unpinned ones, while the bank is over

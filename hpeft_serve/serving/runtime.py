@@ -43,6 +43,7 @@ from ..pack.store import Pack, PackStore, PackUnreadable, PackUpdating
 from .bank import AdapterBank
 from .batching import Limits, position_limit
 from .codes import Code
+from .graphs import SignatureGraphs
 
 # a pack whose json's sha256 still does not match its tensors after this long (same files) is damaged, not
 # being replaced: a writer replaces the tensors, then the json, within moments
@@ -92,7 +93,10 @@ def default_providers() -> list:
 class SharedRuntime:
     def __init__(self, export_dir: Path, budget_bytes: int = 1 << 30, threads: int = 0, providers=None,
                  pinned: tuple[str, ...] = (), store: str | None = None, check_every_s: float | None = None,
-                 bind_bank: bool | None = None, log=None, preload_every_s: float | None = None):
+                 bind_bank: bool | None = None, log=None, preload_every_s: float | None = None,
+                 graph_sessions: int = 4):
+        """`graph_sessions`: at most this many sessions of signature graphs (serving/graphs.py) beside the
+        union's; 0: every batch on the union's graph."""
         import onnxruntime as ort
         export_dir = Path(export_dir)
         info = json.loads((export_dir / "backbone.json").read_text())
@@ -105,8 +109,11 @@ class SharedRuntime:
         so = ort.SessionOptions()
         if threads:
             so.intra_op_num_threads = threads
+        providers = providers or default_providers()
         # onnxruntime's default spinning threads: turning them off cost ~2 ms a request at batch 1 on MiniLM
-        self.session = ort.InferenceSession(str(graph), so, providers=providers or default_providers())
+        self.session = ort.InferenceSession(str(graph), so, providers=providers)
+        self.graphs = SignatureGraphs(export_dir, info, lambda p: ort.InferenceSession(str(p), so, providers=providers),
+                                      self.log, graph_sessions) if info.get("export_format", "onnx") == "onnx" else None
         self.limits = _limits(info, graph)
         self.bank = AdapterBank(self.layout, info["backbone"]["num_layers"], budget_bytes, pinned + (BACKBONE,),
                                 dims=info.get("dims"))
@@ -402,11 +409,12 @@ class SharedRuntime:
         self.log(f"hpeft: internal error {what}:\n{traceback.format_exc()}")
 
     # ------------------------------------------------------------------ running
-    def _run_bound(self, feed: dict, bank: dict) -> list[np.ndarray]:
+    def _run_bound(self, session, feed: dict, bank: dict) -> list[np.ndarray]:
         """One forward with the bank's tensors bound as device OrtValues, refreshed when the bank's generation
-        changed (called under the bank's read lock: no write can change it meanwhile)."""
+        changed (called under the bank's read lock: no write can change it meanwhile); the values are shared
+        by every graph's session."""
         import onnxruntime as ort
-        binding = self.session.io_binding()
+        binding = session.io_binding()
         for n, a in feed.items():
             binding.bind_cpu_input(n, np.ascontiguousarray(a))
         generation = self.bank.generation
@@ -422,8 +430,34 @@ class SharedRuntime:
                 binding.bind_ortvalue_input(n, hit[1])
         for name in self.outputs:
             binding.bind_output(name, "cpu")
-        self.session.run_with_iobinding(binding)
+        session.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()
+
+    def graph_for(self, names: list[str]):
+        """(session, graph inputs, signature graph or None) to run a batch of adapters `names` (resident):
+        the smallest signature graph covering them once its session is built, else the union's."""
+        if self.graphs is not None and self.graphs.graphs:
+            got = self.graphs.choose([p.needs if (p := self.bank.pack(n)) is not None else None
+                                      for n in dict.fromkeys(names)])
+            if got is not None:
+                return got[0], got[1].inputs, got[1]
+        return self.session, self.inputs, None
+
+    def _forward(self, names: list[str], feed: dict, arrays: dict) -> list[np.ndarray]:
+        """The batch on its graph (graph_for); should a signature graph's run fail, the union's serves it
+        (and every batch after it: that graph is not used again)."""
+        session, inputs, g = self.graph_for(names)
+        bank = {n: arrays[n] for n in inputs if n in arrays}
+        run = (lambda s, b: self._run_bound(s, feed, b)) if self.bind_bank else \
+            (lambda s, b: s.run(self.outputs, feed | b))
+        if g is None:
+            return run(session, bank)
+        try:
+            return run(session, bank)
+        except Exception:  # noqa: BLE001
+            self._log_internal(f"running signature graph {g.path.parent}; it is not used again")
+            self.graphs.failed(g)
+            return run(self.session, {n: arrays[n] for n in self.inputs if n in arrays})
 
     def infer(self, input_ids: np.ndarray, attention_mask: np.ndarray, names: list[str]) -> Answers:
         """Answers: (answer per row or None, error per row or None, version per row or None), `.tasks` and
@@ -458,8 +492,7 @@ class SharedRuntime:
         sub = [names[r] for r in rows]
         with self.bank.reading(sub) as (index, arrays, bank_errs):
             feed = {"input_ids": input_ids[rows], "attention_mask": attention_mask[rows], "adapter_index": index}
-            bank = {n: arrays[n] for n in self.inputs if n in arrays}
-            got = self._run_bound(feed, bank) if self.bind_bank else self.session.run(self.outputs, feed | bank)
+            got = self._forward(sub, feed, arrays)
             resident = {n: p for n in set(sub) if (p := self.bank.pack(n)) is not None}
         logits, emb = got[0], (got[1] if len(got) > 1 else None)
         for j, r in enumerate(rows):
