@@ -94,6 +94,32 @@ def _place_graph(export_dir: Path, info: dict, target: Path, log) -> bool:
     return True
 
 
+def _place_signature_graphs(export_dir: Path, target: Path, log) -> list[str]:
+    """Copy the export's signature graphs (graphs/<key>/, serving/graphs.py) that the target lacks, each
+    into a temp folder renamed into place; a running model picks them up without a reload (it looks at the
+    folder again within a second). Graphs the target's union does not cover are skipped by the runtime."""
+    from .graphs import GRAPHS
+    placed = []
+    for f in sorted((export_dir / GRAPHS).glob("*/backbone.json")):
+        key = f.parent.name
+        if (target / GRAPHS / key / "backbone.json").is_file():
+            continue
+        tmp = target / GRAPHS / f".tmp-{key}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for p in sorted(f.parent.iterdir(), key=lambda p: p.name == "backbone.json"):  # the json last
+            if p.is_file():
+                shutil.copyfile(p, tmp / p.name)
+        try:
+            os.replace(tmp, target / GRAPHS / key)
+            placed.append(key)
+        except OSError:  # placed meanwhile by another deploy (the same graph), or a stale folder of that name
+            shutil.rmtree(tmp, ignore_errors=True)
+    if placed:
+        log(f"deployed {len(placed)} signature graph(s) into {target / GRAPHS}")
+    return placed
+
+
 MERGED_PY = '"""Triton Python-backend model for one merged adapter (hpeft_serve/serving/merged_model.py)."""\n\n' \
     "from hpeft_serve.serving.merged_model import TritonPythonModel  # noqa: F401\n"
 
@@ -151,6 +177,7 @@ def deploy(export_dir: Path, repo: Path, log=print) -> dict:
     target = repo / MODEL / "1" / "export"
     (target / "packs").mkdir(parents=True, exist_ok=True)
     graph_changed = _place_graph(export_dir, info, target, log)
+    _place_signature_graphs(export_dir, target, log)
     packs = sorted(p.stem for p in (export_dir / "packs").glob("*.json"))
     store = PackStore(target / "packs")
     for name in packs:  # each through the store: one writer of a name at a time, tensors before their json

@@ -165,12 +165,13 @@ class SignatureGraphs:
         return None
 
     def wait(self, layouts: list, timeout_s: float = 120.0):
-        """choose(), waiting for the session to be built (warm-up, tests, benches)."""
+        """choose(), waiting while the session it asks for is being built (warm-up, tests, benches); None
+        where the union's graph serves these rows (no smaller graph, a failed one, or no room for one)."""
         deadline = time.monotonic() + timeout_s
         while True:
             got = self.choose(layouts)
             g = self.pick(layouts)
-            if got is not None or g is None or g.key in self._failed or time.monotonic() > deadline:
+            if got is not None or g is None or g.key not in self._queued or time.monotonic() > deadline:
                 return got
             time.sleep(0.02)
 
