@@ -6,9 +6,10 @@ Per level: steady p50/p99 latency and rows/s (one gRPC client), the model's stub
 memory per adapter, against the packs' own bytes), first-use latency (a 1-row request naming an adapter
 registered but never requested), and the growth: the level's new packs are registered (written into the
 served store, as an upload does) while steady requests run, and the server's preloader makes them
-resident in the background; the same writes into a folder the server does not watch, just before, are
-the control (same client-side work, no bank growth), so that the difference is what the growth costs a
-request. With every adapter resident: the 8-adapter and the N-adapter working sets in alternating rounds
+resident in the background; the same writes into a folder the server does not watch, just after, with the
+same traffic for as long as the growth took, are the control (same client-side work, no bank growth, about
+as many requests: the longest of more requests is longer by chance alone), so that the difference is what
+the growth costs a request. With every adapter resident: the 8-adapter and the N-adapter working sets in alternating rounds
 (paired ratio), and the longest latency while packs are replaced in the store (hot swap, each replaced
 pack named by the next request). A second server with a bank budget of 10% of the packs: an LRU miss (a
 request one of whose adapters is not resident: loaded on the request path, the least recently used
@@ -201,12 +202,6 @@ def grow_and_measure(srv, cl: Client, loader: Client, sizes: list[int], seconds:
             def first_uses(lo, hi, names):
                 return [loader.infer([f"a{names(i)}"], slice(i % 8, i % 8 + 1))[0] for i in range(lo, hi)]
 
-            def write_elsewhere(lo=resident, hi=n):
-                with tempfile.TemporaryDirectory(prefix="hpeft-scale-control-") as scratch:  # unwatched
-                    packs(lo, hi, Path(scratch))
-                if not preload:
-                    first_uses(lo, hi, lambda i: i % lo)
-            control, _ = while_running(cl, pool, write_elsewhere)
             t0 = time.monotonic()
 
             def register(lo=resident, hi=n):
@@ -216,6 +211,16 @@ def grow_and_measure(srv, cl: Client, loader: Client, sizes: list[int], seconds:
                 return wait_resident(loader, srv.url_metrics, hi + others)
             grow, waited = while_running(cl, pool, register)
             grow_s = time.monotonic() - t0
+
+            def write_elsewhere(lo=resident, hi=n, until=time.monotonic() + grow_s):
+                # the same pack writes (unwatched) and first requests, then the same traffic for as long as
+                # the growth took: the control's longest is over as many requests as the growth's
+                with tempfile.TemporaryDirectory(prefix="hpeft-scale-control-") as scratch:
+                    packs(lo, hi, Path(scratch))
+                if not preload:
+                    first_uses(lo, hi, lambda i: i % lo)
+                time.sleep(max(0.0, until - time.monotonic()))
+            control, _ = while_running(cl, pool, write_elsewhere)
         time.sleep(0.5)
         rss = stub_rss_mb(srv.proc.pid)
         new = list(range(resident, n)) if n > resident else list(range(n))
