@@ -180,7 +180,7 @@ class SignatureGraphs:
         with self._lock:
             self._failed.add(g.key)
             self._sessions.pop(g.key, None)
-            self.graphs.pop(g.key, None)
+            self.graphs = {k: x for k, x in self.graphs.items() if k != g.key}  # replaced: pick() may be iterating
 
     def _build_loop(self) -> None:
         while True:
