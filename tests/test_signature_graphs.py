@@ -220,3 +220,17 @@ def test_int8_signature_graphs(exported, tmp_path):
     got, _, _ = rt.infer(ids, mask, ["lora"] * 3)
     # the same int8 MatMuls on the same activations: equal to the union's int8 graph within fp32 noise
     assert max(np.abs(a - b).max() for a, b in zip(got, union)) <= 1e-4
+
+
+def test_exiting_while_a_session_builds_exits_cleanly(exported):
+    """onnxruntime aborts a process whose interpreter exits under a running session build: the build is
+    waited for at exit (graphs._at_exit)."""
+    import subprocess
+    import sys
+    root, _ = exported
+    code = ("import numpy as np; from hpeft_serve.serving.runtime import SharedRuntime; "
+            f"rt = SharedRuntime({str(root / 'ex')!r}); "
+            "rt.infer(np.full((2, 5), 1001), np.ones((2, 5), np.int64), ['lora', 'lora']); "
+            "assert rt.graphs._queued, 'no build under way'")
+    got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert got.returncode == 0 and "terminate called" not in got.stderr, got.stderr[-2000:]

@@ -20,11 +20,13 @@ looked at again (a stat) at most once a second, so graphs deployed beside a runn
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import queue
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -34,7 +36,22 @@ from ..pack.layout import LAYOUT_VERSION, Layout
 GRAPHS = "graphs"
 MAX_GRAPHS = 8  # signature graphs exported into one folder at most (each holds the backbone's weights)
 RESCAN_S = 1.0
+BUILDER_IDLE_S = 5.0  # the build thread ends once idle this long (it holds its runtime's graphs alive)
+MAX_PICKS = 4096  # sets of adapter signatures whose graph is remembered
 MIN_IDLE_S = 10.0  # a held session is dropped for another only once unused this long (no rebuild churn)
+
+
+_EXITING = threading.Event()
+_BUILDERS: "weakref.WeakSet[threading.Thread]" = weakref.WeakSet()
+
+
+@atexit.register
+def _at_exit() -> None:
+    """A session being built when the interpreter exits finishes first (onnxruntime aborts the process when
+    its native code is torn down under a running build)."""
+    _EXITING.set()
+    for t in list(_BUILDERS):
+        t.join(timeout=30)
 
 
 def signature_key(layout: Layout) -> str:
@@ -63,6 +80,7 @@ class SignatureGraphs:
         self.union = Layout.from_dict(info["layout"])
         self._inputs = set(info["inputs"])
         self.graphs: dict[str, Graph] = {}
+        self._picks: dict[frozenset, Graph | None] = {}  # pick()'s answers for the current graphs
         self._sessions: OrderedDict[str, object] = OrderedDict()  # least recently used first
         self._used: dict[str, float] = {}  # key -> when a batch last ran on it
         self._failed: set[str] = set()
@@ -98,6 +116,7 @@ class SignatureGraphs:
                 self._failed.add(key)
         with self._lock:
             self.graphs = {k: g for k, g in found.items() if g is not None}
+            self._picks = {}
 
     def _read(self, f: Path) -> Graph:
         gi = json.loads(f.read_text())
@@ -125,9 +144,14 @@ class SignatureGraphs:
     # ------------------------------------------------------------------ choosing
     def pick(self, layouts: list) -> Graph | None:
         """The graph with the fewest inputs whose layout covers all `layouts` (a row's adapter's needs; None:
-        unknown), if it has fewer than the union's; else None (the union's graph)."""
+        unknown), if it has fewer than the union's; else None (the union's graph). Remembered per set of
+        layouts (a request's path pays a dict lookup), forgotten when the graphs change."""
         if not layouts or any(x is None for x in layouts):
             return None
+        key = frozenset(layouts)
+        picks = self._picks
+        if key in picks:
+            return picks[key]
         need = layouts[0]
         for x in layouts[1:]:
             need = need.union(x)
@@ -136,6 +160,9 @@ class SignatureGraphs:
             if len(g.inputs) < len(self._inputs) and g.layout.covers(need) and (
                     best is None or len(g.inputs) < len(best.inputs)):
                 best = g
+        if len(picks) >= MAX_PICKS:
+            picks.clear()
+        picks[key] = best
         return best
 
     def choose(self, layouts: list):
@@ -159,9 +186,11 @@ class SignatureGraphs:
                     return None  # every held session is in use: this signature runs on the union's graph
             self._queued.add(g.key)
         self._queue.put(g)
-        if self._builder is None:
-            self._builder = threading.Thread(target=self._build_loop, name="hpeft-graphs", daemon=True)
-            self._builder.start()
+        with self._lock:
+            if self._builder is None:
+                self._builder = threading.Thread(target=self._build_loop, name="hpeft-graphs", daemon=True)
+                _BUILDERS.add(self._builder)
+                self._builder.start()
         return None
 
     def wait(self, layouts: list, timeout_s: float = 120.0):
@@ -181,10 +210,19 @@ class SignatureGraphs:
             self._failed.add(g.key)
             self._sessions.pop(g.key, None)
             self.graphs = {k: x for k, x in self.graphs.items() if k != g.key}  # replaced: pick() may be iterating
+            self._picks = {}
 
     def _build_loop(self) -> None:
-        while True:
-            g = self._queue.get()
+        """Build the queued sessions one at a time; end once idle BUILDER_IDLE_S (choose() starts another)."""
+        while not _EXITING.is_set():
+            try:
+                g = self._queue.get(timeout=BUILDER_IDLE_S)
+            except queue.Empty:
+                with self._lock:
+                    if self._queue.empty():  # a put after this check finds no builder and starts one
+                        self._builder = None
+                        return
+                continue
             try:
                 s = self.make_session(g.path)
             except Exception as e:  # noqa: BLE001
