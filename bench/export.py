@@ -214,6 +214,8 @@ def main() -> int:
     ap.add_argument("--profile", action="store_true",
                     help="(implies --quick) onnxruntime's profile (enable_profiling) of the shared graph with one "
                          "adapter's slots and of the 8-method one at 1 x 32: kernel time and runs per op type")
+    ap.add_argument("--quick-shape", default="1x32", metavar="BxS",
+                    help="the batch x seq of --quick and --profile (e.g. 32x128: the mixed rows use 8 adapters)")
     args = ap.parse_args()
     args.quick = args.quick or args.profile
     torch.set_num_threads(args.threads)
@@ -357,28 +359,31 @@ def profile_ops(path: Path, feed: dict, threads: int, runs: int = 40) -> tuple[f
 
 
 def quick(args, work, merged, shared_one, shared_same, shared, one, eight_same, eight) -> int:
-    """--quick: the 1 x 32 rows that the mixed-batch goals compare (same interleaved rounds), to stdout."""
-    ids, mask = batch_inputs(1, 32)
+    """--quick: the rows that the mixed-batch goals compare (same interleaved rounds) at --quick-shape (default
+    1 x 32), to stdout; the mixed rows' adapters as in the full run (row r: adapter r % 8)."""
+    b, s = (int(v) for v in args.quick_shape.lower().split("x"))
+    ids, mask = batch_inputs(b, s)
     feed = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
-    idx = {"adapter_index": np.zeros(1, np.int64)}
+    idx, idx8 = {"adapter_index": np.zeros(b, np.int64)}, {"adapter_index": (np.arange(b) % 8).astype(np.int64)}
     from safetensors.torch import load_file
-    first = work / "shared" / "packs" / f"{MIXED[0]}"
-    mixed, mixed_feed = runtime_graph(work / "shared", (shared, eight), [(load_file(f"{first}.safetensors"),
-                                      json.loads(first.with_suffix(".json").read_text())["sizes"])], args.threads)
+    folders = [work / "shared" / "packs" / MIXED[k] for k in sorted(set(idx8["adapter_index"].tolist()))]
+    mixed, mixed_feed = runtime_graph(work / "shared", (shared, eight), [(load_file(f"{f}.safetensors"),
+                                      json.loads(f.with_suffix(".json").read_text())["sizes"]) for f in folders],
+                                      args.threads)
     res = timed({"ONNX merged": lambda: merged.run(["logits"], feed),
                  "ONNX shared, 1 adapter": lambda: shared_one.run(["logits"], feed | idx | one),
-                 f"ONNX shared, 8 {args.method} mixed": lambda: shared_same.run(["logits"], feed | idx | eight_same),
-                 "ONNX shared, 8 methods mixed": lambda: mixed.run(["logits"], feed | idx | mixed_feed),
-                 UNION: lambda: shared.run(["logits"], feed | idx | eight)},
+                 f"ONNX shared, 8 {args.method} mixed": lambda: shared_same.run(["logits"], feed | idx8 | eight_same),
+                 "ONNX shared, 8 methods mixed": lambda: mixed.run(["logits"], feed | idx8 | mixed_feed),
+                 UNION: lambda: shared.run(["logits"], feed | idx8 | eight)},
                 args.reps, args.rounds)
-    print(f"1 x 32, {args.threads} threads, medians of {args.rounds} interleaved rounds of {args.reps}\n")
+    print(f"{b} x {s}, {args.threads} threads, medians of {args.rounds} interleaved rounds of {args.reps}\n")
     print("| variant | median ms | time vs ONNX merged |\n|---|---|---|")
     for k, ms in res.items():
         print(f"| {k} | {ms:.2f} | {ms / res['ONNX merged']:.2f}x |")
     if args.profile:  # profiling slows every kernel: compare the two columns, not with the times above
-        (ms1, one_ops), (ms8, eight_ops) = (profile_ops(work / d / "backbone.onnx", feed | idx | bank, args.threads)
-                                            for d, bank in (("shared-one", one), ("shared", eight)))
-        print(f"\nORT profile, 1 x 32 (median run, profiled: 1 adapter's slots {ms1:.2f} ms, 8 methods' {ms8:.2f} ms)\n")
+        (ms1, one_ops), (ms8, eight_ops) = (profile_ops(work / d / "backbone.onnx", feed | ix | bank, args.threads)
+                                            for d, ix, bank in (("shared-one", idx, one), ("shared", idx8, eight)))
+        print(f"\nORT profile, {b} x {s} (median run, profiled: 1 adapter's slots {ms1:.2f} ms, 8 methods' {ms8:.2f} ms)\n")
         print("| op type | 8 methods: ms / run | kernels / run | 1 adapter: ms / run | kernels / run |\n|---|---|---|---|---|")
         for op in sorted(set(one_ops) | set(eight_ops), key=lambda o: -eight_ops.get(o, (0, 0))[0]):
             a, b = eight_ops.get(op, (0.0, 0.0)), one_ops.get(op, (0.0, 0.0))
