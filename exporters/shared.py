@@ -98,24 +98,31 @@ class Rows:
         onehot = self.w(f"{p}_act")  # (R, len(ACTS))
         return sum(_col(onehot[:, ACTS.index(a)]) * Fn.ACTIVATIONS[a](h) for a in acts)
 
-    def finish(self, p: str, up: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        out = up * self.col(f"{p}_scale")
+    def out_scale(self, p: str, x: torch.Tensor) -> torch.Tensor:
+        """A bottleneck's output factor per row (R, 1, 1): its scale, times the gate where gated."""
+        scale = self.col(f"{p}_scale")
         coef = self.coef(p, x, None)
-        return out if coef is None else out * coef
+        return scale if coef is None else scale * coef
 
     def dense(self, p: str, x: torch.Tensor) -> torch.Tensor:
-        h = self.act(p, Fn.linear(x, self.w(f"{p}_down_w"), self.w1(f"{p}_down_b")))
-        return self.finish(p, Fn.linear(h, self.w(f"{p}_up_w"), self.w1(f"{p}_up_b")), x)
+        """up(act(down(x))) * out_scale, the factor applied on the bottleneck (R, S, W) and the up bias
+        (R, 1, d): the same math with no Mul over the (R, S, d) output (onnxruntime: two fewer full-width
+        passes per kind)."""
+        c = self.out_scale(p, x)
+        h = self.act(p, Fn.linear(x, self.w(f"{p}_down_w"), self.w1(f"{p}_down_b"))) * c
+        return Fn.linear(h, self.w(f"{p}_up_w"), self.w1(f"{p}_up_b") * c)
 
     def phm(self, p: str, n: int, x: torch.Tensor) -> torch.Tensor:
         """The PHM branch with each row's H formed (a bottleneck's H is small: d x n*O), then a batched
-        MatMul: at these widths far cheaper than contracting x with the factors (bench/export.py)."""
+        MatMul: at these widths far cheaper than contracting x with the factors (bench/export.py); the
+        output factor on the bottleneck, as in `dense`."""
         rule = self.w(f"phm{n}_rule")  # (R, n, n, n)
         b = x.shape[0]
+        c = self.out_scale(p, x)
         down = x @ _phm_weight(rule, self.w(f"{p}_down_Wl"), self.w(f"{p}_down_Wr"))  # (R, S, n*O)
-        h = self.act(p, down + self.w(f"{p}_down_b").reshape(b, 1, -1))
+        h = self.act(p, down + self.w(f"{p}_down_b").reshape(b, 1, -1)) * c
         up = h @ _phm_weight(rule, self.w(f"{p}_up_Wl"), self.w(f"{p}_up_Wr"))  # (R, S, d)
-        return self.finish(p, up + self.w1(f"{p}_up_b"), x)
+        return up + self.w1(f"{p}_up_b") * c
 
 
 def _phm_weight(rule: torch.Tensor, W_left: torch.Tensor, W_right: torch.Tensor) -> torch.Tensor:

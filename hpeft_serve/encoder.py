@@ -191,8 +191,10 @@ class EncoderLayer(nn.Module):
         pre = hooks.prefix(x, ctx)
         if pre is not None:
             pk, pv, pmask = pre
-            k = torch.cat([self._heads(pk.expand(b, -1, -1)), k], dim=2)  # (B, H, P+S, Dh)
-            v = torch.cat([self._heads(pv.expand(b, -1, -1)), v], dim=2)
+            if pk.shape[0] == 1:  # one prefix for every row (a per-row one, [B, P, D], needs no Expand copy)
+                pk, pv = pk.expand(b, -1, -1), pv.expand(b, -1, -1)
+            k = torch.cat([self._heads(pk), k], dim=2)  # (B, H, P+S, Dh)
+            v = torch.cat([self._heads(pv), v], dim=2)
             if pmask is None:
                 pmask = mask_add.new_zeros(1, pk.shape[1])
             pmask = pmask.expand(b, -1)[:, None, None, :].expand(-1, -1, mask_add.shape[2], -1)  # open to every row

@@ -27,11 +27,11 @@ def one_hot(act: str):
     return torch.tensor([float(a == act) for a in ACTS])
 
 
-def seq_input(r, site: str, h, a, ws, eps: float):
-    """The sequential adapter's input per row: LN(h + a) (with the sub-layer's LayerNorm, ws[-2:], and its
-    bias deltas) where the pack's ln_before is 1, else h."""
-    lnb = r.col(f"seq_{site}_ln_before")
-    return lnb * r.layer_norm(f"{site}_ln", h + a, ws[-2], ws[-1], eps) + (1.0 - lnb) * h
+def seq_input(r, site: str, ha, h, ws, eps: float):
+    """The sequential adapter's input per row: LN(ha) (ha = h + a; with the sub-layer's LayerNorm, ws[-2:],
+    and its bias deltas) where the pack's ln_before is 1, else h."""
+    lnb = r.col(f"seq_{site}_ln_before")  # a 0/1 mix: onnxruntime's Where broadcast from (R, 1, 1) is far slower
+    return lnb * r.layer_norm(f"{site}_ln", ha, ws[-2], ws[-1], eps) + (1.0 - lnb) * h
 
 
 def ln_inputs(layout, site: str) -> list[str]:
@@ -112,7 +112,7 @@ class Bottleneck(SlotKind):
             fn, names = (_seq if self.kind == "seq" else _par)(layout, site, ex.eps)
             d = ex.dim["d"]
             if self.kind == "seq":
-                out.append((p, fn, names, [ex.rand(2, 3, d)] * 3 + ex.gm(p), ex.ln))
+                out.append((p, fn, names, [ex.rand(2, 3, d)] * 2 + ex.gm(p), ex.ln))
             else:
                 out.append((p, fn, names, [ex.rand(2, 3, d)] * 2 + ex.gm(p)))
         return out
@@ -121,7 +121,7 @@ class Bottleneck(SlotKind):
         if site not in getattr(bl.layout, self.kind):
             return out
         if self.kind == "seq":
-            return bl._run(f"seq_{site}", out, [h, a], ctx, (ln.weight, ln.bias))
+            return bl._run(f"seq_{site}", out, [h], ctx, (ln.weight, ln.bias))  # out is h + a
         return bl._run(f"par_{site}", out, [a], ctx)
 
     def merge_finish(self, m):
@@ -137,10 +137,10 @@ def _seq(layout, site: str, eps: float):
     own += [f"{p}_act"] if len(layout.acts) > 1 else []
     names = own + ln_inputs(layout, site) + gate_names(layout, p)
 
-    def fn(out, h, a, *rest):  # adapter + h + a (the PyTorch order)
+    def fn(out, h, *rest):  # out (the residual's h + a) + adapter: one Add, and LN(h + a) reads out
         ws = rest[-1]
         r = Rows(dict(zip(names, ws)), rest[-2], layout, rest[0] if len(rest) == 3 else None)
-        return r.dense(p, seq_input(r, site, h, a, ws, eps)) + h + a
+        return out + r.dense(p, seq_input(r, site, out, h, ws, eps))
     return fn, names
 
 

@@ -68,10 +68,10 @@ def _banked(layout, t: str):
     p = f"lora_{t}"
     names = [f"{p}_A", f"{p}_B", f"{p}_scale"] + gate_names(layout, p)
 
-    def fn(y, x, *rest):  # y + x A^T B^T * (gate or scale)
+    def fn(y, x, *rest):  # y + (x A^T * (gate or scale)) B^T: the factor on the rank-r side, not on (R, S, out)
         r = Rows(dict(zip(names, rest[-1])), rest[-2], layout, rest[0] if len(rest) == 3 else None)
-        delta = Fn.lora_delta(x, r.w(f"{p}_A"), r.w(f"{p}_B"))
-        return y + delta * r.coef(p, x, r.col(f"{p}_scale"))
+        down = Fn.linear(x, r.w(f"{p}_A")) * r.coef(p, x, r.col(f"{p}_scale"))
+        return y + Fn.linear(down, r.w(f"{p}_B"))
     return fn, names
 
 

@@ -117,7 +117,7 @@ def _banked(layout, site: str, n: int, eps: float):
     def fn(out, h, a, *rest):  # out + the branch, on LN(h + a) or h per row
         ws = rest[-1]
         r = Rows(dict(zip(names, ws)), rest[-2], layout, rest[0] if len(rest) == 3 else None)
-        return out + r.phm(p, n, seq_input(r, site, h, a, ws, eps))
+        return out + r.phm(p, n, seq_input(r, site, h + a, h, ws, eps))
     return fn, names
 
 
