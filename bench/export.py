@@ -291,9 +291,9 @@ def main() -> int:
         idx0 = {"adapter_index": np.zeros(b, np.int64)}
         idx8 = {"adapter_index": (np.arange(b) % 8).astype(np.int64)}
         # the graph the runtime runs this batch's adapters on (at batch 1 its one row's signature graph)
-        rows = [packs[MIXED[k]] for k in sorted(set(idx8["adapter_index"].tolist()))]
-        mixed, mixed_feed = runtime_graph(work / "shared", (shared, eight), rows, args.threads)
-        mixed8, mixed8_feed = runtime_graph(work / "shared-int8", (shared8, eight), rows, args.threads)
+        in_batch = [packs[MIXED[k]] for k in sorted(set(idx8["adapter_index"].tolist()))]
+        mixed, mixed_feed = runtime_graph(work / "shared", (shared, eight), in_batch, args.threads)
+        mixed8, mixed8_feed = runtime_graph(work / "shared-int8", (shared8, eight), in_batch, args.threads)
         variants = {
             "PyTorch eager (our model)": lambda: model(ids, mask),
             "ONNX merged": lambda: merged.run(["logits"], feed),
