@@ -252,6 +252,16 @@ class PackStore:
         return found
 
 
+def folder_stamp(folder) -> tuple | None:
+    """What changes when an entry is added, replaced or removed in a local folder (a rename in it changes the
+    folder's mtime): (mtime_ns, inode), or None when it cannot be read."""
+    try:
+        st = Path(folder).stat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_ino
+
+
 class FolderWatch:
     """The packs whose files changed in a local folder (Linux inotify): `changed()` gives the names whose
     `.json` or `.safetensors` was written, renamed into place, renamed away or deleted since the last call,

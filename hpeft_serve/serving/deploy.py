@@ -49,9 +49,9 @@ def write_model(repo: Path) -> None:
 
 
 def _precision(info: dict) -> str:
-    """fp32, int8 or fp16: how an export's graph computes (exporters.quantize.Precision.of, without onnx)."""
-    q = info.get("quantization") or {}
-    return q.get("mode") or q.get("precision") or "fp32"
+    """fp32, int8 or fp16: how an export's graph computes."""
+    from .graphs import precision
+    return precision(info)[0]
 
 
 def _place_graph(export_dir: Path, info: dict, target: Path, log) -> bool:

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Callable, NamedTuple
 
 from ..pack.layout import LAYOUT_VERSION, Layout
+from ..pack.store import folder_stamp
 
 GRAPHS = "graphs"
 MAX_GRAPHS = 8  # signature graphs exported into one folder at most (each holds the backbone's weights)
@@ -59,7 +60,9 @@ def signature_key(layout: Layout) -> str:
     return hashlib.sha256(json.dumps(layout.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _precision(info: dict) -> tuple:
+def precision(info: dict) -> tuple:
+    """(fp32 | int8 | fp16, the int8 smoothing's alpha or None) a backbone.json records (exporters.quantize
+    Precision.of, without onnx)."""
     q = info.get("quantization") or {}
     return q.get("mode") or q.get("precision") or "fp32", (q.get("smoothing") or {}).get("alpha")
 
@@ -93,16 +96,9 @@ class SignatureGraphs:
         self.scan()
 
     # ------------------------------------------------------------------ the folder
-    def _folder_stamp(self):
-        try:
-            st = self.folder.stat()
-        except OSError:
-            return None
-        return st.st_mtime_ns, st.st_ino
-
     def scan(self) -> None:
         """(Re)read the graphs in the folder: each one's backbone.json, checked against the union's."""
-        self._scanned, self._stamp = time.monotonic(), self._folder_stamp()
+        self._scanned, self._stamp = time.monotonic(), folder_stamp(self.folder)
         found = {}
         for f in sorted(self.folder.glob("*/backbone.json")) if self._stamp is not None else []:
             key = f.parent.name
@@ -124,8 +120,8 @@ class SignatureGraphs:
             raise ValueError("not a shared graph of this layout version")
         if gi.get("backbone", {}).get("sha256") != self.info["backbone"].get("sha256"):
             raise ValueError("it is for another backbone")
-        if _precision(gi) != _precision(self.info):
-            raise ValueError(f"its precision {_precision(gi)} is not the served {_precision(self.info)}")
+        if precision(gi) != precision(self.info):
+            raise ValueError(f"its precision {precision(gi)} is not the served {precision(self.info)}")
         layout = Layout.from_dict(gi["layout"])
         if not self.union.covers(layout) or not set(gi["inputs"]) <= self._inputs:
             raise ValueError("its slots are not all in the union's graph")
@@ -138,7 +134,7 @@ class SignatureGraphs:
         if time.monotonic() - self._scanned < RESCAN_S:
             return
         self._scanned = time.monotonic()
-        if self._folder_stamp() != self._stamp:
+        if folder_stamp(self.folder) != self._stamp:
             self.scan()
 
     # ------------------------------------------------------------------ choosing

@@ -39,7 +39,7 @@ from ..errors import CheckpointError
 from ..names import NAME
 from ..pack.check import MissingSlots
 from ..pack.layout import BACKBONE, Layout, backbone_pack
-from ..pack.store import Pack, PackStore, PackUnreadable, PackUpdating
+from ..pack.store import Pack, PackStore, PackUnreadable, PackUpdating, folder_stamp
 from .bank import AdapterBank
 from .batching import Limits, position_limit
 from .codes import Code
@@ -255,13 +255,7 @@ class SharedRuntime:
     def _folder_stamp(self):
         """What changes when a pack is added, replaced or removed in a local folder (a rename in it changes
         the folder's mtime); None for a remote store (listed every time)."""
-        if self.store.fs is not None:
-            return None
-        try:
-            st = Path(self.store.root).stat()
-        except OSError:
-            return None
-        return st.st_mtime_ns, st.st_ino
+        return None if self.store.fs is not None else folder_stamp(self.store.root)
 
     def _preload_loop(self, every_s: float) -> None:
         """A local folder is watched with inotify (store.FolderWatch): a pass looks at the packs written or
