@@ -43,10 +43,13 @@ class TritonPythonModel:
         # the store is watched every PRELOAD_MS (0: off) and new or replaced packs are loaded in the background,
         # so that a request is never the one that waits for a pack's first load (runtime.py, "Preloading")
         preload = float(params.get("PRELOAD_MS", "") or "500") / 1000
+        # sessions of signature graphs held beside the union's (serving/graphs.py; 0: the union's only)
+        sessions = int(params.get("GRAPH_SESSIONS", "") or "4")
         self.runtime = SharedRuntime(export, budget_bytes=budget, pinned=pinned,
                                      store=params.get("ADAPTER_STORE") or None,
                                      check_every_s=float(check) / 1000 if check else None,
-                                     log=pb_utils.Logger.log_error, preload_every_s=preload or None)
+                                     log=pb_utils.Logger.log_error, preload_every_s=preload or None,
+                                     graph_sessions=sessions)
         graph = self.runtime.limits
         self.limits = Limits(graph.vocab, min(int(params.get("MAX_SEQ_LEN", "512")), graph.max_len))
         pb_utils.Logger.log_info(f"hpeft: graph {export}, onnxruntime providers {self.runtime.session.get_providers()}, "
