@@ -440,18 +440,18 @@ class SharedRuntime:
     def _forward(self, names: list[str], feed: dict, arrays: dict) -> list[np.ndarray]:
         """The batch on its graph (graph_for); should a signature graph's run fail, the union's serves it
         (and every batch after it: that graph is not used again)."""
+        def run(session, inputs):
+            bank = {n: arrays[n] for n in inputs if n in arrays}
+            return self._run_bound(session, feed, bank) if self.bind_bank else session.run(self.outputs, feed | bank)
         session, inputs, g = self.graph_for(names)
-        bank = {n: arrays[n] for n in inputs if n in arrays}
-        run = (lambda s, b: self._run_bound(s, feed, b)) if self.bind_bank else \
-            (lambda s, b: s.run(self.outputs, feed | b))
-        if g is None:
-            return run(session, bank)
         try:
-            return run(session, bank)
+            return run(session, inputs)
         except Exception:  # noqa: BLE001
+            if g is None:
+                raise
             self._log_internal(f"running signature graph {g.path.parent}; it is not used again")
             self.graphs.failed(g)
-            return run(self.session, {n: arrays[n] for n in self.inputs if n in arrays})
+            return run(self.session, self.inputs)
 
     def infer(self, input_ids: np.ndarray, attention_mask: np.ndarray, names: list[str]) -> Answers:
         """Answers: (answer per row or None, error per row or None, version per row or None), `.tasks` and
