@@ -126,3 +126,39 @@ class Kind:
         """The kind for every row, in plain PyTorch (inputs that do not carry the batch's rows, such as
         DeBERTa's relative embeddings (1, 2A, D), broadcast against every row's weights)."""
         return self.fn(base, *xs, index, ws)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    return torch.softmax((q @ k.transpose(-1, -2)) * scale + mask, dim=-1) @ v
+
+
+def _with_prefix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pk: torch.Tensor, pv: torch.Tensor,
+                 pmask: torch.Tensor, mask_add: torch.Tensor, scale: float) -> torch.Tensor:
+    """The encoder's attention over prefix + tokens (hpeft_serve/encoder.py), for rows that have a prefix."""
+    mask = torch.cat([pmask.unsqueeze(1).unsqueeze(1), mask_add], dim=-1)  # (R, 1, 1, P + S)
+    return _attend(q, torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2), mask, scale)
+
+
+@torch.jit.script
+def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pk: torch.Tensor, pv: torch.Tensor,
+                     pmask: torch.Tensor, mask_add: torch.Tensor, every: torch.Tensor, some: torch.Tensor,
+                     uses: torch.Tensor, scale: float) -> torch.Tensor:
+    """Row-segmented prefix attention: q, k, v (B, H, S, Dh), pk, pv (B, H, P, Dh), pmask (B, P), mask_add
+    (B, 1, 1, S), `uses` (B,) bool: the rows with a prefix position in this layer. Only those rows attend to
+    the prefix columns; the others attend to their tokens alone, which is what their adapter computes (a
+    masked column adds exactly 0 there, but costs onnxruntime's Softmax about twice a plain column: the
+    exp of float32 min). The two groups' outputs are concatenated and put back in row order by one Gather."""
+    if bool(every):
+        return _with_prefix(q, k, v, pk, pv, pmask, mask_add, scale)
+    if bool(some):
+        rows, others = uses.nonzero().squeeze(1), (~uses).nonzero().squeeze(1)
+        a = _with_prefix(q.index_select(0, rows), k.index_select(0, rows), v.index_select(0, rows),
+                         pk.index_select(0, rows), pv.index_select(0, rows), pmask.index_select(0, rows),
+                         mask_add.index_select(0, rows), scale)
+        b = _attend(q.index_select(0, others), k.index_select(0, others), v.index_select(0, others),
+                    mask_add.index_select(0, others), scale)
+        # row r's place in cat(rows, others): its rank among the rows with a prefix, or after them among the rest
+        u = uses.to(torch.int64)
+        place = torch.where(uses, u.cumsum(0) - 1, rows.shape[0] + (1 - u).cumsum(0) - 1)
+        return torch.cat([a, b], dim=0).index_select(0, place)
+    return _attend(q, k, v, mask_add, scale)

@@ -180,10 +180,10 @@ class BankedLayer:
     def register(self, usage: Usage) -> None:
         """This layer's columns of the usage matrix: per adapter, non-zero exactly where its kind p adds
         something here (a non-zero scale or gate flag; the prefix gate: an unmasked prefix position)."""
+        if self.layout.prefix:  # the prefix's attention and its gate
+            usage.add(f"prefix.{self.i}", (self.t("prefix_mask") > 0.5 * NEG).sum(dim=1).float())
         for p in self.kinds:
-            if p == "prefix":
-                usage.add(f"prefix.{self.i}", (self.t("prefix_mask") > 0.5 * NEG).sum(dim=1).float())
-            else:
+            if p != "prefix":
                 usage.add(f"{p}.{self.i}", self.t(f"{p}_scale"),
                           self.t(f"{p}_gated") if p in self.layout.gated else None)
 
@@ -228,6 +228,13 @@ class BankedLayer:
                 return got
         return None
 
+    def prefix_attention(self, q, k, v, pre, mask_add, scale):
+        for k_ in _HOOKS["prefix_attention"]:
+            got = k_.prefix_attention(self, q, k, v, pre, mask_add, scale)
+            if got is not None:
+                return got
+        return None
+
     def residual(self, site, h, a, ln, ctx):
         out = h + a
         for k in _RESIDUAL:  # sequential, its branches, parallel
@@ -236,7 +243,7 @@ class BankedLayer:
 
 
 _HOOKS = {h: implementing(h) for h in ("linear_bias", "linear_input", "linear_output", "linear_add",
-                                         "layer_norm_bias", "prefix")}
+                                         "layer_norm_bias", "prefix", "prefix_attention")}
 _RESIDUAL = sorted(implementing("residual"), key=lambda k: k.RESIDUAL)
 
 

@@ -120,6 +120,14 @@ class LayerHooks(nn.Module):
         """Extra key/value vectors: None, or (keys [B|1, P, D], values [B|1, P, D], additive mask [B|1, P] or None)."""
         return None
 
+    def prefix_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pre: tuple, mask_add: torch.Tensor,
+                         scale: float) -> torch.Tensor | None:
+        """The attention output (B, H, S, Dh) of a layer whose `prefix` gave `pre` (keys, values [B, P, D], mask
+        [B, P]), when the hooks compute it themselves (the shared graph: only the rows that have a prefix attend
+        to its positions), or None: every row attends to prefix + tokens (q, k, v: (B, H, S, Dh); mask_add
+        (B, 1, 1, S); asked only when the layer adds no position bias)."""
+        return None
+
     def residual(self, site: str, h: torch.Tensor, a: torch.Tensor, ln: nn.LayerNorm, ctx: LayerContext) -> torch.Tensor:
         """Close a sub-layer (`site` attn or ffn): output h, input a -> LayerNorm(h + a) (+ adapters)."""
         return self.layer_norm(f"{site}_ln", h + a, ln)
@@ -189,6 +197,11 @@ class EncoderLayer(nn.Module):
         bias = self.position_bias(q, k, ctx, hooks)
         mask_add = self.query_mask(mask_add, ctx)  # (B, 1, 1 or S, S)
         pre = hooks.prefix(x, ctx)
+        if pre is not None and bias is None and mask_add.shape[2] == 1:
+            out = hooks.prefix_attention(q, k, v, pre, mask_add, self.scale)
+            if out is not None:
+                out = out.transpose(1, 2)  # (B, S, H, Dh)
+                return out.reshape(b, out.shape[1], self.c.hidden_size)
         if pre is not None:
             pk, pv, pmask = pre
             if pk.shape[0] == 1:  # one prefix for every row (a per-row one, [B, P, D], needs no Expand copy)

@@ -111,7 +111,9 @@ def test_onnx_graph_skips_kinds_with_if(adapters):
     kinds = len(layout.lora) + len(layout.seq) + len(layout.par) + len(layout.phm) * len(layout.phm_n)
     kinds += int("prefix" in layout.gated)  # the prefix gate
     assert layout.lora and layout.seq and layout.par and layout.phm and layout.prefix and layout.bitfit
-    assert len(ifs) == kinds * 2  # tiny-bert has 2 layers: one If per kind per layer
+    # tiny-bert has 2 layers: one If per kind per layer, and one for the prefix's attention (only the rows
+    # that have a prefix attend to its positions: exporters/segment.py prefix_attention)
+    assert len(ifs) == (kinds + 1) * 2
     # which rows use each (kind, layer) is worked out once: the every-row and some-row flag vectors are
     # each Split once into one condition per (kind, layer), and no If gathers or reduces its own flags
     splits = [n for n in m.graph.node if n.op_type == "Split" and len(n.output) == kinds * 2]

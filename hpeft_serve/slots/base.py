@@ -123,6 +123,9 @@ class SlotKind:
     def prefix(self, bl, x, ctx):
         return None
 
+    def prefix_attention(self, bl, q, k, v, pre, mask_add, scale):
+        return None
+
     def residual(self, bl, site: str, out, h, a, ln, ctx):
         return out
 

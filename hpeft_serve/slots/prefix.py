@@ -1,6 +1,7 @@
 """Prefix tuning: P key/value vectors per layer that every query attends to (a mask of 0 on a pack's own
 positions, float32 min on the padding), optionally gated (UniPELT: the gate scales the prefix's keys and
-values). The shared graph widens attention by the positions some row of the batch has. Merge: ejected to
+values). The shared graph widens attention by the positions some row of the batch has, in the rows that have
+a prefix only (exporters/segment.py prefix_attention). Merge: ejected to
 constant key/value vectors (the reparametrisation MLP is run once)."""
 
 from __future__ import annotations
@@ -74,6 +75,17 @@ class Prefix(SlotKind):
             coef = bl._run("prefix", _col(use), [x], ctx)
             k, v = coef * k, coef * v
         return k, v, mask
+
+    def prefix_attention(self, bl, q, k, v, pre, mask_add, scale):
+        if not bl.layout.prefix:
+            return None
+        from exporters.segment import prefix_attention
+        u, j = bl.usage, bl.usage.col[f"prefix.{bl.i}"]
+        b, h, _, dh = q.shape
+        pk, pv, pmask = pre
+        heads = lambda t: t.view(b, t.shape[1], h, dh).transpose(1, 2)  # noqa: E731
+        return prefix_attention(q, k, v, heads(pk), heads(pv), pmask, mask_add, u.every[j], u.some[j], u.uses[j],
+                                scale)
 
     def merge_model(self, m, fold_phm):
         m.adapters.eject_prefix()
