@@ -162,3 +162,22 @@ def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pk: torc
         place = torch.where(uses, u.cumsum(0) - 1, rows.shape[0] + (1 - u).cumsum(0) - 1)
         return torch.cat([a, b], dim=0).index_select(0, place)
     return _attend(q, k, v, mask_add, scale)
+
+
+class Choice:
+    """One computation in two traced forms and a scripted If between them: `with_rows(x, w, b, delta)` when
+    some row of the batch uses the kind in this layer, else `plain(x, w, b)` (the frozen module's, which
+    onnxruntime fuses as it does the merged model's: the bias Add into BiasGelu, the LayerNorm's bias into
+    LayerNormalization). Exact: `plain` is what `with_rows` gives where every delta is 0."""
+
+    def __init__(self, plain: Callable, with_rows: Callable, example: tuple):
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            p = torch.jit.trace(plain, example[:3], check_trace=False)
+            r = torch.jit.trace(with_rows, example, check_trace=False)
+
+        def run(some: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+            if bool(some):
+                return r(x, w, b, d)
+            return p(x, w, b)
+        self.run = torch.jit.script(run)

@@ -32,13 +32,14 @@ from torch import nn
 
 from hpeft_serve.encoder import Encoder, LayerContext
 from hpeft_serve.methods import functional as Fn
+from hpeft_serve.methods.config import BIAS_NAMES
 from hpeft_serve.model import pool
 
 from hpeft_serve.pack.layout import NEG
 from hpeft_serve.slots.registry import KINDS, implementing, ln_bias_inputs
 
 from .layout import ACTS, Layout, bank_feed, input_names, per_layer
-from .segment import Kind, Usage
+from .segment import Choice, Kind, Usage
 
 
 def _col(t: torch.Tensor) -> torch.Tensor:
@@ -161,6 +162,23 @@ def build_kinds(layout: Layout, d: int, f: int, eps: float) -> dict[str, Kind]:
     return kinds
 
 
+def build_choices(layout: Layout, d: int, f: int, eps: float, act) -> dict[str, Choice]:
+    """BitFit's per-layer If (a layer where no row of the batch has a bias delta runs the frozen module's
+    ops): the FFN's input projection with its activation `act` (unless LoRA or (IA)^3 also change that
+    projection's output), and the sub-layers' LayerNorms."""
+    if not layout.bitfit:
+        return {}
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    out = {"ln": Choice(lambda x, w, b: F.layer_norm(x, (d,), w, b, eps),
+                        lambda x, w, b, dl: F.layer_norm(x, (d,), w, None, eps) + (b + dl),
+                        (r(2, 3, d), r(d), r(d), r(2, 1, d)))}
+    if "ffn_in" not in layout.lora and "ffn_in" not in layout.ia3:
+        out["ffn_in"] = Choice(lambda x, w, b: act(F.linear(x, w, b)),
+                               lambda x, w, b, dl: act(F.linear(x, w) + (b + dl)), (r(2, 3, d), r(f, d), r(f), r(2, 1, f)))
+    return out
+
+
 # ---------------------------------------------------------------- the layer hooks
 class BankedLayer:
     """LayerHooks for layer i; `bank["name.i"]` is this layer's (K, ...), rows pick their adapter by `index`."""
@@ -169,6 +187,7 @@ class BankedLayer:
                  kinds: dict[str, Kind], index2: torch.Tensor, usage: Usage):
         self.bank, self.index, self.i, self.layout, self.kinds, self.index2 = bank, index, i, layout, kinds, index2
         self.usage = usage
+        self.choices: dict[str, Choice] = {}  # build_choices'
 
     def t(self, name: str) -> torch.Tensor:
         """This layer's bank tensor `name` [K, ...]."""
@@ -180,6 +199,8 @@ class BankedLayer:
     def register(self, usage: Usage) -> None:
         """This layer's columns of the usage matrix: per adapter, non-zero exactly where its kind p adds
         something here (a non-zero scale or gate flag; the prefix gate: an unmasked prefix position)."""
+        if self.layout.bitfit:  # any bias delta in this layer
+            usage.add(f"bitfit.{self.i}", sum(self.t(f"bitfit_{b}").abs().sum(dim=1) for b in BIAS_NAMES))
         if self.layout.prefix:  # the prefix's attention and its gate
             usage.add(f"prefix.{self.i}", (self.t("prefix_mask") > 0.5 * NEG).sum(dim=1).float())
         for p in self.kinds:
@@ -213,7 +234,18 @@ class BankedLayer:
             y = k.linear_add(self, name, y, x, ctx)
         return y
 
+    def _bitfit(self, choice: str, name: str, x, w, b):
+        delta = self.t(f"bitfit_{name}")[self.index2]  # (B, 1, out)
+        return self.choices[choice].run(self.usage.some[self.usage.col[f"bitfit.{self.i}"]], x, w, b, delta)
+
+    def linear_act(self, name, x, layer, act, ctx):
+        if name in self.choices:  # BitFit alone changes it: its per-layer If
+            return self._bitfit(name, name, x, layer.weight, layer.bias)
+        return act(self.linear(name, x, layer, ctx))
+
     def layer_norm(self, name, x, ln):
+        if "ln" in self.choices:
+            return self._bitfit("ln", name, x, ln.weight, ln.bias)
         b = ln.bias
         for k in _HOOKS["layer_norm_bias"]:
             b = k.layer_norm_bias(self, name, b)
@@ -251,7 +283,7 @@ class _Banked:
     """What the encoder asks of an adapter set, for one forward of a banked batch."""
 
     def __init__(self, bank: dict, index: torch.Tensor, token_mask: torch.Tensor, layout: Layout, num_layers: int,
-                 kinds: dict[str, Kind]):
+                 kinds: dict[str, Kind], choices: dict[str, Choice]):
         shared: dict = {}
         if layout.gated:
             gm = _col(bank["gate_masked"].index_select(0, index))
@@ -262,6 +294,7 @@ class _Banked:
         usage = Usage()  # which rows use each (kind, layer): once for the whole forward
         self.layers = [BankedLayer(bank, index, i, layout, kinds, index2, usage) for i in range(num_layers)]
         for layer in self.layers:
+            layer.choices = choices
             layer.register(usage)
         usage.done(index)
 
@@ -281,11 +314,14 @@ class SharedModel(nn.Module):
         self.input_names = tuple(input_names(layout, len(encoder.layers)))
         c = encoder.config
         self.kinds = build_kinds(layout, c.hidden_size, c.intermediate_size, c.layer_norm_eps)
+        self.choices = build_choices(layout, c.hidden_size, c.intermediate_size, c.layer_norm_eps,
+                                     encoder.layers[0].act)
 
     def forward(self, input_ids, attention_mask, adapter_index, *bank: torch.Tensor):
         b = dict(zip(self.input_names, bank))
         token_mask = attention_mask.to(torch.float32).unsqueeze(-1)
-        banked = _Banked(b, adapter_index, token_mask, self.layout, len(self.encoder.layers), self.kinds)
+        banked = _Banked(b, adapter_index, token_mask, self.layout, len(self.encoder.layers), self.kinds,
+                         self.choices)
         h = self.encoder(input_ids, attention_mask, banked)
         row = lambda n: b[n].index_select(0, adapter_index)  # noqa: E731
         cls = row("head_cls").unsqueeze(-1)  # (B, 1)

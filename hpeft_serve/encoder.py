@@ -112,6 +112,10 @@ class LayerHooks(nn.Module):
         """A frozen projection `name` in q, k, v, o, ffn_in, ffn_out."""
         return F.linear(x, layer.weight, layer.bias)
 
+    def linear_act(self, name: str, x: torch.Tensor, layer: nn.Linear, act, ctx: LayerContext) -> torch.Tensor:
+        """act(linear(name, x)): the FFN's input projection and its activation."""
+        return act(self.linear(name, x, layer, ctx))
+
     def layer_norm(self, name: str, x: torch.Tensor, ln: nn.LayerNorm) -> torch.Tensor:
         """A frozen LayerNorm `name` in attn_ln, ffn_ln."""
         return F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
@@ -226,7 +230,7 @@ class EncoderLayer(nn.Module):
         att = self.attend(x, mask_add, ctx, hooks)
         h = self.dropout(hooks.linear("o", att, self.attention.output.dense, ctx))
         x1 = hooks.residual("attn", h, x, self.attention.output.LayerNorm, ctx)
-        inter = self.act(hooks.linear("ffn_in", x1, self.intermediate.dense, ctx))
+        inter = hooks.linear_act("ffn_in", x1, self.intermediate.dense, self.act, ctx)
         h2 = self.dropout(hooks.linear("ffn_out", inter, self.output.dense, ctx))
         return hooks.residual("ffn", h2, x1, self.output.LayerNorm, ctx)
 

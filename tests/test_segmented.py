@@ -111,12 +111,15 @@ def test_onnx_graph_skips_kinds_with_if(adapters):
     kinds = len(layout.lora) + len(layout.seq) + len(layout.par) + len(layout.phm) * len(layout.phm_n)
     kinds += int("prefix" in layout.gated)  # the prefix gate
     assert layout.lora and layout.seq and layout.par and layout.phm and layout.prefix and layout.bitfit
-    # tiny-bert has 2 layers: one If per kind per layer, and one for the prefix's attention (only the rows
-    # that have a prefix attend to its positions: exporters/segment.py prefix_attention)
-    assert len(ifs) == (kinds + 1) * 2
+    # tiny-bert has 2 layers: one If per kind per layer, one for the prefix's attention (only the rows that
+    # have a prefix attend to its positions: exporters/segment.py prefix_attention), and BitFit's for each
+    # sub-layer's LayerNorm (its FFN projection: not here, LoRA also changes it)
+    assert "ffn_in" in layout.lora
+    assert len(ifs) == (kinds + 1 + 2) * 2
     # which rows use each (kind, layer) is worked out once: the every-row and some-row flag vectors are
     # each Split once into one condition per (kind, layer), and no If gathers or reduces its own flags
-    splits = [n for n in m.graph.node if n.op_type == "Split" and len(n.output) == kinds * 2]
+    columns = kinds + 1  # and BitFit's: any bias delta in the layer
+    splits = [n for n in m.graph.node if n.op_type == "Split" and len(n.output) == columns * 2]
     assert len(splits) == 2
     conds = {o for n in splits for o in n.output}
     conds |= {n.output[0] for n in m.graph.node if n.op_type == "Cast" and n.input[0] in conds}  # bool()
@@ -139,3 +142,30 @@ def test_trace_on_a_batch_without_some_kinds_keeps_every_path(adapters, tiny_ber
         idx = torch.tensor(rows)
         ids, mask = _batch(len(rows), 11, seed=len(rows))
         _check(traced(ids, mask, idx, *feed.values())[0].numpy(), names, refs, idx, ids, mask)
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_bitfit_per_layer_if_keeps_the_frozen_ops_where_no_row_has_a_delta(fmt, tiny_bert, tmp_path):
+    """BitFit's per-layer If (exporters/shared.py build_choices): with no LoRA on the FFN projection, the FFN
+    projection and activation and both LayerNorms take the frozen module's ops in a layer where no row has a
+    bias delta, and each row's delta where some row has one; exact either way (S4 has BitFit in its last
+    layer groups only, so its rows take both paths in one forward)."""
+    cks = [_ckpt(tiny_bert, m, tmp_path / "ck", 70 + i) for i, m in enumerate(("bitfit", "lora", "s4"))]
+    refs = {ck.name: checkpoint.load(ck)[0].eval() for ck in cks}
+    names = [ck.name for ck in cks]
+    for ck in cks:
+        export_checkpoint(ck, tmp_path / fmt, fmt, log=lambda *_: None)
+    folder = tmp_path / fmt
+    layout = read_layout(folder)
+    assert layout.bitfit and "ffn_in" not in layout.lora
+    if fmt == "onnx":  # one If per layer for the FFN projection + activation, one per LayerNorm
+        m = onnx.load(str(folder / "backbone.onnx"), load_external_data=False)
+        ifs = [n for n in m.graph.node if n.op_type == "If"]
+        gelu = [n for n in ifs if any(x.op_type in ("Gelu", "Erf") for a in n.attribute if a.name == "else_branch"
+                                      for x in a.g.node)]
+        assert len(gelu) == tiny_bert.config.num_hidden_layers
+    feed = bank_feed(_bank(folder, names), layout)
+    for j, rows in enumerate(([0, 1, 2, 1], [1, 1], [0], [2, 1])):  # some, none, every, S4's layers
+        idx = torch.tensor(rows)
+        ids, mask = _batch(len(rows), 9 + j, seed=20 + j)
+        _check(_run(fmt, folder, ids, mask, idx, feed), names, refs, idx, ids, mask)
