@@ -174,8 +174,9 @@ def build_choices(layout: Layout, d: int, f: int, eps: float, act) -> dict[str, 
                         lambda x, w, b, dl: F.layer_norm(x, (d,), w, None, eps) + (b + dl),
                         (r(2, 3, d), r(d), r(d), r(2, 1, d)))}
     if "ffn_in" not in layout.lora and "ffn_in" not in layout.ia3:
-        out["ffn_in"] = Choice(lambda x, w, b: act(F.linear(x, w, b)),
-                               lambda x, w, b, dl: act(F.linear(x, w) + (b + dl)), (r(2, 3, d), r(f, d), r(f), r(2, 1, f)))
+        # w is the weight transposed (in, out) outside the If: one MatMul weight both branches share
+        out["ffn_in"] = Choice(lambda x, w, b: act(x @ w + b), lambda x, w, b, dl: act(x @ w + (b + dl)),
+                               (r(2, 3, d), r(d, f), r(f), r(2, 1, f)))
     return out
 
 
@@ -240,7 +241,7 @@ class BankedLayer:
 
     def linear_act(self, name, x, layer, act, ctx):
         if name in self.choices:  # BitFit alone changes it: its per-layer If
-            return self._bitfit(name, name, x, layer.weight, layer.bias)
+            return self._bitfit(name, name, x, layer.weight.t(), layer.bias)
         return act(self.linear(name, x, layer, ctx))
 
     def layer_norm(self, name, x, ln):
