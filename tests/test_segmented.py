@@ -145,7 +145,7 @@ def test_trace_on_a_batch_without_some_kinds_keeps_every_path(adapters, tiny_ber
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
-def test_bitfit_per_layer_if_keeps_the_frozen_ops_where_no_row_has_a_delta(fmt, tiny_bert, tmp_path):
+def test_bitfit_per_layer_if_keeps_the_frozen_ops_where_no_row_has_a_delta(fmt, tiny_bert, tmp_path, capfd):
     """BitFit's per-layer If (exporters/shared.py build_choices): with no LoRA on the FFN projection, the FFN
     projection and activation and both LayerNorms take the frozen module's ops in a layer where no row has a
     bias delta, and each row's delta where some row has one; exact either way (S4 has BitFit in its last
@@ -164,6 +164,9 @@ def test_bitfit_per_layer_if_keeps_the_frozen_ops_where_no_row_has_a_delta(fmt, 
         gelu = [n for n in ifs if any(x.op_type in ("Gelu", "Erf") for a in n.attribute if a.name == "else_branch"
                                       for x in a.g.node)]
         assert len(gelu) == tiny_bert.config.num_hidden_layers
+        capfd.readouterr()
+        ort.InferenceSession(str(folder / "backbone.onnx"), providers=["CPUExecutionProvider"])
+        assert "cannot be safely updated" not in capfd.readouterr().err  # onnxruntime's optimizer, once per layer
     feed = bank_feed(_bank(folder, names), layout)
     for j, rows in enumerate(([0, 1, 2, 1], [1, 1], [0], [2, 1])):  # some, none, every, S4's layers
         idx = torch.tensor(rows)
