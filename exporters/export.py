@@ -145,7 +145,10 @@ def write_shared_graph(encoder, backbone: dict, layout: Layout, out: Path, fmt: 
     precision = precision or Precision()
     graph = "backbone.onnx" if fmt == "onnx" else "backbone.pt"
     embedding = embedding or load_backbone(backbone["name"]).embedding_defaults()
-    shared, args = SharedModel(encoder, layout), _shared_args(encoder, layout)
+    # int8: BitFit's per-layer If would hide the FFN projection in its branches from the quantizer, which
+    # takes the top-level graph's MatMuls (exporters/quantize.py)
+    shared = SharedModel(encoder, layout, bitfit_if=precision.kind != "int8")
+    args = _shared_args(encoder, layout)
     names = shared_inputs(layout, len(encoder.layers))
     if fmt == "onnx":
         export_onnx(shared, args, names, shared_dynamic_axes(layout, len(encoder.layers)), out / graph,

@@ -307,7 +307,9 @@ class SharedModel(nn.Module):
     """logits (B, C) = head_row(encoder(input_ids, attention_mask; bank rows adapter_index)), and with
     layout.embeddings also embeddings (B, D) = the row's pooled (and maybe normalised) vector."""
 
-    def __init__(self, encoder: Encoder, layout: Layout):
+    def __init__(self, encoder: Encoder, layout: Layout, bitfit_if: bool = True):
+        """`bitfit_if`: BitFit's per-layer If (build_choices); without it a BitFit layout adds each row's
+        delta in every layer (what an int8 export takes: its projections stay in the top-level graph)."""
         super().__init__()
         self.encoder = encoder.eval()
         self.encoder.requires_grad_(False)
@@ -316,7 +318,7 @@ class SharedModel(nn.Module):
         c = encoder.config
         self.kinds = build_kinds(layout, c.hidden_size, c.intermediate_size, c.layer_norm_eps)
         self.choices = build_choices(layout, c.hidden_size, c.intermediate_size, c.layer_norm_eps,
-                                     encoder.layers[0].act)
+                                     encoder.layers[0].act) if bitfit_if else {}
 
     def forward(self, input_ids, attention_mask, adapter_index, *bank: torch.Tensor):
         b = dict(zip(self.input_names, bank))

@@ -123,6 +123,20 @@ def test_int8_shared_served_by_runtime_mixed(ckpts, tmp_path):
     _check_close(got, ref, INT8_TOL)
 
 
+def test_int8_shared_with_bitfit_quantizes_every_backbone_projection(tiny_bert, tmp_path):
+    """BitFit's per-layer If (exporters/shared.py) would put the FFN projection inside If branches, where the
+    quantizer does not look: an int8 shared graph keeps every backbone projection at top level, all int8."""
+    ck = _ckpt(tiny_bert, "bitfit", tmp_path / "ck", seed=4)
+    export_checkpoint(ck, tmp_path / "out", quantize="int8", log=lambda *_: None)
+    info = json.loads((tmp_path / "out" / "backbone.json").read_text())
+    assert info["layout"]["bitfit"]
+    model, n = _quantized(tmp_path / "out" / "backbone.onnx")
+    assert n == info["quantization"]["matmuls"] == 6 * tiny_bert.config.num_hidden_layers
+    ids, mask = _batch()
+    got = SharedRuntime(tmp_path / "out").infer(ids, mask, [ck.name] * len(ids))[0]
+    _check_close(np.stack(got), _reference(ck, ids, mask), INT8_TOL)
+
+
 def test_fp16_graph_valid_io_fp32(ckpts, tmp_path):
     """fp16 is for CUDA; CUDA is not run here: the graph is checked and run on CPU onnxruntime."""
     export_checkpoint(ckpts["compacter"], tmp_path / "m", merged=True, precision="fp16", log=lambda *_: None)
