@@ -154,6 +154,22 @@ def test_fp16_graph_valid_io_fp32(ckpts, tmp_path):
     _check_close(np.stack(answers[0]), ref, FP16_TOL)
 
 
+def test_fp16_shared_mixed_prefix_and_bitfit_rows(ckpts, tiny_bert, tmp_path):
+    """fp16 converts the If branches too: the prefix attention of the rows that have a prefix beside rows that
+    have none, and BitFit's per-layer If, in one mixed batch (run on CPU onnxruntime)."""
+    cks = {"unipelt": _ckpt(tiny_bert, "unipelt", tmp_path / "u", seed=5), "bitfit": _ckpt(tiny_bert, "bitfit",
+                                                                                       tmp_path / "b", seed=6)}
+    for ck in cks.values():
+        export_checkpoint(ck, tmp_path / "s", precision="fp16", log=lambda *_: None)
+    export_checkpoint(ckpts["lora"], tmp_path / "s", precision="fp16", log=lambda *_: None)
+    cks["lora"] = ckpts["lora"]
+    ids, mask = _batch()
+    names = ["unipelt", "bitfit", "lora", "unipelt", "lora", "bitfit"]
+    got = np.stack(SharedRuntime(tmp_path / "s").infer(ids, mask, [cks[n].name for n in names])[0])
+    refs = {n: _reference(ck, ids, mask) for n, ck in cks.items()}
+    _check_close(got, np.stack([refs[n][r] for r, n in enumerate(names)]), FP16_TOL)
+
+
 def test_precision_refusals(ckpts, tmp_path):
     with pytest.raises(HpeftError, match="needs --format onnx"):
         export_checkpoint(ckpts["lora"], tmp_path / "ts", "torchscript", merged=True, quantize="int8")
