@@ -14,8 +14,9 @@ PHM and parallel adapter of a site) runs only for the rows whose adapter uses it
 scale or gate flag; for the prefix, an unmasked position), the rows gathered and written back. Which rows
 use which (kind, layer) is worked out once per forward (`_Banked`: one (K, N) usage matrix over every kind
 and layer, one Gather by the rows, one reduction to all/any flags); each kind then costs an `If` on its
-flag, two for a kind no row uses. The prefix widens attention by the positions some row of the batch unmasks (none: by
-nothing). BitFit deltas ride in the projections' biases.
+flag, two for a kind no row uses. The prefix widens attention by the positions some row of the batch unmasks
+(none: by nothing), in the rows that have a prefix in the layer only (segment.prefix_attention). BitFit deltas
+ride in the projections' biases; a layer where no row has one runs the frozen module's ops (build_choices).
 
 Outputs: `logits` (B, C) for every row and, in a graph whose layout has `embeddings`, `embeddings` (B, D):
 each row's sentence vector pooled as its pack's flags say (mean, cls, or max over real tokens) and
