@@ -167,8 +167,8 @@ def build_choices(layout: Layout, d: int, f: int, eps: float, act) -> dict[str, 
     """BitFit's per-layer If (a layer where no row of the batch has a bias delta runs the frozen module's
     ops): the FFN's input projection with its activation `act` (unless LoRA or (IA)^3 also change that
     projection's output), and the sub-layers' LayerNorms."""
-    if not layout.bitfit:
-        return {}
+    if not layout.bitfit or [k.name for k in implementing("layer_norm_bias")] != ["bitfit"]:
+        return {}  # (a LayerNorm's If would skip another kind's bias)
     g = torch.Generator().manual_seed(0)
     r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
     out = {"ln": Choice(lambda x, w, b: F.layer_norm(x, (d,), w, b, eps),
