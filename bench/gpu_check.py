@@ -9,7 +9,14 @@ Two steps, so that the GPU machine needs no torch and no training:
     python bench/gpu_check.py triton OUT    # on the GPU host with nvidia-pytriton + tritonclient too: the
                                             # same batch through the real tritonserver, model hpeft on CUDA
 
-`check` and `triton` exit 1 when CUDA is not the provider in use or a difference exceeds 1e-5.
+    python bench/gpu_check.py prepare-speed OUT   # here (torch): MiniLM, the 8 adapters of bench/export.py's
+                                                  # mixed rows, merged UniPELT and the shared graph, fp32 and fp16
+    python bench/gpu_check.py speed OUT           # on the GPU host: bench/export.py's mixed-batch rows on CUDA,
+                                                  # fp32 and fp16, through SharedRuntime (bank bound on the device)
+
+`check` and `triton` exit 1 when CUDA is not the provider in use or a difference exceeds 1e-5; `speed` exits
+1 when CUDA is not in use (`speed OUT --cpu` runs the same on CPU, to try the script where no GPU is) or
+when its fp32 mixed batch differs from the CPU run of the same graph by more than 1e-5.
 """
 
 from __future__ import annotations
@@ -182,11 +189,101 @@ def triton(out: Path) -> int:
     return 0 if ok else 1
 
 
+SPEED_SHAPES = ((1, 32), (32, 128))
+
+
+def prepare_speed(out: Path) -> None:
+    """MiniLM checkpoints of bench/export.py's 8 mixed methods; UniPELT merged and all 8 shared, fp32 and
+    fp16; the batches; and the CPU fp32 logits of the mixed 32 x 128 batch (what CUDA fp32 must equal)."""
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from export import MIXED, batch_inputs, make_ckpt  # bench/export.py
+
+    from exporters.export import export_checkpoint
+    from hpeft_serve.backbone import load_backbone
+    from hpeft_serve.serving.runtime import SharedRuntime
+
+    bb = load_backbone("minilm")
+    cks = {m: make_ckpt(bb, m, out / "ckpt", i) for i, m in enumerate(MIXED)}
+    for prec in ("fp32", "fp16"):
+        export_checkpoint(cks["unipelt"], out / f"merged-{prec}", merged=True, precision=prec, log=lambda *_: None)
+        for m in MIXED:
+            export_checkpoint(cks[m], out / f"shared-{prec}", precision=prec, log=lambda *_: None)
+        print(f"exported {prec}", flush=True)
+    arrays = {}
+    for b, s in SPEED_SHAPES:
+        ids, mask = batch_inputs(b, s)
+        arrays[f"ids_{b}x{s}"], arrays[f"mask_{b}x{s}"] = ids.numpy(), mask.numpy()
+    b, s = SPEED_SHAPES[-1]
+    rt = SharedRuntime(out / "shared-fp32", providers=["CPUExecutionProvider"])
+    logits, errs, _ = rt.infer(arrays[f"ids_{b}x{s}"], arrays[f"mask_{b}x{s}"], [MIXED[r % 8] for r in range(b)])
+    assert not any(errs), errs
+    np.savez(out / "speed.npz", cpu_logits=np.stack(logits), **arrays)
+    (out / "speed.json").write_text(json.dumps({"adapters": list(MIXED), "merged": "unipelt"}))
+    print(f"prepared {out}")
+
+
+def speed(out: Path, cpu: bool = False) -> int:
+    """Merged vs shared (1 adapter, 8 methods mixed) at each shape, fp32 and fp16, interleaved rounds,
+    medians; the shared rows through SharedRuntime, as served (on CUDA the bank bound on the device)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from hpeft_serve.serving.runtime import SharedRuntime, default_providers
+
+    providers = ["CPUExecutionProvider"] if cpu else default_providers()
+    print(f"onnxruntime {ort.__version__}, available {ort.get_available_providers()}, chosen {providers}")
+    if not cpu and providers[0] != "CUDAExecutionProvider":
+        print("FAIL: no CUDA provider (speed OUT --cpu runs the script on CPU)")
+        return 1
+    a = np.load(out / "speed.npz")
+    cfg = json.loads((out / "speed.json").read_text())
+    mixed_names, ok = cfg["adapters"], True
+    print("\n| precision | batch x seq | merged ms | shared 1 adapter | shared 8 methods mixed | bank bound |")
+    print("|---|---|---|---|---|---|")
+    for prec in ("fp32", "fp16"):
+        merged = ort.InferenceSession(str(out / f"merged-{prec}" / f"{cfg['merged']}.onnx"), providers=providers)
+        rt = SharedRuntime(out / f"shared-{prec}", providers=providers)
+        for b, s in SPEED_SHAPES:
+            ids, mask = a[f"ids_{b}x{s}"], a[f"mask_{b}x{s}"]
+            one, mixed = [cfg["merged"]] * b, [mixed_names[r % 8] for r in range(b)]
+            for names in (one, mixed):  # resident, and their signature graphs built
+                rt.infer(ids, mask, names)
+                if rt.graphs is not None:
+                    rt.graphs.wait([rt.bank.pack(n).needs for n in dict.fromkeys(names)])
+            variants = {"merged": lambda: merged.run(["logits"], {"input_ids": ids, "attention_mask": mask}),
+                        "one": lambda: rt.infer(ids, mask, one), "mixed": lambda: rt.infer(ids, mask, mixed)}
+            times = {k: [] for k in variants}
+            for _ in range(3):
+                for k, fn in variants.items():
+                    fn()
+                    for _ in range(30 if b == 1 else 10):
+                        t0 = time.perf_counter()
+                        fn()
+                        times[k].append((time.perf_counter() - t0) * 1e3)
+            med = {k: statistics.median(v) for k, v in times.items()}
+            print(f"| {prec} | {b} x {s} | {med['merged']:.2f} | {med['one']:.2f} ({med['one'] / med['merged']:.2f}x) "
+                  f"| {med['mixed']:.2f} ({med['mixed'] / med['merged']:.2f}x) | {rt.bind_bank} |", flush=True)
+            if prec == "fp32" and (b, s) == SPEED_SHAPES[-1]:
+                logits, errs, _ = rt.infer(ids, mask, mixed)
+                diff = float(np.abs(np.stack(logits) - a["cpu_logits"]).max())
+                print(f"\nfp32 {b} x {s} mixed vs the CPU run of the same graph: max abs diff {diff:.2e}\n")
+                ok &= not any(errs) and diff <= TOL
+    print("PASS" if ok else "FAIL")
+    return 0 if ok else 1
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 3 or sys.argv[1] not in ("prepare", "check", "triton"):
+    cmds = ("prepare", "check", "triton", "prepare-speed", "speed")
+    if len(sys.argv) not in (3, 4) or sys.argv[1] not in cmds or (len(sys.argv) == 4 and sys.argv[3] != "--cpu"):
         sys.exit(__doc__)
     out = Path(sys.argv[2])
     if sys.argv[1] == "prepare":
         prepare(out)
+    elif sys.argv[1] == "prepare-speed":
+        prepare_speed(out)
+    elif sys.argv[1] == "speed":
+        sys.exit(speed(out, cpu=len(sys.argv) == 4))
     else:
         sys.exit({"check": check, "triton": triton}[sys.argv[1]](out))
