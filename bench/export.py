@@ -5,7 +5,8 @@ for-like row against the peers, whatever --method is); beside them, peers on the
 torch.onnx.export of transformers' AutoModel, that export after onnxruntime.transformers' BERT fusions,
 and onnxruntime's int8 dynamic quantization of both (what a user who only needs the backbone would take);
 and the FLOP floor (the backbone's FLOPs at the fp32 matmul rate measured in the same run). At batch 1 x
-seq 32 and batch 32 x seq 128; variants run interleaved in rounds, medians over all rounds. Plus the
+seq 32 and batch 32 x seq 128; each rep runs every variant once in turn, medians over all reps, and the
+ratios also as medians of per-rep ratios. Plus the
 PHMLinear body against a dense MatMul of the same shape, export times and file sizes; PNG plots
 (bench/plots.py) beside the json.
 
@@ -166,18 +167,27 @@ def hf_peers(folder: Path, work: Path) -> dict[str, Path]:
     return out
 
 
-def timed(variants: dict, reps: int, rounds: int) -> dict[str, float]:
-    """Median ms of each variant over `rounds` interleaved rounds of `reps` runs (a noisy, shared machine
-    slows all variants of a round alike)."""
-    samples: dict[str, list[float]] = {k: [] for k in variants}
+def timed(variants: dict, reps: int, rounds: int, samples: dict | None = None) -> dict[str, float]:
+    """Median ms of each variant over `rounds` rounds of `reps` reps, each rep running every variant once in
+    turn (a noisy, shared machine slows the variants of a rep alike); `samples`, when given, gets each
+    variant's times (ms) in rep order, so that sample i of every variant comes from the same rep."""
+    got: dict[str, list[float]] = {k: [] for k in variants}
     for _ in range(rounds):
-        for k, fn in variants.items():
+        for fn in variants.values():
             fn()
-            for _ in range(reps):
+        for _ in range(reps):
+            for k, fn in variants.items():
                 t = time.perf_counter()
                 fn()
-                samples[k].append(1000 * (time.perf_counter() - t))
-    return {k: statistics.median(v) for k, v in samples.items()}
+                got[k].append(1000 * (time.perf_counter() - t))
+    if samples is not None:
+        samples.update(got)
+    return {k: statistics.median(v) for k, v in got.items()}
+
+
+def paired(samples: dict[str, list[float]], a: str, b: str) -> float:
+    """The median over reps of a's time / b's time in the same rep."""
+    return statistics.median(x / y for x, y in zip(samples[a], samples[b]))
 
 
 def runtime_graph(folder: Path, union, packs: list, threads: int):
@@ -283,7 +293,7 @@ def main() -> int:
     from transformers import AutoModel
     hf = AutoModel.from_pretrained(str(backbone.folder)).eval()
     gf = matmul_gflops(args.threads)
-    rows = []
+    rows, samples = [], {}
     for b, s in ((1, 32), (32, 128)):
         ids, mask = batch_inputs(b, s)
         feed = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
@@ -310,7 +320,7 @@ def main() -> int:
             PEER_EAGER: lambda: hf(input_ids=ids, attention_mask=mask),
         } | {PEERS[k]: (lambda p=p: p.run(None, feed)) for k, p in peers.items()}
         with torch.no_grad():
-            res = timed(variants, reps, args.rounds)
+            res = timed(variants, reps, args.rounds, samples.setdefault(f"{b}x{s}", {}))
         flop = model_gflop(backbone.config, b, s, prefix=10 if args.method == "unipelt" else 0)
         res[FLOOR] = 1000 * model_gflop(backbone.config, b, s) / gf
         for k, ms in res.items():
@@ -318,16 +328,18 @@ def main() -> int:
                          "vs_eager": res["PyTorch eager (our model)"] / ms, "vs_merged": ms / res["ONNX merged"],
                          "gflops": flop / (ms / 1000), "of_matmul": flop / (ms / 1000) / gf})
     phm = phm_vs_dense(args.threads)
+    pairs = paired_ratios(samples, args.method)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     import contextlib
     import io
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        report(args, gf, rows, phm, times, sizes)
+        report(args, gf, rows, phm, times, sizes, pairs)
     sys.stdout.write(buf.getvalue())
     args.out.with_suffix(".md").write_text(buf.getvalue())
     args.out.write_text(json.dumps({"matmul_gflops": gf, "threads": args.threads, "method": args.method,
-                                    "rows": rows, "phm": phm, "export_s": times, "bytes": sizes}, indent=1))
+                                    "rows": rows, "paired": pairs, "phm": phm, "export_s": times, "bytes": sizes},
+                                   indent=1))
     from plots import export_plots
     for f in export_plots(json.loads(args.out.read_text()), args.out.with_suffix("")):
         print(f"plot: {f}", file=sys.stderr)
@@ -370,16 +382,17 @@ def quick(args, work, merged, shared_one, shared_same, shared, one, eight_same, 
     mixed, mixed_feed = runtime_graph(work / "shared", (shared, eight), [(load_file(f"{f}.safetensors"),
                                       json.loads(f.with_suffix(".json").read_text())["sizes"]) for f in folders],
                                       args.threads)
+    got: dict[str, list[float]] = {}
     res = timed({"ONNX merged": lambda: merged.run(["logits"], feed),
                  "ONNX shared, 1 adapter": lambda: shared_one.run(["logits"], feed | idx | one),
                  f"ONNX shared, 8 {args.method} mixed": lambda: shared_same.run(["logits"], feed | idx8 | eight_same),
                  "ONNX shared, 8 methods mixed": lambda: mixed.run(["logits"], feed | idx8 | mixed_feed),
                  UNION: lambda: shared.run(["logits"], feed | idx8 | eight)},
-                args.reps, args.rounds)
+                args.reps, args.rounds, got)
     print(f"{b} x {s}, {args.threads} threads, medians of {args.rounds} interleaved rounds of {args.reps}\n")
-    print("| variant | median ms | time vs ONNX merged |\n|---|---|---|")
+    print("| variant | median ms | time vs ONNX merged | median of per-rep ratios |\n|---|---|---|---|")
     for k, ms in res.items():
-        print(f"| {k} | {ms:.2f} | {ms / res['ONNX merged']:.2f}x |")
+        print(f"| {k} | {ms:.2f} | {ms / res['ONNX merged']:.2f}x | {paired(got, k, 'ONNX merged'):.3f}x |")
     if args.profile:  # profiling slows every kernel: compare the two columns, not with the times above
         (ms1, one_ops), (ms8, eight_ops) = (profile_ops(work / d / "backbone.onnx", feed | ix | bank, args.threads)
                                             for d, ix, bank in (("shared-one", idx, one), ("shared", idx8, eight)))
@@ -412,20 +425,39 @@ RATIOS = (  # (label, numerator variant, denominator variant): time ratios, < 1 
 )
 
 
-def ratios(rows: list[dict], method: str | None = None) -> None:
+def paired_ratios(samples: dict[str, dict[str, list[float]]], method: str) -> dict[str, dict[str, float]]:
+    """RATIOS as medians of per-rep ratios: label -> {"BxS": ratio} (see `paired`)."""
+    out: dict[str, dict[str, float]] = {}
+    for label, a, b in RATIOS:
+        a = a.format(m=method)
+        for shape, got in samples.items():
+            if a in got and b in got:
+                out.setdefault(label, {})[shape] = paired(got, a, b)
+    return out
+
+
+def ratios(rows: list[dict], method: str | None = None, pairs: dict | None = None) -> None:
     method = method or next(r["variant"].split()[3] for r in rows if r["variant"].startswith("ONNX shared, 8 ")
                             and r["variant"].split()[3] != "methods")
     by = {(r["batch"], r["seq"], r["variant"]): r["ms"] for r in rows}
     shapes = list(dict.fromkeys((r["batch"], r["seq"]) for r in rows))
-    print("\n| time ratio (same run; < 1: faster) | " + " | ".join(f"{b} x {s}" for b, s in shapes) + " |")
+    pairs = pairs or {}
+    print("\n| time ratio (same run; < 1: faster): ratio of medians" + (" (median of per-rep ratios)" if pairs else "")
+          + " | " + " | ".join(f"{b} x {s}" for b, s in shapes) + " |")
     print("|---|" + "---|" * len(shapes))
     for label, a, b in RATIOS:
         a = a.format(m=method)
-        cells = [f"{by[(*sh, a)] / by[(*sh, b)]:.2f}x" if (*sh, a) in by and (*sh, b) in by else "-" for sh in shapes]
+        cells = []
+        for sh in shapes:
+            if (*sh, a) not in by or (*sh, b) not in by:
+                cells.append("-")
+                continue
+            p = pairs.get(label, {}).get(f"{sh[0]}x{sh[1]}")
+            cells.append(f"{by[(*sh, a)] / by[(*sh, b)]:.2f}x" + (f" ({p:.3f}x)" if p is not None else ""))
         print(f"| {label} | " + " | ".join(cells) + " |")
 
 
-def report(args, gf, rows, phm, times, sizes) -> None:
+def report(args, gf, rows, phm, times, sizes, pairs=None) -> None:
     print(f"MiniLM + {args.method}, CPU, {args.threads} threads; medians of {args.rounds} interleaved rounds; "
           f"fp32 matmul 2048^3: {gf:.1f} GFLOP/s (GFLOP/s columns count fp32-equivalent FLOPs)\n")
     print("| batch x seq | variant | median ms | speed-up vs eager | time vs ONNX merged | GFLOP/s | "
@@ -434,7 +466,7 @@ def report(args, gf, rows, phm, times, sizes) -> None:
     for r in rows:
         print(f"| {r['batch']} x {r['seq']} | {r['variant']} | {r['ms']:.2f} | {r['vs_eager']:.2f}x | "
               f"{r['vs_merged']:.2f}x | {r['gflops']:.1f} | {100 * r['of_matmul']:.0f}% |")
-    ratios(rows, args.method)
+    ratios(rows, args.method, pairs)
     print("\n| PHMLinear vs dense MatMul (ORT) | PHM body ms | dense ms | dense / PHM |\n|---|---|---|---|")
     for r in phm:
         print(f"| {r['shape']} | {r['phm_ms']:.3f} | {r['dense_ms']:.3f} | {r['dense_ms'] / r['phm_ms']:.2f}x |")
