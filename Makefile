@@ -13,6 +13,7 @@ demo: install
 	VENV=$(VENV) ./scripts/demo.sh
 
 bench-export: install
+	$(VENV)/bin/python -m pip install -q -e ".[bench]"  # matplotlib: its PNG plots
 	$(VENV)/bin/python bench/export.py
 
 test: install

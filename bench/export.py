@@ -319,6 +319,8 @@ def main() -> int:
             "ONNX shared int8, 8 methods mixed": lambda: mixed8.run(["logits"], feed | idx8 | mixed8_feed),
             PEER_EAGER: lambda: hf(input_ids=ids, attention_mask=mask),
         } | {PEERS[k]: (lambda p=p: p.run(None, feed)) for k, p in peers.items()}
+        print(f"[export] {b} x {s}: {len(variants)} variants, {args.rounds} rounds of {reps} reps", file=sys.stderr,
+              flush=True)
         with torch.no_grad():
             res = timed(variants, reps, args.rounds, samples.setdefault(f"{b}x{s}", {}))
         flop = model_gflop(backbone.config, b, s, prefix=10 if args.method == "unipelt" else 0)
