@@ -5,8 +5,8 @@ for-like row against the peers, whatever --method is); beside them, peers on the
 torch.onnx.export of transformers' AutoModel, that export after onnxruntime.transformers' BERT fusions,
 and onnxruntime's int8 dynamic quantization of both (what a user who only needs the backbone would take);
 and the FLOP floor (the backbone's FLOPs at the fp32 matmul rate measured in the same run). At batch 1 x
-seq 32 and batch 32 x seq 128; each rep runs every variant once in turn, medians over all reps, and the
-ratios also as medians of per-rep ratios. Plus the
+seq 32 and batch 32 x seq 128; each rep runs every variant in turn (a few runs untimed, then one timed), medians over
+all reps, and the ratios also as medians of per-rep ratios. Plus the
 PHMLinear body against a dense MatMul of the same shape, export times and file sizes; PNG plots
 (bench/plots.py) beside the json.
 
@@ -167,16 +167,23 @@ def hf_peers(folder: Path, work: Path) -> dict[str, Path]:
     return out
 
 
-def timed(variants: dict, reps: int, rounds: int, samples: dict | None = None) -> dict[str, float]:
-    """Median ms of each variant over `rounds` rounds of `reps` reps, each rep running every variant once in
-    turn (a noisy, shared machine slows the variants of a rep alike); `samples`, when given, gets each
-    variant's times (ms) in rep order, so that sample i of every variant comes from the same rep."""
+SETTLE = (5, 1)  # untimed runs before each timed one: at batch 1, at larger batches
+
+
+def timed(variants: dict, reps: int, rounds: int, samples: dict | None = None, settle: int = 1) -> dict[str, float]:
+    """Median ms of each variant over `rounds` rounds of `reps` reps, each rep running every variant in turn
+    (a noisy, shared machine slows the variants of a rep alike): `settle` times untimed, then once timed, so
+    that a timed run follows runs of its own session, as in a server that runs one graph, and not another
+    session whose onnxruntime threads still spin on the same cores and whose data fill the caches (timed
+    right after another session, the same session and feed measured 1.15x merged at 32 x 128 where, right
+    after itself, it measured 1.04x; at 1 x 32 it took a few runs of its own to come back). `samples`, when
+    given, gets each variant's times (ms) in rep order: sample i of every variant comes from the same rep."""
     got: dict[str, list[float]] = {k: [] for k in variants}
     for _ in range(rounds):
-        for fn in variants.values():
-            fn()
         for _ in range(reps):
             for k, fn in variants.items():
+                for _ in range(settle):
+                    fn()
                 t = time.perf_counter()
                 fn()
                 got[k].append(1000 * (time.perf_counter() - t))
@@ -322,7 +329,7 @@ def main() -> int:
         print(f"[export] {b} x {s}: {len(variants)} variants, {args.rounds} rounds of {reps} reps", file=sys.stderr,
               flush=True)
         with torch.no_grad():
-            res = timed(variants, reps, args.rounds, samples.setdefault(f"{b}x{s}", {}))
+            res = timed(variants, reps, args.rounds, samples.setdefault(f"{b}x{s}", {}), SETTLE[b > 1])
         flop = model_gflop(backbone.config, b, s, prefix=10 if args.method == "unipelt" else 0)
         res[FLOOR] = 1000 * model_gflop(backbone.config, b, s) / gf
         for k, ms in res.items():
@@ -390,7 +397,7 @@ def quick(args, work, merged, shared_one, shared_same, shared, one, eight_same, 
                  f"ONNX shared, 8 {args.method} mixed": lambda: shared_same.run(["logits"], feed | idx8 | eight_same),
                  "ONNX shared, 8 methods mixed": lambda: mixed.run(["logits"], feed | idx8 | mixed_feed),
                  UNION: lambda: shared.run(["logits"], feed | idx8 | eight)},
-                args.reps, args.rounds, got)
+                args.reps, args.rounds, got, SETTLE[b > 1])
     print(f"{b} x {s}, {args.threads} threads, medians of {args.rounds} interleaved rounds of {args.reps}\n")
     print("| variant | median ms | time vs ONNX merged | median of per-rep ratios |\n|---|---|---|---|")
     for k, ms in res.items():
