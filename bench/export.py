@@ -221,7 +221,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--method", default="unipelt")
     ap.add_argument("--reps", type=int, default=30, help="timed runs a round at batch 1 (batch 32: reps // 10)")
-    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (each runs every variant reps times)")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of reps (each rep times every variant once, in turn)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--out", type=Path, default=Path("bench/results/export.json"))
     ap.add_argument("--families", action="store_true",
@@ -380,7 +380,7 @@ def profile_ops(path: Path, feed: dict, threads: int, runs: int = 40) -> tuple[f
 
 
 def quick(args, work, merged, shared_one, shared_same, shared, one, eight_same, eight) -> int:
-    """--quick: the rows that the mixed-batch goals compare (same interleaved rounds) at --quick-shape (default
+    """--quick: the rows that the mixed-batch goals compare (same rounds of reps) at --quick-shape (default
     1 x 32), to stdout; the mixed rows' adapters as in the full run (row r: adapter r % 8)."""
     b, s = (int(v) for v in args.quick_shape.lower().split("x"))
     ids, mask = batch_inputs(b, s)
@@ -398,7 +398,7 @@ def quick(args, work, merged, shared_one, shared_same, shared, one, eight_same, 
                  "ONNX shared, 8 methods mixed": lambda: mixed.run(["logits"], feed | idx8 | mixed_feed),
                  UNION: lambda: shared.run(["logits"], feed | idx8 | eight)},
                 args.reps, args.rounds, got, SETTLE[b > 1])
-    print(f"{b} x {s}, {args.threads} threads, medians of {args.rounds} interleaved rounds of {args.reps}\n")
+    print(f"{b} x {s}, {args.threads} threads, medians of {args.rounds} rounds of {args.reps} reps (each rep every variant in turn)\n")
     print("| variant | median ms | time vs ONNX merged | median of per-rep ratios |\n|---|---|---|---|")
     for k, ms in res.items():
         print(f"| {k} | {ms:.2f} | {ms / res['ONNX merged']:.2f}x | {paired(got, k, 'ONNX merged'):.3f}x |")
@@ -467,7 +467,7 @@ def ratios(rows: list[dict], method: str | None = None, pairs: dict | None = Non
 
 
 def report(args, gf, rows, phm, times, sizes, pairs=None) -> None:
-    print(f"MiniLM + {args.method}, CPU, {args.threads} threads; medians of {args.rounds} interleaved rounds; "
+    print(f"MiniLM + {args.method}, CPU, {args.threads} threads; medians of {args.rounds} rounds of reps (each rep every variant in turn); "
           f"fp32 matmul 2048^3: {gf:.1f} GFLOP/s (GFLOP/s columns count fp32-equivalent FLOPs)\n")
     print("| batch x seq | variant | median ms | speed-up vs eager | time vs ONNX merged | GFLOP/s | "
           "% of matmul rate |")
